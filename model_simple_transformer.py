@@ -1,0 +1,128 @@
+"""`SimpleTransformer`: the cascade that turns the masked latents of two songs into the latent of an arrangement.
+
+Masks come from the creative agent (learned), a fixed rule (fixed_masks.py) or nothing. With one stage the cascade
+maps the input alone; with two or more, stage 0 reads input ⊕ target and stage k reads input ⊕ out(k-1) ⊕ target.
+Each stage is a pre-norm transformer encoder whose zero-initialised output is added to a residual path (the masked
+mix for stage 0, the previous output after), so the untrained model plays the masked mix and any depth trains stably.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from creative_agent import CreativeAgent, check_latent_pair, sinusoidal_positions
+from fixed_masks import MASK_TYPES, make_fixed_masks
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: self-attention through scaled_dot_product_attention, then a GELU MLP (4x)."""
+
+    def __init__(self, width: int, nhead: int, dropout: float, use_sdpa: bool = True):
+        super().__init__()
+        if width % nhead:
+            raise ValueError(f"stage width {width} must be divisible by nhead={nhead}")
+        self.nhead, self.dropout, self.use_sdpa = nhead, dropout, use_sdpa
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.nhead, c // self.nhead).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:  # the textbook formula, kept to check the fused kernels against
+            weights = torch.softmax(q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5), dim=-1)
+            y = F.dropout(weights, p, self.training) @ v
+        return y.transpose(1, 2).reshape(b, t, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.proj(self.attend(self.norm1(x))))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Stage(nn.Module):
+    """One cascade stage: [B, T, in_channels] -> correction [B, T, out_channels] (zero at initialisation)."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, num_layers: int, nhead: int,
+                 dropout: float, use_sdpa: bool = True):
+        super().__init__()
+        self.proj_in = nn.Linear(in_channels, width)
+        self.blocks = nn.ModuleList(Block(width, nhead, dropout, use_sdpa) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, out_channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj_in(x)
+        h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device, h.dtype)
+        for block in self.blocks:
+            h = block(h)
+        return self.proj_out(self.norm(h))
+
+
+class SimpleTransformer(nn.Module):
+    """`encoded_output, mask_reg_loss = model(encoded_input, encoded_target)` on normalised latents [B, D, T].
+
+    `mask_reg_loss` is None without the creative agent. `last_masks` holds the (input, target) masks of the
+    last forward, detached, for metrics and pictures.
+    """
+
+    def __init__(self, encoding_dim: int = 128, nhead: int = 8, num_layers: int = 6, num_transformer_layers: int = 2,
+                 dropout: float = 0.1, anti_cheating: float = 0.0, use_creative_agent: bool = False,
+                 mask_type: str = "none", stage_widths: list[int] | None = None, agent_hidden_dim: int = 256,
+                 agent_heads: int = 4, use_discriminator: bool = False, temporal_segment_frames: int = 32,
+                 frequency_split: float = 0.5, use_sdpa: bool = True, **mask_loss_weights: float):
+        super().__init__()
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
+        if num_transformer_layers < 1:
+            raise ValueError(f"num_transformer_layers must be >= 1, got {num_transformer_layers}")
+        d = encoding_dim
+        in_channels = [d] if num_transformer_layers == 1 else [2 * d] + [3 * d] * (num_transformer_layers - 1)
+        widths = stage_widths or in_channels
+        if len(widths) != num_transformer_layers:
+            raise ValueError(f"stage_widths needs {num_transformer_layers} entries, got {len(widths)}")
+        self.encoding_dim, self.anti_cheating, self.mask_type = d, anti_cheating, mask_type
+        self.temporal_segment_frames, self.frequency_split = temporal_segment_frames, frequency_split
+        self.stages = nn.ModuleList(Stage(c, w, d, num_layers, nhead, dropout, use_sdpa)
+                                    for c, w in zip(in_channels, widths))
+        self.creative_agent = (CreativeAgent(d, use_discriminator, agent_hidden_dim, agent_heads, **mask_loss_weights)
+                               if use_creative_agent else None)
+        self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def use_creative_agent(self) -> bool:
+        return self.creative_agent is not None
+
+    def masked_sources(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False):
+        """(masked input, masked target, mask_reg_loss or None); sets `last_masks`."""
+        if self.creative_agent is not None:
+            masked_in, masked_tgt, reg = self.creative_agent.generate_creative_masks(encoded_input, encoded_target, hard)
+            self.last_masks = self.creative_agent.last_masks
+            return masked_in, masked_tgt, reg
+        m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target,
+                                       self.temporal_segment_frames, self.frequency_split)
+        self.last_masks = (m_in.detach(), m_tgt.detach())
+        if self.mask_type == "none":
+            return encoded_input, encoded_target, None
+        return encoded_input * m_in, encoded_target * m_tgt, None
+
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False):
+        check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
+        masked_in, masked_tgt, reg_loss = self.masked_sources(encoded_input, encoded_target, hard)
+        x, y = masked_in.transpose(1, 2), masked_tgt.transpose(1, 2)  # [B, T, D]
+        if len(self.stages) == 1:
+            return (x + self.stages[0](x)).transpose(1, 2), reg_loss
+        out = x + y + self.stages[0](torch.cat([x, y], dim=-1))
+        for stage in self.stages[1:]:
+            seen = y
+            if self.training and self.anti_cheating > 0:
+                seen = y + self.anti_cheating * y.detach().std() * torch.randn_like(y)
+            out = out + stage(torch.cat([x, out, seen], dim=-1))
+        return out.transpose(1, 2), reg_loss

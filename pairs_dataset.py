@@ -1,0 +1,126 @@
+"""Reading WAV pairs: validation of every file, the dataset, and the (distributed) data loaders."""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+SILENCE_PEAK = 1e-5
+
+
+class BadDataError(ValueError):
+    """Some files of a pairs folder are unusable; `problems` lists (path, reason) for every one of them."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in problems)
+        super().__init__(f"{len(problems)} bad file(s) in the pairs folder:\n{lines}")
+
+
+def check_file(path: str, sample_rate: int, min_samples: int) -> str | None:
+    """Why `path` is unusable (unreadable, wrong rate, too short, non-finite, silent), or None if it is fine."""
+    try:
+        info = sf.info(path)
+    except Exception as err:  # soundfile raises several types for non-audio files
+        return f"unreadable or not audio ({str(err).splitlines()[0][:120]})"
+    if info.samplerate != sample_rate:
+        return f"wrong sample rate {info.samplerate} Hz (expected {sample_rate})"
+    if info.frames < min_samples:
+        return f"too short: {info.frames} samples (expected at least {min_samples})"
+    try:
+        audio, _ = sf.read(path, frames=min_samples, dtype="float32", always_2d=True)
+    except Exception as err:
+        return f"unreadable or truncated ({str(err).splitlines()[0][:120]})"
+    if len(audio) < min_samples:
+        return f"truncated: {len(audio)} samples readable (expected {min_samples})"
+    if not np.isfinite(audio).all():
+        return "non-finite samples (NaN or Inf)"
+    if np.abs(audio).max() < SILENCE_PEAK:
+        return "silent"
+    return None
+
+
+def list_pairs(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """((input, output) paths of complete pairs, (path, reason) of files without a partner), sorted."""
+    inputs = sorted(glob.glob(os.path.join(folder, "pair_*_input.wav")))
+    outputs = set(glob.glob(os.path.join(folder, "pair_*_output.wav")))
+    pairs, problems = [], []
+    for path in inputs:
+        partner = path[: -len("_input.wav")] + "_output.wav"
+        if partner in outputs:
+            pairs.append((path, partner))
+            outputs.discard(partner)
+        else:
+            problems.append((path, f"missing partner {os.path.basename(partner)}"))
+    problems += [(path, "missing partner " + os.path.basename(path).replace("_output", "_input"))
+                 for path in sorted(outputs)]
+    return pairs, problems
+
+
+def infer_segment_samples(folder: str) -> int:
+    """Length in samples of the first input file of `folder` (the pairs' segment length)."""
+    pairs, _ = list_pairs(folder)
+    if not pairs:
+        raise FileNotFoundError(f"no pair_XXXX_input.wav / pair_XXXX_output.wav files in {folder}")
+    return sf.info(pairs[0][0]).frames
+
+
+class WavPairsDataset(Dataset):
+    """(input [1, S], target [1, S]) float32 waveforms from the pairs of one split folder.
+
+    Every file is checked when the dataset is built; bad files raise BadDataError listing all of them, or are
+    dropped (with their pair) when `skip_bad_files`. `shuffle_targets` pairs each input with another pair's
+    target, drawn afresh each epoch (`set_epoch`) but reproducibly from `seed`.
+    """
+
+    def __init__(self, folder: str, sample_rate: int, segment_samples: int, shuffle_targets: bool = False,
+                 seed: int = 0, skip_bad_files: bool = False, progress: bool = False):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"pairs folder {folder} does not exist")
+        self.folder, self.sample_rate, self.segment_samples = folder, sample_rate, segment_samples
+        self.shuffle_targets, self.seed, self.epoch = shuffle_targets, seed, 0
+        pairs, problems = list_pairs(folder)
+        good = []
+        for inp, out in tqdm(pairs, desc=f"checking {folder}", unit="pair", disable=not progress, leave=False):
+            reasons = [(p, r) for p in (inp, out) if (r := check_file(p, sample_rate, segment_samples))]
+            problems += reasons
+            if not reasons:
+                good.append((inp, out))
+        self.problems = problems
+        if problems and not skip_bad_files:
+            raise BadDataError(problems)
+        self.pairs = good
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def read(self, path: str) -> torch.Tensor:
+        audio, _ = sf.read(path, frames=self.segment_samples, dtype="float32", always_2d=True)
+        return torch.from_numpy(audio.mean(axis=1))[None, :]
+
+    def target_index(self, index: int) -> int:
+        if not self.shuffle_targets or len(self.pairs) < 2:
+            return index
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        other = int(rng.integers(0, len(self.pairs) - 1))
+        return other + (other >= index)  # any pair but this one
+
+    def __getitem__(self, index: int):
+        return self.read(self.pairs[index][0]), self.read(self.pairs[self.target_index(index)][1])
+
+
+def build_loader(dataset: Dataset, batch_size: int, world_size: int, rank: int, shuffle: bool, seed: int,
+                 num_workers: int, pin_memory: bool = False):
+    """A DataLoader over this rank's share (DistributedSampler) with workers; returns (loader, sampler)."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=False)
+    return loader, sampler

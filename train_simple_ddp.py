@@ -1,0 +1,174 @@
+"""Train the cascade transformer with the creative agent, a fixed mask or no masking, on 1 to N processes.
+
+  python train_simple_ddp.py --dataset_folder dataset_wav_pairs --use_creative_agent true --num_epochs 10 --world_size 1
+  python train_simple_ddp.py --mask_type temporal --world_size 4          # 4 processes on this machine
+  torchrun --nproc_per_node 4 train_simple_ddp.py ...                    # or srun: joins the job from the environment
+
+The default dataset folder is filled with the synthetic demo set when it does not exist.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from audio_codec import CODECS
+from fixed_masks import MASK_TYPES
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes", "y", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_folder", default="dataset_wav_pairs", help="pairs folder with train/ and val/")
+    g.add_argument("--shuffle_targets", type=str2bool, default=False,
+                   help="pair each training input with a random other target (default false: continuations)")
+    g.add_argument("--segment_seconds", type=float, default=None, help="segment length (default: the files' length)")
+    g.add_argument("--sample_rate", type=int, default=24000, help="sample rate of the pairs and codec (24000)")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="data loader workers per rank (default: 4 on GPU, 0 on CPU where they would steal cores)")
+    g.add_argument("--skip_bad_files", action="store_true", help="warn about bad files and train on the rest")
+    g = p.add_argument_group("masks")
+    g.add_argument("--use_creative_agent", type=str2bool, default=False, help="learn the masks (default false)")
+    g.add_argument("--mask_reg_weight", type=float, default=0.1, help="weight of the agent's mask regularisation")
+    g.add_argument("--balance_loss_weight", type=float, default=0.0,
+                   help="extra weight on the agent's balance term (default 0: already in the regularisation)")
+    g.add_argument("--mask_type", default="none", choices=MASK_TYPES, help="fixed mask when the agent is off")
+    g.add_argument("--temporal_segment_frames", type=int, default=32, help="frames per temporal-mask segment")
+    g.add_argument("--frequency_split", type=float, default=0.5, help="share of channels the input keeps")
+    g = p.add_argument_group("model")
+    g.add_argument("--codec", default="mdct", choices=CODECS, help="frozen codec (default mdct, weight-free)")
+    g.add_argument("--codec_path", default=None, help="local folder of the EnCodec weights")
+    g.add_argument("--codec_dim", type=int, default=128, help="MDCT bins D (default 128, as EnCodec)")
+    g.add_argument("--num_transformer_layers", type=int, default=2, help="cascade stages (default 2)")
+    g.add_argument("--num_layers", type=int, default=6, help="transformer layers per stage (default 6)")
+    g.add_argument("--nhead", type=int, default=8, help="attention heads (default 8)")
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--anti_cheating", type=float, default=0.0, help="relative noise on the target of later stages")
+    g = p.add_argument_group("loss weights (against input and target)")
+    for kind, default in (("wave", 1.0), ("stft", 1.0), ("mel", 0.0)):
+        for source in ("input", "target"):
+            g.add_argument(f"--{kind}_{source}_weight", type=float, default=default)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--num_epochs", "--epochs", type=int, default=10, help="epochs (default 10)")
+    g.add_argument("--batch_size", type=int, default=4, help="pairs per process and step (default 4)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, then cosine decay")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (default 1.0)")
+    g.add_argument("--max_nonfinite_steps", type=int, default=20,
+                   help="stop after this many non-finite steps in a row (each is skipped)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
+    g.add_argument("--amp", default="bf16", choices=("bf16", "none"), help="bf16 autocast on CUDA (default bf16)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sdpa", type=str2bool, default=True, help="fused scaled_dot_product_attention (default true)")
+    g = p.add_argument_group("processes, outputs")
+    g.add_argument("--world_size", type=int, default=1, help="processes to spawn on this machine (default 1)")
+    g.add_argument("--collective_timeout", type=float, default=600.0,
+                   help="seconds before a collective gives up when a process died (default 600)")
+    g.add_argument("--checkpoint_dir", default="checkpoints")
+    g.add_argument("--log_dir", default="logs")
+    g.add_argument("--run_name", default=None, help="default: a timestamped name")
+    g.add_argument("--save_every", type=int, default=0, help="also keep checkpoint_epoch_N.pt every N epochs")
+    g.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="continue from a checkpoint; auto: this run's (or the newest run's) checkpoint_last.pt")
+    args = p.parse_args(argv)
+    args.run_name_given = args.run_name
+    mode = "agent" if args.use_creative_agent else args.mask_type
+    args.run_name = args.run_name or f"{mode}_{time.strftime('%Y%m%d_%H%M%S')}"
+    args.segment_samples = round(args.segment_seconds * args.sample_rate) if args.segment_seconds else None
+    return args
+
+
+def environment_ranks() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) from torchrun or SLURM's environment, or None outside such a job."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(index: int, world_size: int, args) -> None:
+    """Entry of a spawned process: rank = local rank = index."""
+    from train_simple_worker import run
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    code = run(index, world_size, index, args)
+    if code:
+        sys.exit(code)
+
+
+def spawn(args) -> int:
+    """Start --world_size processes here; forward SIGTERM/SIGUSR1 to them; fail fast when one of them fails."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    context = mp.start_processes(worker, args=(args.world_size, args), nprocs=args.world_size, join=False,
+                                 start_method="spawn")
+
+    def forward(signum, frame):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as err:
+        print(f"error: process {err.error_index} exited with code {err.exit_code}; all processes stopped",
+              file=sys.stderr)
+        return err.exit_code if err.exit_code and err.exit_code > 0 else 1
+    except mp.ProcessRaisedException as err:
+        print(f"error: process {err.error_index} failed:\n{err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from train_simple_worker import run
+
+    joined = environment_ranks()
+    if joined is not None:
+        rank, world_size, local_rank = joined
+        if world_size != args.world_size and args.world_size != 1:
+            print(f"note: the job has {world_size} processes; --world_size {args.world_size} is ignored")
+        args.world_size = world_size
+        if not torch.cuda.is_available() or args.device == "cpu":
+            per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or str(world_size)
+            local = int(per_node.split("(")[0])
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+        return run(rank, world_size, local_rank, args)
+    if args.world_size > 1:
+        return spawn(args)
+    return run(0, 1, 0, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

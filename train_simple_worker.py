@@ -1,0 +1,540 @@
+"""One rank's training: build everything, `train_epoch`, `validate`, checkpoints, logs.
+
+`run(rank, world_size, local_rank, args)` is called by train_simple_ddp.py once per process.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from itertools import islice
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from audio_codec import LatentNorm, build_codec, latent_sums
+from losses import mask_metrics, reconstruction_loss, rms_loss
+from model_simple_transformer import SimpleTransformer
+from pairs_dataset import BadDataError, WavPairsDataset, build_loader, infer_segment_samples
+
+PROJECT = "creative_agent"
+DEFAULT_DATASET = "dataset_wav_pairs"
+MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_transformer_layers", "num_layers", "nhead", "dropout",
+              "anti_cheating", "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, from another project or another configuration."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example too many non-finite steps in a row)."""
+
+
+# ---------------------------------------------------------------- building blocks
+
+def build_model(config: dict, codec_dim: int) -> SimpleTransformer:
+    """The SimpleTransformer that `config` (the training arguments as a dict) describes."""
+    return SimpleTransformer(
+        encoding_dim=codec_dim, nhead=config["nhead"], num_layers=config["num_layers"],
+        num_transformer_layers=config["num_transformer_layers"], dropout=config["dropout"],
+        anti_cheating=config["anti_cheating"], use_creative_agent=config["use_creative_agent"],
+        mask_type=config["mask_type"], temporal_segment_frames=config.get("temporal_segment_frames", 32),
+        frequency_split=config.get("frequency_split", 0.5), use_sdpa=config.get("sdpa", True))
+
+
+def loss_weights(config: dict) -> dict[str, float]:
+    return {name: config[f"{name}_weight"] for name in
+            ("wave_input", "wave_target", "stft_input", "stft_target", "mel_input", "mel_target")}
+
+
+def atomic_write(path: str, write) -> None:
+    """Write through `write(file)` into a temporary file beside `path`, flush, fsync, then rename over `path`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this project, or one CheckpointError that names the file and what is wrong."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): "
+                              f"{str(err).splitlines()[0][:200]}") from err
+    if not isinstance(state, dict) or state.get("project") != PROJECT:
+        raise CheckpointError(f"checkpoint {path} is not a Creative Agent checkpoint (no project={PROJECT!r} field)")
+    return state
+
+
+def model_from_checkpoint(state: dict, path: str = "checkpoint"):
+    """(model, codec, latent_norm) rebuilt from a checkpoint alone, on CPU, in eval mode."""
+    config = state["config"]
+    codec = build_codec(config["codec"], config["sample_rate"], config["codec_dim"], path=config.get("codec_path"))
+    model = build_model(config, codec.dim)
+    load_model_state(model, state["model"], path)
+    norm = LatentNorm(codec.dim)
+    norm.load_state_dict(state["latent_norm"])
+    return model.eval(), codec.eval(), norm
+
+
+def load_model_state(model: torch.nn.Module, weights: dict, path: str) -> None:
+    """load_state_dict with one clear message when the checkpoint's configuration differs from the model's."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        detail = "; ".join(filter(None, [
+            f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}" if unexpected else "",
+            f"shape {', '.join(shapes[:3])}" if shapes else ""]))
+        raise CheckpointError(f"checkpoint {path} was saved for another model configuration ({detail})")
+    model.load_state_dict(weights)
+
+
+def find_resume_checkpoint(resume: str, checkpoint_dir: str, run_name: str | None) -> str | None:
+    """The checkpoint that `--resume` names: a path, or 'auto' (this run's last, else the newest run's last)."""
+    if resume != "auto":
+        return resume
+    if run_name:
+        path = os.path.join(checkpoint_dir, run_name, "checkpoint_last.pt")
+        return path if os.path.isfile(path) else None
+    candidates = glob.glob(os.path.join(checkpoint_dir, "*", "checkpoint_last.pt"))
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+def is_main(rank: int) -> bool:
+    return rank == 0
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_rng_states(device: torch.device) -> list[dict]:
+    """The torch RNG states of every rank (CPU, and CUDA where used), gathered on every rank."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (SLURM's warnings before a time limit or preemption)."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank as soon as any rank was signalled."""
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---------------------------------------------------------------- the trainer
+
+class Trainer:
+    """Everything one rank needs to train: data, codec, model, optimiser, logs. Rank 0 prints and writes."""
+
+    def __init__(self, rank: int, world_size: int, local_rank: int, args):
+        self.rank, self.world_size, self.args = rank, world_size, args
+        self.config = vars(args).copy()
+        use_cuda = torch.cuda.is_available() and args.device != "cpu"
+        self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16)
+                    if use_cuda and args.amp == "bf16" else nullcontext())
+        self.main = is_main(rank)
+        self.codec = build_codec(args.codec, args.sample_rate, args.codec_dim, path=args.codec_path).to(self.device)
+        self.config["codec_dim"] = self.codec.dim
+        self.build_data()
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        self.model = build_model(self.config, self.codec.dim).to(self.device)
+        self.norm = LatentNorm(self.codec.dim).to(self.device)
+        self.ddp = (DDP(self.model, device_ids=[self.device.index] if use_cuda else None,
+                        gradient_as_bucket_view=True, find_unused_parameters=False)
+                    if world_size > 1 else self.model)
+        self.forward = torch.compile(self.ddp) if args.compile else self.ddp
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                           fused=use_cuda or None)
+        total = max(1, args.num_epochs * len(self.train_loader))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total,
+                                                                                               args.warmup_steps))
+        self.epoch, self.batch_in_epoch, self.step, self.best_val = 0, 0, 0, math.inf
+        self.history: list[dict] = []
+        self.nonfinite_in_row = 0
+        self.stop, self.stopped = StopFlag(), False
+        self.ckpt_dir = os.path.join(args.checkpoint_dir, args.run_name)
+        self.log_dir = os.path.join(args.log_dir, args.run_name)
+        self.writer = None
+
+    def log(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
+
+    # ---------------------------------------------------- data
+
+    def build_data(self) -> None:
+        a = self.args
+        train_dir, val_dir = os.path.join(a.dataset_folder, "train"), os.path.join(a.dataset_folder, "val")
+        segment = a.segment_samples or infer_segment_samples(train_dir)
+        self.segment_samples = self.config["segment_samples"] = segment
+        common = dict(sample_rate=a.sample_rate, segment_samples=segment, seed=a.seed,
+                      skip_bad_files=a.skip_bad_files, progress=self.main)
+        problems = []
+        datasets = {}
+        for split, folder, shuffle in (("train", train_dir, a.shuffle_targets), ("val", val_dir, False)):
+            try:
+                datasets[split] = WavPairsDataset(folder, shuffle_targets=shuffle, **common)
+            except BadDataError as err:
+                problems += err.problems
+                continue
+            problems += datasets[split].problems
+        if problems and not a.skip_bad_files:
+            raise BadDataError(problems)
+        if problems:
+            self.log(f"⚠️  skipping {len(problems)} bad file(s):\n" + str(BadDataError(problems)).split("\n", 1)[1])
+        for split, dataset in datasets.items():
+            if len(dataset) == 0:
+                raise BadDataError([(os.path.join(a.dataset_folder, split), "no usable pairs")])
+        self.train_set, self.val_set = datasets["train"], datasets["val"]
+        pin = self.device.type == "cuda"
+        workers = a.num_workers if a.num_workers is not None else (4 if pin else 0)
+        self.train_loader, self.train_sampler = build_loader(self.train_set, a.batch_size, self.world_size, self.rank,
+                                                             True, a.seed, workers, pin)
+        self.val_loader, _ = build_loader(self.val_set, a.batch_size, self.world_size, self.rank, False, a.seed,
+                                          workers, pin)
+
+    @torch.no_grad()
+    def fit_latent_norm(self, max_batches: int = 8) -> None:
+        """Per-channel latent statistics from the first training batches of every rank."""
+        total = total_sq = None
+        count = 0.0
+        self.train_sampler.set_epoch(0)
+        for inp, tgt in islice(self.train_loader, max_batches):
+            z = self.codec.encode(torch.cat([inp, tgt]).to(self.device))
+            s, sq, n = latent_sums(z)
+            total, total_sq, count = (s, sq, n) if total is None else (total + s, total_sq + sq, count + n)
+        stats = torch.cat([total, total_sq, torch.tensor([count], dtype=torch.float64, device=total.device)])
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        d = self.codec.dim
+        self.norm.fit(stats[:d], stats[d:2 * d], float(stats[-1]))
+
+    # ---------------------------------------------------- one step
+
+    def encode(self, wave: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.norm.normalize(self.codec.encode(wave))
+
+    def compute_loss(self, inp: torch.Tensor, tgt: torch.Tensor, model) -> tuple[torch.Tensor, dict]:
+        """The training objective of one batch and its parts (floats are detached tensors)."""
+        inp, tgt = inp.to(self.device, non_blocking=True), tgt.to(self.device, non_blocking=True)
+        z_in, z_tgt = self.encode(inp), self.encode(tgt)
+        with self.amp:
+            z_out, reg = model(z_in, z_tgt)
+        out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : inp.shape[-1]]
+        loss, terms = reconstruction_loss(out, inp, tgt, self.args.sample_rate, loss_weights(self.config))
+        if reg is not None:
+            loss = loss + self.args.mask_reg_weight * reg
+            agent = self.model.creative_agent.mask_generator
+            if self.args.balance_loss_weight:
+                loss = loss + self.args.balance_loss_weight * agent.last_terms["balance"]
+            terms["mask_reg_loss"] = reg.detach()
+        with torch.no_grad():
+            terms["rms_in"], terms["rms_tgt"] = rms_loss(out, inp), rms_loss(out, tgt)
+        return loss, terms
+
+    def train_step(self, inp: torch.Tensor, tgt: torch.Tensor) -> dict | None:
+        """One optimiser step; None when the loss or the gradients were not finite (the step is skipped)."""
+        self.ddp.train()
+        loss, terms = self.compute_loss(inp, tgt, self.forward)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # a non-finite loss on any rank makes the all-reduced gradients non-finite on all ranks
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row >= self.args.max_nonfinite_steps:
+                raise TrainingError(f"{self.nonfinite_in_row} non-finite steps in a row (loss {loss.item()}, "
+                                    f"gradient norm {grad_norm.item()}); stopping. The last good checkpoint is "
+                                    f"{os.path.join(self.ckpt_dir, 'checkpoint_last.pt')}")
+            return None
+        self.nonfinite_in_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        terms["loss"] = loss.detach()
+        return terms
+
+    # ---------------------------------------------------- epochs
+
+    def train_epoch(self) -> dict:
+        """Train one epoch (resuming mid-epoch if a signal stopped the last run); returns rank-averaged means."""
+        self.train_sampler.set_epoch(self.epoch)
+        self.train_set.set_epoch(self.epoch)
+        sums: dict[str, float] = {}
+        count = skipped = 0
+        bar = tqdm(islice(self.train_loader, self.batch_in_epoch, None), total=len(self.train_loader),
+                   initial=self.batch_in_epoch, desc=f"Epoch {self.epoch + 1}/{self.args.num_epochs}",
+                   disable=not self.main, leave=False, dynamic_ncols=True)
+        for inp, tgt in bar:
+            terms = self.train_step(inp, tgt)
+            self.batch_in_epoch += 1
+            if terms is None:
+                skipped += 1
+            else:
+                if self.step == 1 and "mask_reg_loss" in terms:
+                    self.log(f"🎨 Creative Agent mask regularization loss: {terms['mask_reg_loss'].item():.4f} "
+                             f"(weight={self.args.mask_reg_weight})")
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+                bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
+            if self.stop.agreed(self.device):
+                self.stopped = True
+                break
+        keys = sorted(sums)
+        reduced = all_reduce_sum([sums[k] for k in keys] + [count, skipped], self.device)
+        n = max(reduced[-2], 1.0)
+        means = {k: v / n for k, v in zip(keys, reduced)}
+        means["skipped_steps"] = int(reduced[-1])
+        return means
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Loss, RMS and mask metrics over the validation pairs, averaged over all ranks."""
+        self.ddp.eval()
+        names = ("loss", "rms_in", "rms_tgt", "complementarity", "coverage", "balance")
+        sums = [0.0] * len(names)
+        count = 0
+        for inp, tgt in self.val_loader:
+            loss, terms = self.compute_loss(inp, tgt, self.model)
+            metrics = mask_metrics(*self.model.last_masks)
+            values = [float(loss), float(terms["rms_in"]), float(terms["rms_tgt"]),
+                      metrics["complementarity"], metrics["coverage"], metrics["balance"]]
+            b = inp.shape[0]
+            sums = [s + v * b for s, v in zip(sums, values)]
+            count += b
+        reduced = all_reduce_sum(sums + [count], self.device)
+        return {k: v / max(reduced[-1], 1.0) for k, v in zip(names, reduced)}
+
+    # ---------------------------------------------------- checkpoints and logs
+
+    def state(self) -> dict:
+        return dict(project=PROJECT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(), epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+                    step=self.step, best_val=self.best_val, latent_norm=self.norm.state_dict(),
+                    rng=gather_rng_states(self.device), nonfinite_in_row=self.nonfinite_in_row,
+                    world_size=self.world_size, config=self.config)
+
+    def save(self, *names: str) -> None:
+        state = self.state()  # a collective: every rank takes part, rank 0 writes
+        if self.main:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            for name in names:
+                save_checkpoint(os.path.join(self.ckpt_dir, name), state)
+
+    def restore(self, path: str) -> None:
+        state = load_checkpoint(path)
+        saved = state["config"]
+        changed = [f"{k}={saved.get(k)!r} (now {self.config.get(k)!r})" for k in MODEL_KEYS
+                   if saved.get(k) != self.config.get(k)]
+        if changed:
+            raise CheckpointError(f"checkpoint {path} was trained with another configuration: {', '.join(changed)}")
+        load_model_state(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.norm.load_state_dict(state["latent_norm"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.best_val, self.nonfinite_in_row = state["best_val"], state["nonfinite_in_row"]
+        if state["world_size"] == self.world_size:
+            rng = state["rng"][self.rank]
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        else:
+            self.log(f"⚠️  {path} was saved by {state['world_size']} process(es); RNG states are not restored")
+        metrics = os.path.join(self.log_dir, "metrics.jsonl")
+        if os.path.isfile(metrics):
+            with open(metrics) as f:
+                self.history = [r for r in map(json.loads, filter(str.strip, f)) if r["epoch"] <= self.epoch]
+        self.log(f"↪️  Resumed from {path}: epoch {self.epoch}, step {self.step}"
+                 + (f", {self.batch_in_epoch} batches into epoch {self.epoch + 1}" if self.batch_in_epoch else ""))
+
+    def write_logs(self, record: dict) -> None:
+        self.history.append(record)
+        os.makedirs(self.log_dir, exist_ok=True)
+        text = "".join(json.dumps(r) + "\n" for r in self.history)
+        atomic_write(os.path.join(self.log_dir, "metrics.jsonl"), lambda f: f.write(text.encode()))
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.log_dir)
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, record["epoch"])
+        self.writer.flush()
+        try:
+            from plot_training import plot_runs
+
+            plot_runs([self.log_dir], os.path.join(self.log_dir, "training_curves.png"))
+        except Exception as err:  # a picture must never stop a training run
+            self.log(f"⚠️  training_curves.png not written: {err}")
+
+    def example(self) -> None:
+        """Arrange the first validation pair and save the WAV and a picture of its masks in the log folder."""
+        from arrange import arrange_latents, plot_masks, save_wave
+
+        inp, tgt = (x[None].to(self.device) for x in self.val_set[0])
+        self.model.eval()
+        with torch.no_grad():
+            out, masks, attention = arrange_latents(self.model, self.codec, self.norm, inp, tgt,
+                                                    keep_attention=self.model.use_creative_agent)
+        save_wave(os.path.join(self.log_dir, "arrangement_example.wav"), out[0, 0].cpu(), self.args.sample_rate)
+        plot_masks(os.path.join(self.log_dir, "masks_example.png"), masks, inp[0, 0].cpu(), tgt[0, 0].cpu(),
+                   out[0, 0].cpu(), self.args.sample_rate, self.codec.hop_length,
+                   attention[0].cpu() if attention is not None else None, title=self.args.run_name)
+
+    # ---------------------------------------------------- the run
+
+    def banner(self) -> None:
+        a = self.args
+        if a.use_creative_agent:
+            self.log("🎨 Creative Agent ENABLED")
+        else:
+            self.log(f"Creative Agent disabled, masking: {a.mask_type}")
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"Run {a.run_name}: {len(self.train_set)} train / {len(self.val_set)} val pairs, "
+                 f"{self.segment_samples / a.sample_rate:.2f} s segments, codec {a.codec} (D={self.codec.dim}), "
+                 f"{n_params / 1e6:.2f}M parameters, {self.world_size} process(es) on {self.device.type}")
+
+    def fit(self) -> int:
+        a = self.args
+        resume = find_resume_checkpoint(a.resume, a.checkpoint_dir, a.run_name_given) if a.resume else None
+        if resume:
+            self.ckpt_dir, self.log_dir = os.path.dirname(resume), os.path.join(a.log_dir,
+                                                                                 os.path.basename(os.path.dirname(resume)))
+            self.args.run_name = self.config["run_name"] = os.path.basename(self.ckpt_dir)
+            self.restore(resume)
+        else:
+            if a.resume == "auto":
+                self.log("No checkpoint to resume from: starting a new run")
+            self.fit_latent_norm()
+        self.banner()
+        while self.epoch < a.num_epochs:
+            start = time.time()
+            train = self.train_epoch()
+            if self.stopped:
+                self.save("checkpoint_last.pt")
+                self.log(f"🛑 {self.stop.signal or 'stop signal'} received: saved checkpoint_last.pt at epoch "
+                         f"{self.epoch + 1}, batch {self.batch_in_epoch}; continue with --resume auto")
+                return 0
+            val = self.validate()
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            record = dict(epoch=self.epoch, step=self.step, train_loss=train.get("loss", math.nan),
+                          val_loss=val["loss"], rms_in=val["rms_in"], rms_tgt=val["rms_tgt"],
+                          mask_reg_loss=train.get("mask_reg_loss"), complementarity=val["complementarity"],
+                          coverage=val["coverage"], balance=val["balance"], lr=self.scheduler.get_last_lr()[0],
+                          seconds=time.time() - start, skipped_steps=train["skipped_steps"])
+            best = val["loss"] < self.best_val
+            self.best_val = min(self.best_val, val["loss"])
+            names = ["checkpoint_last.pt"] + (["checkpoint_best.pt"] if best else [])
+            if a.save_every and self.epoch % a.save_every == 0:
+                names.append(f"checkpoint_epoch_{self.epoch}.pt")
+            self.save(*names)
+            if self.main:
+                self.write_logs(record)
+                reg = f"{record['mask_reg_loss']:.4f}" if record["mask_reg_loss"] is not None else "n/a"
+                self.log(f"Epoch {self.epoch}: Loss={record['train_loss']:.4f}, Val={val['loss']:.4f}, "
+                         f"RMS_in={val['rms_in']:.4f}, RMS_tgt={val['rms_tgt']:.4f}, Mask reg={reg}, "
+                         f"Complementarity={val['complementarity']:.1f}%, Coverage={val['coverage']:.1f}%"
+                         + (f", skipped {train['skipped_steps']} non-finite step(s)" if train["skipped_steps"] else ""))
+        if self.main:
+            self.example()
+            self.log(f"✅ Done. Checkpoints: {self.ckpt_dir}  Logs, curves and an example arrangement: {self.log_dir}")
+        return 0
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10 % of the base rate at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ensure_dataset(args, rank: int) -> None:
+    """Generate the demo set into the default folder if it is missing; any other missing folder is an error."""
+    if os.path.isdir(os.path.join(args.dataset_folder, "train")):
+        return
+    if args.dataset_folder != DEFAULT_DATASET:
+        raise FileNotFoundError(
+            f"dataset folder {args.dataset_folder} has no train/ folder. Make one with\n"
+            f"  python make_pairs.py --from_folder YOUR_MUSIC --out {args.dataset_folder}\n"
+            f"or the demo set with\n  python make_pairs.py --demo --out {args.dataset_folder}")
+    if is_main(rank):
+        from make_pairs import make_demo
+
+        print(f"🎵 {args.dataset_folder} not found: generating the demo set into it (synthetic songs, no download)")
+        print(make_demo(args.dataset_folder, args.sample_rate, args.seed).report())
+
+
+def run(rank: int, world_size: int, local_rank: int, args) -> int:
+    """Train on this process; returns the exit code (2 for bad data or a bad checkpoint)."""
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=args.collective_timeout))
+    try:
+        if is_main(rank):
+            ensure_dataset(args, rank)
+        if dist.is_initialized():
+            dist.barrier()
+        return Trainer(rank, world_size, local_rank, args).fit()
+    except (BadDataError, CheckpointError, FileNotFoundError, TrainingError) as err:
+        if is_main(rank):
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
