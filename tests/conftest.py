@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny pairs folder and the arguments of a tiny, fast training run."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from make_pairs import make_pairs, synth_song  # noqa: E402
+from train_simple_ddp import parse_args  # noqa: E402
+
+SR = 8000
+SEGMENT_SECONDS = 0.5
+
+
+def tiny_pairs(folder: str, songs: int = 4, seconds: float = 2.0) -> str:
+    """Synthetic songs at 8 kHz cut into 0.5 s pairs: a pairs folder that trains in seconds."""
+    loaders = [(f"song_{i}", lambda i=i: synth_song(100 + i, seconds, SR)) for i in range(songs)]
+    make_pairs(loaders, folder, SEGMENT_SECONDS, SR, val_fraction=0.25, seed=0, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pairs_dir(tmp_path_factory) -> str:
+    return tiny_pairs(str(tmp_path_factory.mktemp("pairs")))
+
+
+def tiny_args(tmp_path, dataset: str, *extra: str):
+    """Arguments of a tiny model (D=32, 1 layer per stage) writing into tmp_path."""
+    return parse_args([
+        "--dataset_folder", dataset, "--sample_rate", str(SR), "--codec_dim", "32", "--num_layers", "1",
+        "--nhead", "2", "--batch_size", "4", "--num_epochs", "1", "--checkpoint_dir", str(tmp_path / "ckpt"),
+        "--log_dir", str(tmp_path / "logs"), "--run_name", "run", "--device", "cpu", *extra])
