@@ -106,3 +106,12 @@ def mask_metrics(input_mask: torch.Tensor, target_mask: torch.Tensor) -> dict[st
         "coverage": float(total * 100.0),
         "balance": float(m_in.mean() / total.clamp_min(1e-12)),
     }
+
+
+@torch.no_grad()
+def log_spectral_distance(output: torch.Tensor, reference: torch.Tensor, n_fft: int = 1024, hop: int = 256):
+    """Log-spectral distance in dB: RMS over frequency of the dB difference, averaged over frames and batch."""
+    _check_pair(output, reference)
+    db_out = 20 * torch.log10(magnitude(output, n_fft, hop) + 1e-5)
+    db_ref = 20 * torch.log10(magnitude(reference, n_fft, hop) + 1e-5)
+    return (db_out - db_ref).square().mean(dim=-2).sqrt().mean()

@@ -1,0 +1,157 @@
+"""Issue 4: arrange.py, evaluate.py, training curves and pictures."""
+import csv
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import arrange
+import evaluate
+import plot_training
+from conftest import SR, tiny_args
+from train_simple_worker import run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, pairs_dir):
+    """Three small trained checkpoints: creative agent, temporal masks, no masks."""
+    paths = {}
+    for name, mode in (("agent", ["--use_creative_agent", "true"]), ("temporal", ["--mask_type", "temporal"]),
+                       ("none", ["--mask_type", "none"])):
+        tmp = tmp_path_factory.mktemp(name)
+        assert run(0, 1, 0, tiny_args(tmp, pairs_dir, *mode)) == 0
+        paths[name] = str(tmp / "ckpt" / "run" / "checkpoint_best.pt")
+        paths[name + "_logs"] = str(tmp / "logs" / "run")
+    return paths
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == PNG
+
+
+def song(path, seconds, sr, channels=1, freq=330.0):
+    t = np.arange(int(seconds * sr)) / sr
+    tone = 0.4 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 2 * t))
+    sf.write(str(path), np.stack([tone] * channels, axis=1) if channels > 1 else tone, sr)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["agent", "temporal", "none"])
+@pytest.mark.parametrize("in_s,in_sr,in_ch,tgt_s,tgt_sr", [(0.3, 8000, 1, 2.0, 8000),  # shorter than a segment
+                                                          (3.7, 44100, 2, 1.1, 22050)])  # longer, stereo, rates
+def test_arrange_any_length_rate_and_channels(tmp_path, checkpoints, kind, in_s, in_sr, in_ch, tgt_s, tgt_sr,
+                                              capsys):
+    a = song(tmp_path / "a.wav", in_s, in_sr, in_ch)
+    b = song(tmp_path / "b.flac", tgt_s, tgt_sr, freq=220.0)
+    out, plot = tmp_path / "out.wav", tmp_path / "masks.png"
+    code = arrange.main(["--checkpoint", checkpoints[kind], "--input", a, "--target", b, "--output", str(out),
+                         "--mask_plot", str(plot)])
+    assert code == 0
+    audio, sr = sf.read(str(out))
+    assert sr == SR and len(audio) == round(in_s * SR)
+    assert np.isfinite(audio).all() and np.abs(audio).max() <= 1.0
+    assert is_png(plot)
+    line = capsys.readouterr().out
+    assert "complementarity" in line and "coverage" in line and "balance" in line
+
+
+def test_arrange_hard_masks_are_complementary(checkpoints):
+    from train_simple_worker import load_checkpoint, model_from_checkpoint
+
+    model, codec, norm = model_from_checkpoint(load_checkpoint(checkpoints["agent"]))
+    x, y = torch.randn(3 * SR) * 0.1, torch.randn(SR) * 0.1
+    _, (m_in, m_tgt), _ = arrange.arrange_song(model, codec, norm, x, y, 4000, hard=True)
+    torch.testing.assert_close(m_in + m_tgt, torch.ones_like(m_in))
+
+
+def test_no_seam_at_window_boundaries(checkpoints):
+    """The output's sample-to-sample jump at window boundaries is no larger than elsewhere."""
+    from train_simple_worker import load_checkpoint, model_from_checkpoint
+
+    model, codec, norm = model_from_checkpoint(load_checkpoint(checkpoints["temporal"]))
+    t = torch.arange(6 * SR) / SR
+    x = 0.3 * torch.sin(2 * torch.pi * 200 * t)
+    y = 0.3 * torch.sin(2 * torch.pi * 300 * t)
+    out, _, _ = arrange.arrange_song(model, codec, norm, x, y, 4000)
+    jumps = (out[1:] - out[:-1]).abs()
+    window, overlap = 4000, 4000 // 4 // codec.hop_length * codec.hop_length
+    starts = arrange.window_starts(len(x), window, window - overlap)
+    edges = [s + k for s in starts[1:] for k in range(-2, overlap + 2)] + [s + window for s in starts[:-1]]
+    near_edge = torch.zeros(len(jumps), dtype=torch.bool)
+    near_edge[[e for e in edges if 0 <= e < len(jumps)]] = True
+    assert jumps[near_edge].max() <= 1.05 * jumps[~near_edge].max()
+
+
+def test_crossfade_weights_sum_to_one():
+    w = arrange.crossfade_weights(100, 20)
+    torch.testing.assert_close(w[-20:] + w[:20], torch.ones(20))
+
+
+@pytest.mark.parametrize("problem", ["missing", "unreadable", "silent", "foreign"])
+def test_arrange_bad_input_is_one_clear_error(tmp_path, checkpoints, problem, capsys):
+    good = song(tmp_path / "good.wav", 1.0, SR)
+    bad = str(tmp_path / "bad.wav")
+    ckpt = checkpoints["agent"]
+    if problem == "unreadable":
+        open(bad, "wb").write(b"this is not audio at all")
+    elif problem == "silent":
+        sf.write(bad, np.zeros(SR), SR)
+    elif problem == "foreign":
+        ckpt = str(tmp_path / "other.pt")
+        torch.save({"state_dict": {}}, ckpt)
+        bad = good
+    out = tmp_path / "out.wav"
+    code = arrange.main(["--checkpoint", ckpt, "--input", good, "--target", bad, "--output", str(out)])
+    assert code == 2 and not out.exists()
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and (os.path.basename(bad) in err or "other.pt" in err)
+
+
+def test_evaluate_writes_report_table_audio_and_plots(tmp_path, checkpoints, pairs_dir):
+    out = tmp_path / "eval"
+    code = evaluate.main(["--checkpoints", f"agent={checkpoints['agent']}", f"temporal={checkpoints['temporal']}",
+                          f"none={checkpoints['none']}", "--dataset_folder", pairs_dir, "--out", str(out),
+                          "--num_examples", "2"])
+    assert code == 0
+    with open(out / "metrics.csv") as f:
+        rows = {r["approach"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["agent", "temporal", "none"]
+    for key in ("val_loss", "complementarity", "coverage", "balance", "lsd_input_db", "lsd_target_db",
+                "mask_variability", "seconds_per_audio_minute"):
+        assert all(np.isfinite(float(r[key])) for r in rows.values())
+    assert float(rows["temporal"]["complementarity"]) == pytest.approx(100.0)
+    assert float(rows["none"]["complementarity"]) == pytest.approx(0.0)
+    assert float(rows["temporal"]["mask_variability"]) == pytest.approx(0.0, abs=1e-6)
+    report = (out / "report.md").read_text()
+    assert "scores best" in report and "| agent |" in report
+    audio = sorted(os.listdir(out / "audio"))
+    for pair in ("pair_0000", "pair_0001"):
+        for role in ("input", "target", "agent", "temporal", "none"):
+            assert f"{pair}_{role}.wav" in audio
+    plots = os.listdir(out / "plots")
+    assert "comparison.png" in plots and "pair_0001_agent_masks.png" in plots
+    assert all(is_png(out / "plots" / p) for p in plots)
+
+
+def test_evaluate_bad_checkpoint_writes_nothing(tmp_path, checkpoints, pairs_dir, capsys):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(checkpoints["none"], "rb").read()[:1000])
+    out = tmp_path / "eval"
+    code = evaluate.main(["--checkpoints", f"agent={checkpoints['agent']}", f"broken={truncated}",
+                          "--dataset_folder", pairs_dir, "--out", str(out)])
+    assert code == 2 and not out.exists()
+    assert "truncated.pt" in capsys.readouterr().err
+
+
+def test_training_curves_written_and_overlaid(tmp_path, checkpoints):
+    assert is_png(os.path.join(checkpoints["agent_logs"], "training_curves.png"))
+    out = tmp_path / "curves.png"
+    assert plot_training.main([checkpoints["agent_logs"], checkpoints["none_logs"], "--out", str(out)]) == 0
+    assert is_png(out)
+    assert plot_training.main([str(tmp_path / "nope"), "--out", str(out)]) == 2
