@@ -62,12 +62,20 @@ def list_pairs(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]
     return pairs, problems
 
 
-def infer_segment_samples(folder: str) -> int:
-    """Length in samples of the first input file of `folder` (the pairs' segment length)."""
+def infer_segment_samples(folder: str, probe: int = 25) -> int:
+    """The pairs' segment length: the most common length among the first readable files of `folder`."""
     pairs, _ = list_pairs(folder)
     if not pairs:
         raise FileNotFoundError(f"no pair_XXXX_input.wav / pair_XXXX_output.wav files in {folder}")
-    return sf.info(pairs[0][0]).frames
+    lengths = []
+    for path in (p for pair in pairs[:probe] for p in pair):
+        try:
+            lengths.append(sf.info(path).frames)
+        except Exception:  # reported by the dataset's check with its reason
+            continue
+    if not lengths:
+        raise BadDataError([(folder, "none of the first files is readable audio")])
+    return max(set(lengths), key=lengths.count)
 
 
 class WavPairsDataset(Dataset):

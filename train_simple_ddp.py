@@ -67,7 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--batch_size", type=int, default=4, help="pairs per process and step (default 4)")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     g.add_argument("--weight_decay", type=float, default=0.01)
-    g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up, then cosine decay")
+    g.add_argument("--warmup_steps", type=int, default=0, help="steps of linear warm-up (default 0)")
+    g.add_argument("--lr_schedule", default="constant", choices=("constant", "cosine"),
+                   help="after warm-up: constant (default; runs can be extended) or cosine decay to 10%% over "
+                        "--num_epochs")
     g.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (default 1.0)")
     g.add_argument("--max_nonfinite_steps", type=int, default=20,
                    help="stop after this many non-finite steps in a row (each is skipped)")

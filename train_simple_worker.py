@@ -196,8 +196,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            fused=use_cuda or None)
         total = max(1, args.num_epochs * len(self.train_loader))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total,
-                                                                                               args.warmup_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, args.warmup_steps, args.lr_schedule))
         self.epoch, self.batch_in_epoch, self.step, self.best_val = 0, 0, 0, math.inf
         self.history: list[dict] = []
         self.nonfinite_in_row = 0
@@ -493,10 +493,15 @@ class Trainer:
         return 0
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to 10 % of the base rate at `total` steps."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "constant") -> float:
+    """Linear warm-up over `warmup` steps, then constant, or cosine decay to 10 % of the base rate at `total` steps.
+
+    'constant' does not depend on --num_epochs, so a run can be extended with --resume and more epochs.
+    """
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
