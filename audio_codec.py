@@ -56,6 +56,11 @@ class MDCTCodec(nn.Module):
     def frame_rate(self) -> float:
         return self.sample_rate / self.hop_length
 
+    @property
+    def settings(self) -> dict:
+        """What the latents depend on (the key of the latent cache)."""
+        return dict(name="mdct", sample_rate=self.sample_rate, dim=self.dim, window=self.window)
+
     def num_frames(self, num_samples: int) -> int:
         return math.ceil(num_samples / self.dim) + 1
 
@@ -91,6 +96,12 @@ class EncodecCodec(nn.Module):
     @property
     def frame_rate(self) -> float:
         return self.sample_rate / self.hop_length
+
+    @property
+    def settings(self) -> dict:
+        """What the latents depend on (the key of the latent cache)."""
+        return dict(name="encodec", source=str(self.model.config._name_or_path), sample_rate=self.sample_rate,
+                    dim=self.dim)
 
     def num_frames(self, num_samples: int) -> int:
         return math.ceil(num_samples / self.hop_length)

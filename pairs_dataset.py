@@ -132,3 +132,70 @@ def build_loader(dataset: Dataset, batch_size: int, world_size: int, rank: int, 
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=False)
     return loader, sampler
+
+
+def cache_key(dataset: WavPairsDataset, codec_settings: dict) -> str:
+    """A hash of the codec's settings, the segment length and every file's name, size and modification time."""
+    import hashlib
+    import json
+
+    files = []
+    for pair in dataset.pairs:
+        for path in pair:
+            st = os.stat(path)
+            files.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
+    blob = json.dumps(dict(codec=codec_settings, segment=dataset.segment_samples, files=files), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class CachedLatents(Dataset):
+    """Wraps a WavPairsDataset: also returns the codec latents of input and target, read from a memory-mapped cache.
+
+    The cache lives in FOLDER/.latent_cache/<key>.npy, one [2, D, T] float32 entry per pair (input, output),
+    written once by `build` and keyed by `cache_key`, so a changed file or codec is never served stale.
+    """
+
+    def __init__(self, dataset: WavPairsDataset, path: str):
+        self.dataset, self.path = dataset, path
+        self.latents = None  # opened lazily in each worker process
+
+    @staticmethod
+    def path_for(dataset: WavPairsDataset, codec_settings: dict) -> str:
+        return os.path.join(dataset.folder, ".latent_cache", cache_key(dataset, codec_settings) + ".npy")
+
+    @staticmethod
+    @torch.no_grad()
+    def build(dataset: WavPairsDataset, codec, path: str, device, batch_size: int = 8, progress: bool = True) -> bool:
+        """Encode every pair into `path` unless it is there already; returns True when it had to encode (a miss)."""
+        if os.path.isfile(path):
+            return False
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        frames = codec.num_frames(dataset.segment_samples)
+        tmp = f"{path}.tmp{os.getpid()}.npy"
+        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                          shape=(len(dataset), 2, codec.dim, frames))
+        starts = range(0, len(dataset), batch_size)
+        for start in tqdm(starts, desc="caching latents", unit="batch", disable=not progress, leave=False):
+            idx = range(start, min(start + batch_size, len(dataset)))
+            waves = torch.stack([torch.stack([dataset.read(p) for p in dataset.pairs[i]]) for i in idx])
+            z = codec.encode(waves.flatten(0, 1).to(device)).float().cpu()
+            cache[start : start + len(idx)] = z.view(len(idx), 2, codec.dim, -1)[..., :frames].numpy()
+        cache.flush()
+        del cache
+        os.replace(tmp, path)
+        return True
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int):
+        if self.latents is None:
+            self.latents = np.load(self.path, mmap_mode="r")
+        inp, tgt = self.dataset[index]
+        other = self.dataset.target_index(index)
+        z_in = torch.from_numpy(np.array(self.latents[index, 0]))
+        z_tgt = torch.from_numpy(np.array(self.latents[other, 1]))
+        return inp, tgt, z_in, z_tgt

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from audio_codec import LatentNorm, build_codec, latent_sums
 from losses import mask_metrics, reconstruction_loss, rms_loss
 from model_simple_transformer import SimpleTransformer
-from pairs_dataset import BadDataError, WavPairsDataset, build_loader, infer_segment_samples
+from pairs_dataset import BadDataError, CachedLatents, WavPairsDataset, build_loader, infer_segment_samples
 
 PROJECT = "creative_agent"
 DEFAULT_DATASET = "dataset_wav_pairs"
@@ -236,12 +236,24 @@ class Trainer:
             if len(dataset) == 0:
                 raise BadDataError([(os.path.join(a.dataset_folder, split), "no usable pairs")])
         self.train_set, self.val_set = datasets["train"], datasets["val"]
+        self.train_data, self.val_data = self.train_set, self.val_set
+        if a.cache_latents:
+            self.train_data, self.val_data = (self.cached(d) for d in (self.train_set, self.val_set))
         pin = self.device.type == "cuda"
         workers = a.num_workers if a.num_workers is not None else (4 if pin else 0)
-        self.train_loader, self.train_sampler = build_loader(self.train_set, a.batch_size, self.world_size, self.rank,
+        self.train_loader, self.train_sampler = build_loader(self.train_data, a.batch_size, self.world_size, self.rank,
                                                              True, a.seed, workers, pin)
-        self.val_loader, _ = build_loader(self.val_set, a.batch_size, self.world_size, self.rank, False, a.seed,
+        self.val_loader, _ = build_loader(self.val_data, a.batch_size, self.world_size, self.rank, False, a.seed,
                                           workers, pin)
+
+    def cached(self, dataset: WavPairsDataset) -> CachedLatents:
+        """The dataset with its latents from the cache, which rank 0 fills first if it is missing or stale."""
+        path = CachedLatents.path_for(dataset, self.codec.settings)
+        if self.main and CachedLatents.build(dataset, self.codec, path, self.device):
+            self.log(f"Latent cache written: {path}")
+        if dist.is_initialized():
+            dist.barrier()
+        return CachedLatents(dataset, path)
 
     @torch.no_grad()
     def fit_latent_norm(self, max_batches: int = 8) -> None:
@@ -249,8 +261,8 @@ class Trainer:
         total = total_sq = None
         count = 0.0
         self.train_sampler.set_epoch(0)
-        for inp, tgt in islice(self.train_loader, max_batches):
-            z = self.codec.encode(torch.cat([inp, tgt]).to(self.device))
+        for batch in islice(self.train_loader, max_batches):
+            z = (torch.cat(batch[2:]) if len(batch) == 4 else self.codec.encode(torch.cat(batch))).to(self.device)
             s, sq, n = latent_sums(z)
             total, total_sq, count = (s, sq, n) if total is None else (total + s, total_sq + sq, count + n)
         stats = torch.cat([total, total_sq, torch.tensor([count], dtype=torch.float64, device=total.device)])
@@ -265,10 +277,13 @@ class Trainer:
         with torch.no_grad():
             return self.norm.normalize(self.codec.encode(wave))
 
-    def compute_loss(self, inp: torch.Tensor, tgt: torch.Tensor, model) -> tuple[torch.Tensor, dict]:
-        """The training objective of one batch and its parts (floats are detached tensors)."""
-        inp, tgt = inp.to(self.device, non_blocking=True), tgt.to(self.device, non_blocking=True)
-        z_in, z_tgt = self.encode(inp), self.encode(tgt)
+    def compute_loss(self, batch: list[torch.Tensor], model) -> tuple[torch.Tensor, dict]:
+        """The training objective of one batch (waveforms, and cached latents if any) and its detached parts."""
+        inp, tgt, *cached = (x.to(self.device, non_blocking=True) for x in batch)
+        if cached:
+            z_in, z_tgt = (self.norm.normalize(z) for z in cached)
+        else:
+            z_in, z_tgt = self.encode(inp), self.encode(tgt)
         with self.amp:
             z_out, reg = model(z_in, z_tgt)
         out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : inp.shape[-1]]
@@ -283,10 +298,10 @@ class Trainer:
             terms["rms_in"], terms["rms_tgt"] = rms_loss(out, inp), rms_loss(out, tgt)
         return loss, terms
 
-    def train_step(self, inp: torch.Tensor, tgt: torch.Tensor) -> dict | None:
+    def train_step(self, batch: list[torch.Tensor]) -> dict | None:
         """One optimiser step; None when the loss or the gradients were not finite (the step is skipped)."""
         self.ddp.train()
-        loss, terms = self.compute_loss(inp, tgt, self.forward)
+        loss, terms = self.compute_loss(batch, self.forward)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # a non-finite loss on any rank makes the all-reduced gradients non-finite on all ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
@@ -315,8 +330,8 @@ class Trainer:
         bar = tqdm(islice(self.train_loader, self.batch_in_epoch, None), total=len(self.train_loader),
                    initial=self.batch_in_epoch, desc=f"Epoch {self.epoch + 1}/{self.args.num_epochs}",
                    disable=not self.main, leave=False, dynamic_ncols=True)
-        for inp, tgt in bar:
-            terms = self.train_step(inp, tgt)
+        for batch in bar:
+            terms = self.train_step(batch)
             self.batch_in_epoch += 1
             if terms is None:
                 skipped += 1
@@ -345,12 +360,12 @@ class Trainer:
         names = ("loss", "rms_in", "rms_tgt", "complementarity", "coverage", "balance")
         sums = [0.0] * len(names)
         count = 0
-        for inp, tgt in self.val_loader:
-            loss, terms = self.compute_loss(inp, tgt, self.model)
+        for batch in self.val_loader:
+            loss, terms = self.compute_loss(batch, self.model)
             metrics = mask_metrics(*self.model.last_masks)
             values = [float(loss), float(terms["rms_in"]), float(terms["rms_tgt"]),
                       metrics["complementarity"], metrics["coverage"], metrics["balance"]]
-            b = inp.shape[0]
+            b = batch[0].shape[0]
             sums = [s + v * b for s, v in zip(sums, values)]
             count += b
         reduced = all_reduce_sum(sums + [count], self.device)

@@ -1,0 +1,271 @@
+"""Training-step throughput: model FLOP/s and utilisation (MFU) against the device's peak, end-to-end overhead,
+and whether the data loader keeps up.
+
+  python bench.py --device cpu --json
+  python bench.py --device cuda --batch_size 8 --seconds 16 --codec encodec --amp bf16 --compile
+  python bench.py --scan                     # step time and peak memory for 2, 4, 8, 16 and 32 s segments
+
+Model step: forward + backward + AdamW step of SimpleTransformer at the default configuration on random latents at
+the codec's frame rate, median over timed steps after warm-up; FLOPs counted by torch's FlopCounterMode.
+Peak: on CPU the fp32 throughput of a large matmul measured in this run; on GPU the datasheet's dense bf16 figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from audio_codec import LatentNorm, MDCTCodec
+from losses import reconstruction_loss
+from model_simple_transformer import SimpleTransformer
+from train_simple_ddp import str2bool
+
+# dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (without sparsity)
+GPU_PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
+                 "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}
+
+
+def register_cpu_attention_flops() -> None:
+    """FlopCounterMode counts the CUDA attention kernels but not the CPU flash kernel; count it the same way."""
+    from torch.utils import flop_counter as fc
+
+    forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if forward is None or forward.default in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(forward)
+    def _forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query, key, value)
+
+    @fc.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def gpu_peak(name: str) -> tuple[float, str]:
+    for key, tflops in GPU_PEAK_BF16.items():
+        if key.lower() in name.lower():
+            return tflops, f"{key} datasheet dense bf16"
+    return float("nan"), f"unknown GPU {name!r}: no datasheet peak"
+
+
+def cpu_peak(n: int = 2048, seconds: float = 2.0) -> float:
+    """Measured fp32 matmul throughput of this CPU in TFLOP/s (best of repeated n x n products)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, device: torch.device, warmup: int, steps: int) -> float:
+    """Median seconds of `step()` over `steps` runs after `warmup` runs."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_codec_for_bench(name: str, device: torch.device):
+    if name == "mdct":
+        return MDCTCodec().to(device)
+    from transformers import EncodecConfig, EncodecModel  # random weights: the speed is that of the real model
+
+    from audio_codec import EncodecCodec
+
+    return EncodecCodec(EncodecModel(EncodecConfig())).to(device)
+
+
+class Bench:
+    """One configuration: model, optimiser, codec and inputs on a device."""
+
+    def __init__(self, args, seconds: float):
+        self.device = torch.device(args.device)
+        self.codec = build_codec_for_bench(args.codec, self.device)
+        self.samples = int(seconds * self.codec.sample_rate)
+        self.frames = self.codec.num_frames(self.samples)
+        torch.manual_seed(0)
+        self.model = SimpleTransformer(encoding_dim=self.codec.dim, use_creative_agent=args.use_creative_agent,
+                                       use_sdpa=args.sdpa).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=self.device.type == "cuda" or None)
+        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.amp = args.amp == "bf16" and self.device.type == "cuda"
+        self.norm = LatentNorm(self.codec.dim).to(self.device)
+        b = args.batch_size
+        self.z = [torch.randn(b, self.codec.dim, self.frames, device=self.device) for _ in range(2)]
+        self.waves = [0.1 * torch.randn(b, 1, self.samples, device=self.device) for _ in range(2)]
+
+    def model_loss(self) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out, reg = self.forward(*self.z)
+            loss = out.float().square().mean()
+        return loss + 0.1 * reg if reg is not None else loss
+
+    def e2e_loss(self) -> torch.Tensor:
+        inp, tgt = self.waves
+        with torch.no_grad():
+            z_in, z_tgt = (self.norm.normalize(self.codec.encode(w)) for w in (inp, tgt))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            z_out, reg = self.forward(z_in, z_tgt)
+        out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : self.samples]
+        loss, _ = reconstruction_loss(out, inp, tgt, self.codec.sample_rate)
+        return loss + 0.1 * reg if reg is not None else loss
+
+    def step(self, loss_fn) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        self.optimizer.step()
+
+    def model_flops(self) -> float:
+        register_cpu_attention_flops()
+        with FlopCounterMode(display=False) as counter:
+            self.model_loss().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(counter.get_total_flops())
+
+
+def loader_pairs_per_s(batch_size: int, seconds: float, num_workers: int, sample_rate: int = 24000) -> float:
+    """Pairs per second that the training data loader delivers from WAV files of `seconds` length."""
+    import numpy as np
+
+    from make_pairs import make_pairs, synth_song
+    from pairs_dataset import WavPairsDataset, build_loader
+
+    with tempfile.TemporaryDirectory() as folder:
+        songs = [(f"s{i}", lambda i=i: synth_song(i, seconds * 9, sample_rate)) for i in range(2)]
+        make_pairs(songs, folder, seconds, sample_rate, 0.0, 0, progress=False)
+        dataset = WavPairsDataset(os.path.join(folder, "train"), sample_rate, int(seconds * sample_rate))
+        loader, sampler = build_loader(dataset, batch_size, 1, 0, True, 0, num_workers)
+        count, start = 0, None
+        for epoch in range(3):  # the first epoch warms the workers up and is not timed
+            sampler.set_epoch(epoch)
+            for inp, _ in loader:
+                count += inp.shape[0] if start is not None else 0
+            start = start or time.perf_counter()
+        return count / (time.perf_counter() - start) if count else float(np.nan)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak resident memory
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        peak, peak_source = gpu_peak(torch.cuda.get_device_name(device))
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        peak, peak_source = cpu_peak(), "measured fp32 matmul 2048x2048"
+    bench = Bench(args, args.seconds)
+    flops = bench.model_flops()
+    step_s = time_steps(lambda: bench.step(bench.model_loss), device, args.warmup, args.steps)
+    e2e_s = time_steps(lambda: bench.step(bench.e2e_loss), device, args.warmup, args.steps)
+    achieved = flops / step_s / 1e12
+    step_pairs = args.batch_size / e2e_s
+    loader = loader_pairs_per_s(args.batch_size, min(args.seconds, 4.0), args.num_workers)
+    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores,"
+                f" {torch.get_num_threads()} threads)",
+                config=dict(batch_size=args.batch_size, seconds=args.seconds, codec=args.codec, frames=bench.frames,
+                            use_creative_agent=args.use_creative_agent, amp=args.amp if device.type == "cuda" else
+                            "none", compile=args.compile, sdpa=args.sdpa, num_workers=args.num_workers,
+                            parameters=sum(p.numel() for p in bench.model.parameters())),
+                step_ms=step_s * 1e3, e2e_step_ms=e2e_s * 1e3, frames_per_s=args.batch_size * bench.frames / step_s,
+                model_tflop_per_step=flops / 1e12, achieved_tflops=achieved, peak_tflops=peak,
+                peak_source=peak_source, mfu=achieved / peak, e2e_over_model=step_s / e2e_s,
+                loader_pairs_per_s=loader, step_pairs_per_s=step_pairs, peak_mem_mb=peak_memory_mb(device))
+
+
+def scan(args) -> list[dict]:
+    rows = []
+    for seconds in (2, 4, 8, 16, 32):
+        device = torch.device(args.device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        bench = Bench(args, seconds)
+        step_s = time_steps(lambda: bench.step(bench.model_loss), device, 1, max(2, args.steps // 2))
+        rows.append(dict(seconds=seconds, frames=bench.frames, step_ms=step_s * 1e3,
+                         peak_mem_mb=peak_memory_mb(device)))
+        del bench
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch_size", type=int, default=None, help="default: 8 on GPU, 4 on CPU")
+    p.add_argument("--seconds", type=float, default=None, help="segment length in seconds (default 16 GPU, 2 CPU)")
+    p.add_argument("--codec", default="mdct", choices=("mdct", "encodec"),
+                   help="mdct, or encodec with random weights (same speed as the real ones)")
+    p.add_argument("--use_creative_agent", type=str2bool, default=True, help="include the agent (default true)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--amp", default="bf16", choices=("bf16", "none"), help="bf16 autocast on CUDA (default)")
+    p.add_argument("--sdpa", type=str2bool, default=True, help="fused attention kernels (default true)")
+    p.add_argument("--num_workers", type=int, default=None, help="loader workers (default 4 GPU, 0 CPU)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
+    p.add_argument("--scan", action="store_true", help="step time and peak memory over 2-32 s segments")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    args.batch_size = args.batch_size or (8 if gpu else 4)
+    args.seconds = args.seconds or (16.0 if gpu else 2.0)
+    args.num_workers = args.num_workers if args.num_workers is not None else (4 if gpu else 0)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    if args.scan:
+        result["scan"] = scan(args)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"device: {result['device']}")
+    print("config: " + ", ".join(f"{k}={v}" for k, v in result["config"].items()))
+    rows = [("model step", f"{result['step_ms']:.1f} ms"), ("end-to-end step", f"{result['e2e_step_ms']:.1f} ms"),
+            ("end-to-end / model throughput", f"{result['e2e_over_model']:.2f}"),
+            ("frames per second", f"{result['frames_per_s']:,.0f}"),
+            ("model TFLOP per step", f"{result['model_tflop_per_step']:.3f}"),
+            ("achieved TFLOP/s", f"{result['achieved_tflops']:.3f}"),
+            ("peak TFLOP/s", f"{result['peak_tflops']:.3f} ({result['peak_source']})"),
+            ("MFU", f"{result['mfu']:.2f}"),
+            ("loader pairs/s", f"{result['loader_pairs_per_s']:.1f}"),
+            ("training step pairs/s", f"{result['step_pairs_per_s']:.1f}"),
+            ("peak memory", f"{result['peak_mem_mb']:,.0f} MB")]
+    for name, value in rows:
+        print(f"  {name:<32} {value}")
+    for row in result.get("scan", []):
+        print(f"  scan {row['seconds']:>4} s ({row['frames']} frames): {row['step_ms']:.1f} ms/step, "
+              f"{row['peak_mem_mb']:,.0f} MB peak")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
