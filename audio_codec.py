@@ -133,7 +133,8 @@ def load_encodec(path: str | None = None) -> EncodecCodec:
     try:
         from transformers import EncodecModel
     except ImportError as err:
-        raise RuntimeError("the encodec codec needs the optional package transformers: pip install transformers") from err
+        raise RuntimeError("the encodec codec needs the optional package transformers: "
+                           "pip install transformers") from err
     source = path or ENCODEC_NAME
     if path is not None and not os.path.isdir(path):
         raise RuntimeError(ENCODEC_HELP.format(where=f"at {path!r} (no such folder)"))

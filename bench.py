@@ -206,10 +206,10 @@ def scan(args) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         bench = Bench(args, seconds)
-        step_s = time_steps(lambda: bench.step(bench.model_loss), device, 1, max(2, args.steps // 2))
+        step_s = time_steps(lambda b=bench: b.step(b.model_loss), device, 1, max(2, args.steps // 2))
+        # on CPU the peak is the process's resident peak so far, so it only grows along the scan
         rows.append(dict(seconds=seconds, frames=bench.frames, step_ms=step_s * 1e3,
                          peak_mem_mb=peak_memory_mb(device)))
-        del bench
     return rows
 
 

@@ -86,7 +86,7 @@ class AttentionMaskGenerator(nn.Module):
         self.target_head = nn.Conv1d(hidden_dim, encoding_dim, kernel_size=1)
         self.keep_attention = False  # set True to keep the input->target attention map for pictures
         self.last_attention: torch.Tensor | None = None
-        self.last_terms: dict[str, torch.Tensor] = {}
+        self.last_terms: dict[str, torch.Tensor] = {}  # the terms of the last reg_loss, unweighted
 
     def _mask(self, head: nn.Conv1d, norm: nn.LayerNorm, features: torch.Tensor, attended: torch.Tensor):
         return torch.sigmoid(head(norm(features + attended).transpose(1, 2)))
@@ -113,7 +113,7 @@ class AttentionMaskGenerator(nn.Module):
             "balance": (input_mask.mean() - target_mask.mean()) ** 2,
             "diversity": 0.5 - 0.5 * (input_mask.std(dim=-1).mean() + target_mask.std(dim=-1).mean()),
         }
-        self.last_terms = {name: value.detach() for name, value in terms.items()}
+        self.last_terms = terms  # scalar tensors of the last forward, with their graph (the trainer may weight one)
         return sum(self.weights[name] * value for name, value in terms.items())
 
 
@@ -152,7 +152,7 @@ class CreativeAgent(nn.Module):
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def generate_creative_masks(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False):
-        """Masked input, masked target and the mask regularisation loss. `hard` makes the masks 0/1 and complementary."""
+        """Masked input, masked target and the mask regularisation loss; `hard`: 0/1 complementary masks."""
         input_mask, target_mask, reg_loss = self.mask_generator(encoded_input, encoded_target)
         if hard:
             input_mask = (input_mask >= target_mask).to(input_mask.dtype)
@@ -207,7 +207,8 @@ def self_test(encoding_dim: int = 128, batch: int = 2, frames: int = 200) -> boo
     _, style = agent.judge_quality(masked_x + masked_y)
     (reg_loss + masked_x.square().mean() + masked_y.square().mean() + gen_loss + disc_loss + style.mean()).backward()
     missing = [n for n, p in agent.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    print(f"Gradients reach every trainable parameter: {'yes' if not missing else 'NO, missing: ' + ', '.join(missing)}")
+    verdict = "yes" if not missing else "NO, missing: " + ", ".join(missing)
+    print(f"Gradients reach every trainable parameter: {verdict}")
     checks = {
         "mask shape": input_mask.shape == x.shape and target_mask.shape == y.shape,
         "mask range": bool(((input_mask >= 0) & (input_mask <= 1) & (target_mask >= 0) & (target_mask <= 1)).all()),

@@ -102,7 +102,8 @@ class SimpleTransformer(nn.Module):
     def masked_sources(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False):
         """(masked input, masked target, mask_reg_loss or None); sets `last_masks`."""
         if self.creative_agent is not None:
-            masked_in, masked_tgt, reg = self.creative_agent.generate_creative_masks(encoded_input, encoded_target, hard)
+            agent = self.creative_agent
+            masked_in, masked_tgt, reg = agent.generate_creative_masks(encoded_input, encoded_target, hard)
             self.last_masks = self.creative_agent.last_masks
             return masked_in, masked_tgt, reg
         m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target,

@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--amp", default="bf16", choices=("bf16", "none"), help="bf16 autocast on CUDA (default bf16)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--cache_latents", action="store_true",
-                   help="encode the pairs once into a memory-mapped cache (DIR/SPLIT/.latent_cache) and skip the encoder")
+                   help="encode the pairs once into a memory-mapped cache (SPLIT/.latent_cache), skipping the encoder")
     g.add_argument("--sdpa", type=str2bool, default=True, help="fused scaled_dot_product_attention (default true)")
     g = p.add_argument_group("processes, outputs")
     g.add_argument("--world_size", type=int, default=1, help="processes to spawn on this machine (default 1)")

@@ -156,8 +156,12 @@ class StopFlag:
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def close(self) -> None:
+        """Give the signals back to their previous handlers."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
@@ -188,6 +192,7 @@ class Trainer:
         self.build_data()
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         self.model = build_model(self.config, self.codec.dim).to(self.device)
+        torch.manual_seed(args.seed + rank)  # then different dropout and noise on each rank
         self.norm = LatentNorm(self.codec.dim).to(self.device)
         self.ddp = (DDP(self.model, device_ids=[self.device.index] if use_cuda else None,
                         gradient_as_bucket_view=True, find_unused_parameters=False)
@@ -522,7 +527,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "constant") ->
 
 
 def ensure_dataset(args, rank: int) -> None:
-    """Generate the demo set into the default folder if it is missing; any other missing folder is an error."""
+    """Generate the demo set into the default folder if it is missing (rank 0; the others wait at a barrier).
+
+    Any other missing folder is an error, raised on every rank so that none waits for the others.
+    """
     if os.path.isdir(os.path.join(args.dataset_folder, "train")):
         return
     if args.dataset_folder != DEFAULT_DATASET:
@@ -545,16 +553,21 @@ def run(rank: int, world_size: int, local_rank: int, args) -> int:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=args.collective_timeout))
+    trainer = None
     try:
-        if is_main(rank):
-            ensure_dataset(args, rank)
+        ensure_dataset(args, rank)
         if dist.is_initialized():
             dist.barrier()
-        return Trainer(rank, world_size, local_rank, args).fit()
+        trainer = Trainer(rank, world_size, local_rank, args)
+        return trainer.fit()
     except (BadDataError, CheckpointError, FileNotFoundError, TrainingError) as err:
         if is_main(rank):
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
+        if trainer is not None:
+            trainer.stop.close()
+            if trainer.writer is not None:
+                trainer.writer.close()
         if dist.is_initialized():
             dist.destroy_process_group()

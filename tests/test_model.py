@@ -9,7 +9,7 @@ import torch
 from audio_codec import LatentNorm, MDCTCodec, build_codec, latent_sums
 from conftest import ROOT
 from creative_agent import AttentionMaskGenerator, CreativeAgent, count_parameters
-from fixed_masks import MASK_TYPES, make_fixed_masks
+from fixed_masks import make_fixed_masks
 from losses import log_mel_loss, mask_metrics, multi_resolution_stft_loss, reconstruction_loss, rms_loss, stft_loss
 from model_simple_transformer import SimpleTransformer
 
@@ -35,6 +35,7 @@ def test_reg_terms_are_logged_and_weighted():
     m_in, m_tgt, reg = gen(*latents())
     assert set(gen.last_terms) == {"complementarity", "coverage", "balance", "diversity"}
     assert reg.item() == pytest.approx(2.0 * (m_in * m_tgt).mean().item(), rel=1e-5)
+    assert gen.last_terms["balance"].requires_grad  # the trainer's --balance_loss_weight trains through it
 
 
 def test_untrained_masks_sit_near_75_and_100_percent():

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 import train_simple_ddp
-from conftest import ROOT, SR, tiny_args, tiny_pairs
+from conftest import ROOT, SR, tiny_args
 from make_pairs import main as make_pairs_main
 from pairs_dataset import WavPairsDataset
 from train_simple_worker import load_checkpoint, run
