@@ -16,6 +16,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from audio_codec import CodecUnavailable
 from losses import mask_metrics
 
 SILENT_PEAK = 1e-5
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
         model, codec, norm = model_from_checkpoint(state, args.checkpoint)
         sr = state["config"]["sample_rate"]
         song, other = load_audio(args.input, sr), load_audio(args.target, sr)
-    except (CheckpointError, AudioInputError, RuntimeError) as err:
+    except (CheckpointError, AudioInputError, CodecUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     window = state["config"]["segment_samples"]

@@ -119,6 +119,10 @@ class EncodecCodec(nn.Module):
         return self.model.decoder(latent)
 
 
+class CodecUnavailable(RuntimeError):
+    """The codec cannot be built here (missing weights or package); the message says how to fix it."""
+
+
 ENCODEC_HELP = (
     "EnCodec weights were not found {where}. This project never downloads at run time. On a machine with internet:\n"
     "  pip install transformers\n"
@@ -133,15 +137,15 @@ def load_encodec(path: str | None = None) -> EncodecCodec:
     try:
         from transformers import EncodecModel
     except ImportError as err:
-        raise RuntimeError("the encodec codec needs the optional package transformers: "
+        raise CodecUnavailable("the encodec codec needs the optional package transformers: "
                            "pip install transformers") from err
     source = path or ENCODEC_NAME
     if path is not None and not os.path.isdir(path):
-        raise RuntimeError(ENCODEC_HELP.format(where=f"at {path!r} (no such folder)"))
+        raise CodecUnavailable(ENCODEC_HELP.format(where=f"at {path!r} (no such folder)"))
     try:
         model = EncodecModel.from_pretrained(source, local_files_only=True)
     except OSError as err:
-        raise RuntimeError(ENCODEC_HELP.format(where=f"for {source!r} ({str(err).splitlines()[0]})")) from err
+        raise CodecUnavailable(ENCODEC_HELP.format(where=f"for {source!r} ({str(err).splitlines()[0]})")) from err
     return EncodecCodec(model)
 
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 from arrange import arrange_latents, plot_masks, save_wave
+from audio_codec import CodecUnavailable
 from losses import log_spectral_distance, mask_metrics, reconstruction_loss
 from pairs_dataset import BadDataError, WavPairsDataset
 from train_simple_worker import CheckpointError, load_checkpoint, loss_weights, model_from_checkpoint
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         states = {name: load_checkpoint(path) for name, path in named}
         results = {name: evaluate_one(states[name], path, args.dataset_folder, args.num_examples)
                    for name, path in named}
-    except (ValueError, CheckpointError, BadDataError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, CheckpointError, BadDataError, FileNotFoundError, CodecUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     parent = os.path.dirname(os.path.abspath(args.out))

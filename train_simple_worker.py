@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from audio_codec import LatentNorm, build_codec, latent_sums
+from audio_codec import CodecUnavailable, LatentNorm, build_codec, latent_sums
 from losses import mask_metrics, reconstruction_loss, rms_loss
 from model_simple_transformer import SimpleTransformer
 from pairs_dataset import BadDataError, CachedLatents, WavPairsDataset, build_loader, infer_segment_samples
@@ -560,7 +560,7 @@ def run(rank: int, world_size: int, local_rank: int, args) -> int:
             dist.barrier()
         trainer = Trainer(rank, world_size, local_rank, args)
         return trainer.fit()
-    except (BadDataError, CheckpointError, FileNotFoundError, TrainingError) as err:
+    except (BadDataError, CheckpointError, CodecUnavailable, FileNotFoundError, TrainingError) as err:
         if is_main(rank):
             print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from audio_codec import LatentNorm, MDCTCodec, build_codec, latent_sums
+from audio_codec import CodecUnavailable, LatentNorm, MDCTCodec, build_codec, latent_sums
 from conftest import ROOT
 from creative_agent import AttentionMaskGenerator, CreativeAgent, count_parameters
 from fixed_masks import make_fixed_masks
@@ -223,7 +223,7 @@ def test_encodec_random_weights_shapes_and_frame_rate():
 
 def test_encodec_missing_weights_message(tmp_path):
     pytest.importorskip("transformers", reason="transformers is not installed (optional extra)")
-    with pytest.raises(RuntimeError, match="save_pretrained"):
+    with pytest.raises(CodecUnavailable, match="save_pretrained"):
         build_codec("encodec", path=str(tmp_path / "nowhere"))
 
 

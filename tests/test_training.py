@@ -213,3 +213,32 @@ def test_slurm_script_runs_two_cpu_processes(tmp_path, pairs_dir):
     state = load_checkpoint(str(work / "checkpoints" / "creative_agent" / "checkpoint_last.pt"))
     assert state["world_size"] == 2 and state["config"]["anti_cheating"] == 0.1
     assert state["config"]["batch_size"] == 8
+
+
+def test_encodec_training_from_a_local_folder(tmp_path, capsys):
+    """The EnCodec path end to end, with randomly initialised weights of the real architecture saved locally."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (optional extra)")
+    torch.manual_seed(0)
+    weights = tmp_path / "encodec_24khz"
+    transformers.EncodecModel(transformers.EncodecConfig()).save_pretrained(str(weights))
+    from make_pairs import make_pairs, synth_song
+
+    songs = [(f"s{i}", lambda i=i: synth_song(i, 1.5, 24000)) for i in range(3)]
+    make_pairs(songs, str(tmp_path / "pairs"), 0.5, 24000, val_fraction=0.34, seed=0, progress=False)
+    args = train_simple_ddp.parse_args([
+        "--dataset_folder", str(tmp_path / "pairs"), "--codec", "encodec", "--codec_path", str(weights),
+        "--num_layers", "1", "--nhead", "2", "--num_epochs", "1", "--checkpoint_dir", str(tmp_path / "c"),
+        "--log_dir", str(tmp_path / "l"), "--run_name", "run", "--use_creative_agent", "true", "--device", "cpu"])
+    assert run(0, 1, 0, args) == 0
+    assert "codec encodec (D=128)" in capsys.readouterr().out
+    state = load_checkpoint(str(tmp_path / "c" / "run" / "checkpoint_last.pt"))
+    assert state["config"]["codec_path"] == str(weights)
+
+
+def test_encodec_without_weights_is_one_clear_error(tmp_path, pairs_dir, capsys):
+    pytest.importorskip("transformers", reason="transformers is not installed (optional extra)")
+    args = tiny_args(tmp_path, pairs_dir, "--codec", "encodec", "--codec_path", str(tmp_path / "missing"),
+                     "--sample_rate", "24000")
+    assert run(0, 1, 0, args) == 2
+    err = capsys.readouterr().err
+    assert "EnCodec weights were not found" in err and "--codec_path" in err
