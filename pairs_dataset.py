@@ -62,6 +62,18 @@ def list_pairs(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]
     return pairs, problems
 
 
+def scan_pairs(folder: str, sample_rate: int, segment_samples: int, progress: bool = False):
+    """(good (input, output) pairs, (path, reason) of every bad file) of one split folder."""
+    pairs, problems = list_pairs(folder)
+    good = []
+    for inp, out in tqdm(pairs, desc=f"checking {folder}", unit="pair", disable=not progress, leave=False):
+        reasons = [(p, r) for p in (inp, out) if (r := check_file(p, sample_rate, segment_samples))]
+        problems += reasons
+        if not reasons:
+            good.append((inp, out))
+    return good, problems
+
+
 def infer_segment_samples(folder: str, probe: int = 25) -> int:
     """The pairs' segment length: the most common length among the first readable files of `folder`."""
     pairs, _ = list_pairs(folder)
@@ -81,24 +93,19 @@ def infer_segment_samples(folder: str, probe: int = 25) -> int:
 class WavPairsDataset(Dataset):
     """(input [1, S], target [1, S]) float32 waveforms from the pairs of one split folder.
 
-    Every file is checked when the dataset is built; bad files raise BadDataError listing all of them, or are
-    dropped (with their pair) when `skip_bad_files`. `shuffle_targets` pairs each input with another pair's
-    target, drawn afresh each epoch (`set_epoch`) but reproducibly from `seed`.
+    Every file is checked when the dataset is built (or `scan`, the result of `scan_pairs` made elsewhere, is
+    used); bad files raise BadDataError listing all of them, or are dropped (with their pair) when
+    `skip_bad_files`. `shuffle_targets` pairs each input with another pair's target, drawn afresh each epoch
+    (`set_epoch`) but reproducibly from `seed`.
     """
 
     def __init__(self, folder: str, sample_rate: int, segment_samples: int, shuffle_targets: bool = False,
-                 seed: int = 0, skip_bad_files: bool = False, progress: bool = False):
+                 seed: int = 0, skip_bad_files: bool = False, progress: bool = False, scan=None):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"pairs folder {folder} does not exist")
         self.folder, self.sample_rate, self.segment_samples = folder, sample_rate, segment_samples
         self.shuffle_targets, self.seed, self.epoch = shuffle_targets, seed, 0
-        pairs, problems = list_pairs(folder)
-        good = []
-        for inp, out in tqdm(pairs, desc=f"checking {folder}", unit="pair", disable=not progress, leave=False):
-            reasons = [(p, r) for p in (inp, out) if (r := check_file(p, sample_rate, segment_samples))]
-            problems += reasons
-            if not reasons:
-                good.append((inp, out))
+        good, problems = scan if scan is not None else scan_pairs(folder, sample_rate, segment_samples, progress)
         self.problems = problems
         if problems and not skip_bad_files:
             raise BadDataError(problems)

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from audio_codec import CodecUnavailable, LatentNorm, build_codec, latent_sums
 from losses import mask_metrics, reconstruction_loss, rms_loss
 from model_simple_transformer import SimpleTransformer
-from pairs_dataset import BadDataError, CachedLatents, WavPairsDataset, build_loader, infer_segment_samples
+from pairs_dataset import (BadDataError, CachedLatents, WavPairsDataset, build_loader, infer_segment_samples,
+                           scan_pairs)
 
 PROJECT = "creative_agent"
 DEFAULT_DATASET = "dataset_wav_pairs"
@@ -222,13 +223,18 @@ class Trainer:
         train_dir, val_dir = os.path.join(a.dataset_folder, "train"), os.path.join(a.dataset_folder, "val")
         segment = a.segment_samples or infer_segment_samples(train_dir)
         self.segment_samples = self.config["segment_samples"] = segment
-        common = dict(sample_rate=a.sample_rate, segment_samples=segment, seed=a.seed,
-                      skip_bad_files=a.skip_bad_files, progress=self.main)
+        common = dict(sample_rate=a.sample_rate, segment_samples=segment, seed=a.seed, skip_bad_files=a.skip_bad_files)
+        for folder in (train_dir, val_dir):
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"pairs folder {folder} does not exist")
         problems = []
         datasets = {}
         for split, folder, shuffle in (("train", train_dir, a.shuffle_targets), ("val", val_dir, False)):
+            scan = [scan_pairs(folder, a.sample_rate, segment, progress=True) if self.main else None]
+            if dist.is_initialized():  # rank 0 reads every file once; the others take its verdict
+                dist.broadcast_object_list(scan, src=0)
             try:
-                datasets[split] = WavPairsDataset(folder, shuffle_targets=shuffle, **common)
+                datasets[split] = WavPairsDataset(folder, shuffle_targets=shuffle, scan=scan[0], **common)
             except BadDataError as err:
                 problems += err.problems
                 continue
