@@ -53,7 +53,7 @@ def save_wave(path: str, wave: torch.Tensor, sample_rate: int) -> None:
     audio = np.nan_to_num(wave.detach().float().cpu().numpy())
     tmp = f"{path}.tmp{os.getpid()}.wav"
     try:
-        sf.write(tmp, audio, sample_rate, subtype="FLOAT")
+        sf.write(tmp, np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_24")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
