@@ -221,4 +221,11 @@ def self_test(encoding_dim: int = 128, batch: int = 2, frames: int = 200) -> boo
 
 
 if __name__ == "__main__":
-    sys.exit(0 if self_test() else 1)
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Self-test of the creative agent on random latents: parameter "
+                                     "counts, mask metrics, gradient flow. Exits non-zero if a check fails.")
+    parser.add_argument("--encoding_dim", type=int, default=128, help="latent channels D (default 128)")
+    parser.add_argument("--frames", type=int, default=200, help="latent frames T (default 200)")
+    cli = parser.parse_args()
+    sys.exit(0 if self_test(cli.encoding_dim, frames=cli.frames) else 1)

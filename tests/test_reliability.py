@@ -169,35 +169,25 @@ def test_signal_saves_and_resume_continues(tmp_path, pairs_dir, sig):
     assert after["epoch"] == stopped_at[0] + 1 and after["step"] > stopped_at[2]
 
 
-def nan_after(monkeypatch, good_calls):
-    """Make the reconstruction loss non-finite after `good_calls` training steps."""
+def poison_loss(monkeypatch, is_bad, value=float("nan")) -> dict:
+    """Multiply the training loss by `value` at the training steps n (1, 2, ...) where is_bad(n); counts steps."""
     original = train_simple_worker.reconstruction_loss
     calls = {"n": 0}
 
     def patched(*args, **kwargs):
         total, terms = original(*args, **kwargs)
-        if args[0].requires_grad:
+        if args[0].requires_grad:  # training, not validation
             calls["n"] += 1
-            if calls["n"] > good_calls:
-                total = total * float("nan")
+            if is_bad(calls["n"]):
+                total = total * value
         return total, terms
 
     monkeypatch.setattr(train_simple_worker, "reconstruction_loss", patched)
+    return calls
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, pairs_dir, monkeypatch):
-    original = train_simple_worker.reconstruction_loss
-    calls = {"n": 0}
-
-    def every_third_nan(*args, **kwargs):
-        total, terms = original(*args, **kwargs)
-        if args[0].requires_grad:
-            calls["n"] += 1
-            if calls["n"] % 3 == 0:
-                total = total * float("inf")
-        return total, terms
-
-    monkeypatch.setattr(train_simple_worker, "reconstruction_loss", every_third_nan)
+    calls = poison_loss(monkeypatch, lambda n: n % 3 == 0, float("inf"))
     assert run(0, 1, 0, tiny_args(tmp_path, pairs_dir, "--batch_size", "1")) == 0
     record = metrics(tmp_path / "logs" / "run")[0]
     assert record["skipped_steps"] == calls["n"] // 3 > 0
@@ -209,7 +199,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, pairs_dir, monkeypatc
 def test_too_many_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path, pairs_dir, monkeypatch, capsys):
     assert run(0, 1, 0, tiny_args(tmp_path, pairs_dir, "--batch_size", "1")) == 0
     good = load_checkpoint(str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt"))
-    nan_after(monkeypatch, 0)
+    poison_loss(monkeypatch, lambda n: True)
     args = tiny_args(tmp_path, pairs_dir, "--batch_size", "1", "--num_epochs", "2", "--resume", "auto",
                      "--max_nonfinite_steps", "3")
     assert run(0, 1, 0, args) == 2

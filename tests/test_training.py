@@ -242,3 +242,11 @@ def test_encodec_without_weights_is_one_clear_error(tmp_path, pairs_dir, capsys)
     assert run(0, 1, 0, args) == 2
     err = capsys.readouterr().err
     assert "EnCodec weights were not found" in err and "--codec_path" in err
+
+
+@pytest.mark.parametrize("script", ["train_simple_ddp.py", "make_pairs.py", "arrange.py", "evaluate.py",
+                                    "plot_training.py", "bench.py", "creative_agent.py"])
+def test_every_command_has_help(script):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "usage:" in result.stdout
