@@ -103,6 +103,10 @@ def test_unknown_mask_type_and_codec_are_value_errors():
         SimpleTransformer(D, mask_type="stripes")
     with pytest.raises(ValueError, match="mdct"):
         build_codec("wavenet")
+    with pytest.raises(ValueError, match=r"\[B, 1, S\]"):
+        MDCTCodec().encode(torch.randn(2, 100))
+    with pytest.raises(ValueError, match=r"\[B, 128, T\]"):
+        MDCTCodec().decode(torch.randn(2, 64, 10))
 
 
 def tiny_model(**kw):
