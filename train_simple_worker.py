@@ -169,9 +169,10 @@ class StopFlag:
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank as soon as any rank was signalled."""
+        if not dist.is_initialized():
+            return self.signal is not None
         flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
@@ -273,7 +274,8 @@ class Trainer:
         count = 0.0
         self.train_sampler.set_epoch(0)
         for batch in islice(self.train_loader, max_batches):
-            z = (torch.cat(batch[2:]) if len(batch) == 4 else self.codec.encode(torch.cat(batch))).to(self.device)
+            batch = [x.to(self.device) for x in batch]
+            z = torch.cat(batch[2:]) if len(batch) == 4 else self.codec.encode(torch.cat(batch))
             s, sq, n = latent_sums(z)
             total, total_sq, count = (s, sq, n) if total is None else (total + s, total_sq + sq, count + n)
         stats = torch.cat([total, total_sq, torch.tensor([count], dtype=torch.float64, device=total.device)])
@@ -336,7 +338,7 @@ class Trainer:
         """Train one epoch (resuming mid-epoch if a signal stopped the last run); returns rank-averaged means."""
         self.train_sampler.set_epoch(self.epoch)
         self.train_set.set_epoch(self.epoch)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
         count = skipped = 0
         bar = tqdm(islice(self.train_loader, self.batch_in_epoch, None), total=len(self.train_loader),
                    initial=self.batch_in_epoch, desc=f"Epoch {self.epoch + 1}/{self.args.num_epochs}",
@@ -351,14 +353,15 @@ class Trainer:
                     self.log(f"🎨 Creative Agent mask regularization loss: {terms['mask_reg_loss'].item():.4f} "
                              f"(weight={self.args.mask_reg_weight})")
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums[k] + v if k in sums else v.clone()
                 count += 1
-                bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
+                if count % 10 == 1:
+                    bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
             if self.stop.agreed(self.device):
                 self.stopped = True
                 break
         keys = sorted(sums)
-        reduced = all_reduce_sum([sums[k] for k in keys] + [count, skipped], self.device)
+        reduced = all_reduce_sum([float(sums[k]) for k in keys] + [count, skipped], self.device)
         n = max(reduced[-2], 1.0)
         means = {k: v / n for k, v in zip(keys, reduced)}
         means["skipped_steps"] = int(reduced[-1])
