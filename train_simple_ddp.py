@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--mask_reg_weight", type=float, default=0.1, help="weight of the agent's mask regularisation")
     g.add_argument("--balance_loss_weight", type=float, default=0.0,
                    help="extra weight on the agent's balance term (default 0: already in the regularisation)")
+    g.add_argument("--adversarial_weight", type=float, default=0.0,
+                   help="weight of a style discriminator's verdict on the output (default 0: off)")
     g.add_argument("--mask_type", default="none", choices=MASK_TYPES, help="fixed mask when the agent is off")
     g.add_argument("--temporal_segment_frames", type=int, default=32, help="frames per temporal-mask segment")
     g.add_argument("--frequency_split", type=float, default=0.5, help="share of channels the input keeps")

@@ -17,10 +17,12 @@ from itertools import islice
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from audio_codec import CodecUnavailable, LatentNorm, build_codec, latent_sums
+from creative_agent import StyleDiscriminator
 from losses import mask_metrics, reconstruction_loss, rms_loss
 from model_simple_transformer import SimpleTransformer
 from pairs_dataset import (BadDataError, CachedLatents, WavPairsDataset, build_loader, infer_segment_samples,
@@ -194,6 +196,7 @@ class Trainer:
         self.build_data()
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         self.model = build_model(self.config, self.codec.dim).to(self.device)
+        self.disc = StyleDiscriminator(self.codec.dim).to(self.device) if args.adversarial_weight > 0 else None
         torch.manual_seed(args.seed + rank)  # then different dropout and noise on each rank
         self.norm = LatentNorm(self.codec.dim).to(self.device)
         self.ddp = (DDP(self.model, device_ids=[self.device.index] if use_cuda else None,
@@ -202,6 +205,11 @@ class Trainer:
         self.forward = torch.compile(self.ddp) if args.compile else self.ddp
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            fused=use_cuda or None)
+        if self.disc is not None:  # trained by its own step on detached latents (see discriminator_step)
+            self.disc_ddp = (DDP(self.disc, device_ids=[self.device.index] if use_cuda else None,
+                                 find_unused_parameters=True) if world_size > 1 else self.disc)
+            self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=args.lr, betas=(0.5, 0.999),
+                                                    fused=use_cuda or None)
         total = max(1, args.num_epochs * len(self.train_loader))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, args.warmup_steps, args.lr_schedule))
@@ -307,9 +315,33 @@ class Trainer:
             if self.args.balance_loss_weight:
                 loss = loss + self.args.balance_loss_weight * agent.last_terms["balance"]
             terms["mask_reg_loss"] = reg.detach()
+        if self.disc is not None:
+            loss = loss + self.args.adversarial_weight * self.generator_loss(z_out.float(), z_tgt, terms)
         with torch.no_grad():
             terms["rms_in"], terms["rms_tgt"] = rms_loss(out, inp), rms_loss(out, tgt)
         return loss, terms
+
+    def generator_loss(self, fake: torch.Tensor, real: torch.Tensor, terms: dict) -> torch.Tensor:
+        """The discriminator's verdict on the output latents as a loss for the model (the discriminator is frozen
+        here); keeps (fake, real) for the discriminator's own step."""
+        self.disc.requires_grad_(False)
+        logit, _ = self.disc(fake)
+        self.disc.requires_grad_(True)
+        gen_loss = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+        terms["adv_gen_loss"] = gen_loss.detach()
+        self.fake_real = (fake.detach(), real)
+        return gen_loss
+
+    def discriminator_step(self, terms: dict) -> None:
+        """One AdamW step of the discriminator: real target latents -> 1, the model's output latents -> 0."""
+        fake, real = self.fake_real
+        logits, _ = self.disc_ddp(torch.cat([real, fake]))  # one forward: DDP wants one per backward
+        labels = torch.cat([torch.ones(len(real), 1), torch.zeros(len(fake), 1)]).to(logits)
+        disc_loss = F.binary_cross_entropy_with_logits(logits, labels)
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        disc_loss.backward()
+        self.disc_optimizer.step()
+        terms["adv_disc_loss"] = disc_loss.detach()
 
     def train_step(self, batch: list[torch.Tensor]) -> dict | None:
         """One optimiser step; None when the loss or the gradients were not finite (the step is skipped)."""
@@ -328,6 +360,8 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.optimizer.step()
         self.scheduler.step()
+        if self.disc is not None:
+            self.discriminator_step(terms)
         self.step += 1
         terms["loss"] = loss.detach()
         return terms
@@ -388,11 +422,14 @@ class Trainer:
     # ---------------------------------------------------- checkpoints and logs
 
     def state(self) -> dict:
-        return dict(project=PROJECT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    scheduler=self.scheduler.state_dict(), epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
-                    step=self.step, best_val=self.best_val, latent_norm=self.norm.state_dict(),
-                    rng=gather_rng_states(self.device), nonfinite_in_row=self.nonfinite_in_row,
-                    world_size=self.world_size, config=self.config)
+        state = dict(project=PROJECT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                     scheduler=self.scheduler.state_dict(), epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+                     step=self.step, best_val=self.best_val, latent_norm=self.norm.state_dict(),
+                     rng=gather_rng_states(self.device), nonfinite_in_row=self.nonfinite_in_row,
+                     world_size=self.world_size, config=self.config)
+        if self.disc is not None:
+            state.update(discriminator=self.disc.state_dict(), disc_optimizer=self.disc_optimizer.state_dict())
+        return state
 
     def save(self, *names: str) -> None:
         state = self.state()  # a collective: every rank takes part, rank 0 writes
@@ -409,6 +446,12 @@ class Trainer:
         if changed:
             raise CheckpointError(f"checkpoint {path} was trained with another configuration: {', '.join(changed)}")
         load_model_state(self.model, state["model"], path)
+        if ("discriminator" in state) != (self.disc is not None):
+            raise CheckpointError(f"checkpoint {path} was trained {'with' if 'discriminator' in state else 'without'}"
+                                  f" the adversarial loss; resume it with the same --adversarial_weight setting")
+        if self.disc is not None:
+            self.disc.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.norm.load_state_dict(state["latent_norm"])
@@ -503,6 +546,7 @@ class Trainer:
                           mask_reg_loss=train.get("mask_reg_loss"), complementarity=val["complementarity"],
                           coverage=val["coverage"], balance=val["balance"], lr=self.scheduler.get_last_lr()[0],
                           seconds=time.time() - start, skipped_steps=train["skipped_steps"])
+            record.update({k: train[k] for k in ("adv_gen_loss", "adv_disc_loss") if k in train})
             best = val["loss"] < self.best_val
             self.best_val = min(self.best_val, val["loss"])
             names = ["checkpoint_last.pt"] + (["checkpoint_best.pt"] if best else [])

@@ -250,3 +250,15 @@ def test_every_command_has_help(script):
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_adversarial_training_trains_the_discriminator(tmp_path, pairs_dir):
+    train(tmp_path, pairs_dir, "--use_creative_agent", "true", "--adversarial_weight", "0.1", "--num_epochs", "2",
+          "--save_every", "1")
+    records = read_metrics(tmp_path)
+    assert all(np.isfinite(r["adv_gen_loss"]) and np.isfinite(r["adv_disc_loss"]) for r in records)
+    first, second = (load_checkpoint(str(tmp_path / "ckpt" / "run" / f"checkpoint_epoch_{e}.pt")) for e in (1, 2))
+    assert any(not torch.equal(first["discriminator"][k], v) for k, v in second["discriminator"].items())
+    assert "disc_optimizer" in second
+    args = tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--num_epochs", "3", "--resume", "auto")
+    assert run(0, 1, 0, args) == 2  # resuming without the adversarial loss is refused with a message
