@@ -261,3 +261,25 @@ def test_killed_rank_under_torchrun_style_environment_times_out(tmp_path, pairs_
     start = time.time()
     procs[0].communicate(timeout=120)
     assert procs[0].returncode != 0 and time.time() - start < 90
+
+
+def test_exact_resume_with_two_processes(tmp_path, pairs_dir):
+    """RNG states of every process and the sampler's epoch come back: 2 + 2 epochs == 4 epochs, on 2 ranks."""
+    def probe(folder, *extra):
+        argv = ["--dataset_folder", pairs_dir, "--sample_rate", str(SR), "--codec_dim", "32", "--num_layers", "1",
+                "--nhead", "2", "--batch_size", "2", "--checkpoint_dir", str(folder / "c"), "--log_dir",
+                str(folder / "l"), "--run_name", "run", "--use_creative_agent", "true", "--dropout", "0.2",
+                "--anti_cheating", "0.2", "--shuffle_targets", "true", "--device", "cpu", *extra]
+        subprocess.run([sys.executable, os.path.join(ROOT, "tests", "ddp_probe.py"), str(folder), *argv],
+                       check=True, timeout=300, capture_output=True)
+
+    one_go, split = tmp_path / "one", tmp_path / "split"
+    for folder in (one_go, split):
+        folder.mkdir()
+    probe(one_go, "--num_epochs", "4")
+    probe(split, "--num_epochs", "2")
+    probe(split, "--num_epochs", "4", "--resume", "auto")
+    for rank in (0, 1):
+        a, b = (torch.load(f / f"weights_rank{rank}.pt") for f in (one_go, split))
+        for key in a:
+            assert (a[key] - b[key]).abs().max() <= 1e-6, (rank, key)
