@@ -84,6 +84,11 @@ def arrange_latents(model, codec, norm, inp: torch.Tensor, tgt: torch.Tensor, ha
     return out, model.last_masks, attention
 
 
+def loop_to_length(song: torch.Tensor, length: int) -> torch.Tensor:
+    """`song` repeated as often as needed and cut to `length` samples."""
+    return song.repeat(-(-length // song.shape[0]))[:length]
+
+
 def window_starts(length: int, window: int, hop: int) -> list[int]:
     """Window starts every `hop` samples, the last one ending at `length` (one window if the song is shorter)."""
     if length <= window:
@@ -110,8 +115,7 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
     `overlap_fraction` and are cross-faded, so no seam is audible.
     """
     length = song.shape[0]
-    reps = -(-max(length, window) // other.shape[0])
-    other = other.repeat(reps)[: max(length, window)]
+    other = loop_to_length(other, max(length, window))
     song = torch.nn.functional.pad(song, (0, max(0, window - length)))
     hop_len = codec.hop_length
     overlap = int(window * overlap_fraction) // hop_len * hop_len
@@ -214,8 +218,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_wave(args.output, out, sr)
     if args.mask_plot:
-        other_aligned = other.repeat(-(-len(song) // len(other)))[: len(song)]
-        plot_masks(args.mask_plot, masks, song, other_aligned, out, sr, codec.hop_length, attention,
+        plot_masks(args.mask_plot, masks, song, loop_to_length(other, len(song)), out, sr, codec.hop_length, attention,
                    title=os.path.basename(args.output))
     metrics = mask_metrics(*masks)
     print(f"{args.output}: {len(out) / sr:.1f} s at {sr} Hz | complementarity {metrics['complementarity']:.1f}%, "

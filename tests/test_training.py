@@ -111,7 +111,7 @@ def test_one_epoch_end_to_end(tmp_path, pairs_dir, capsys, mode):
     for key in ("epoch", "train_loss", "val_loss", "rms_in", "rms_tgt", "mask_reg_loss", "complementarity",
                 "coverage", "balance", "lr", "seconds"):
         assert key in record
-    assert math_finite(record["train_loss"]) and (record["mask_reg_loss"] is not None) == agent
+    assert np.isfinite(record["train_loss"]) and (record["mask_reg_loss"] is not None) == agent
     if mode[1] in ("temporal", "frequency", "energy"):
         assert record["coverage"] == pytest.approx(100.0)
     for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
@@ -120,10 +120,6 @@ def test_one_epoch_end_to_end(tmp_path, pairs_dir, capsys, mode):
     for name in ("training_curves.png", "arrangement_example.wav", "masks_example.png"):
         assert name in logs
     assert any(name.startswith("events.out.tfevents") for name in logs)
-
-
-def math_finite(x):
-    return np.isfinite(x)
 
 
 def test_resume_continues_epoch_count_and_saves_every(tmp_path, pairs_dir, capsys):
