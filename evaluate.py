@@ -52,12 +52,11 @@ def parse_named(items: list[str]) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def evaluate_one(state: dict, path: str, dataset_folder: str, num_examples: int, batch_size: int = 4):
+def evaluate_one(state: dict, path: str, dataset: WavPairsDataset, num_examples: int, batch_size: int = 4):
     """Metrics of one checkpoint over the validation pairs, and the example outputs and masks."""
     model, codec, norm = model_from_checkpoint(state, path)
     config = state["config"]
     sr, segment = config["sample_rate"], config["segment_samples"]
-    dataset = WavPairsDataset(os.path.join(dataset_folder, "val"), sr, segment)
     sums, count, seconds, patterns, examples = {}, 0, 0.0, [], []
     for start in range(0, len(dataset), batch_size):
         batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -141,8 +140,13 @@ def main(argv=None) -> int:
             raise ValueError(f"{args.out} exists and is not an earlier evaluation; choose another --out")
         named = parse_named(args.checkpoints)
         states = {name: load_checkpoint(path) for name, path in named}
-        results = {name: evaluate_one(states[name], path, args.dataset_folder, args.num_examples)
-                   for name, path in named}
+        datasets = {}  # checked once per (sample rate, segment length), however many approaches share it
+        results = {}
+        for name, path in named:
+            key = (states[name]["config"]["sample_rate"], states[name]["config"]["segment_samples"])
+            if key not in datasets:
+                datasets[key] = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key)
+            results[name] = evaluate_one(states[name], path, datasets[key], args.num_examples)
     except (ValueError, CheckpointError, BadDataError, FileNotFoundError, CodecUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -155,8 +159,10 @@ def main(argv=None) -> int:
         for name, (_, examples, (sr, hop)) in results.items():
             for index, inp, tgt, out, masks, attention in examples:
                 stem = f"pair_{index:04d}"
-                save_wave(os.path.join(work, "audio", f"{stem}_input.wav"), inp, sr)
-                save_wave(os.path.join(work, "audio", f"{stem}_target.wav"), tgt, sr)
+                for role, wave in (("input", inp), ("target", tgt)):
+                    source = os.path.join(work, "audio", f"{stem}_{role}.wav")
+                    if not os.path.exists(source):  # the same for every approach of this rate
+                        save_wave(source, wave, sr)
                 save_wave(os.path.join(work, "audio", f"{stem}_{name}.wav"), out, sr)
                 plot_masks(os.path.join(work, "plots", f"{stem}_{name}_masks.png"), masks, inp, tgt, out, sr, hop,
                            attention, title=f"{name}: {stem}")

@@ -104,7 +104,7 @@ class SimpleTransformer(nn.Module):
         if self.creative_agent is not None:
             agent = self.creative_agent
             masked_in, masked_tgt, reg = agent.generate_creative_masks(encoded_input, encoded_target, hard)
-            self.last_masks = self.creative_agent.last_masks
+            self.last_masks = agent.last_masks
             return masked_in, masked_tgt, reg
         m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target,
                                        self.temporal_segment_frames, self.frequency_split)
