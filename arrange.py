@@ -17,19 +17,19 @@ import soundfile as sf
 import torch
 
 from audio_codec import CodecUnavailable
+from checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from losses import mask_metrics
-
-SILENT_PEAK = 1e-5
+from pairs_dataset import SILENCE_DB, path_problem, silence_problem
 
 
 class AudioInputError(ValueError):
     """An input song that cannot be used; the message names the file and why."""
 
 
-def load_audio(path: str, sample_rate: int) -> torch.Tensor:
+def load_audio(path: str, sample_rate: int, silence_db: float = SILENCE_DB) -> torch.Tensor:
     """A song as a mono float32 tensor [S] at `sample_rate`; AudioInputError if it is missing, unreadable or silent."""
-    if not os.path.isfile(path):
-        raise AudioInputError(f"{path}: no such file")
+    if problem := path_problem(path):
+        raise AudioInputError(f"{path}: {problem}")
     try:
         audio, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as err:
@@ -39,8 +39,8 @@ def load_audio(path: str, sample_rate: int) -> torch.Tensor:
         raise AudioInputError(f"{path}: holds no samples")
     if not np.isfinite(audio).all():
         raise AudioInputError(f"{path}: non-finite samples (NaN or Inf)")
-    if np.abs(audio).max() < SILENT_PEAK:
-        raise AudioInputError(f"{path}: silent")
+    if problem := silence_problem(audio, silence_db):
+        raise AudioInputError(f"{path}: {problem}")
     if sr != sample_rate:
         import soxr
 
@@ -173,7 +173,7 @@ def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torc
         axes[row].set_title("cross-attention: which target frames (x) each input frame (y) attends to", fontsize=9)
         fig.colorbar(image, ax=axes[row], pad=0.01)
         row += 1
-    for ax, wave, name in zip(axes[row:], (inp, tgt, out), ("input", "target", "output")):
+    for ax, wave, name in zip(axes[row:], (inp, tgt, out), ("input", "target", "output"), strict=True):
         wave = wave.detach().float().cpu().numpy()
         ax.plot(np.arange(len(wave)) / sample_rate, wave, linewidth=0.4)
         ax.set_xlim(0, max(seconds, len(wave) / sample_rate))
@@ -197,18 +197,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask_plot", default=None, help="also write a PNG of the masks and waveforms")
     p.add_argument("--hard", action="store_true", help="hard 0/1 complementary masks (creative agent only)")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--silence_db", type=float, default=SILENCE_DB,
+                   help=f"refuse a song whose RMS level is below this (default {SILENCE_DB:g} dBFS)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from train_simple_worker import CheckpointError, load_checkpoint, model_from_checkpoint
-
     try:
         state = load_checkpoint(args.checkpoint)
         model, codec, norm = model_from_checkpoint(state, args.checkpoint)
         sr = state["config"]["sample_rate"]
-        song, other = load_audio(args.input, sr), load_audio(args.target, sr)
+        song, other = load_audio(args.input, sr, args.silence_db), load_audio(args.target, sr, args.silence_db)
+        if os.path.isdir(args.output):
+            raise AudioInputError(f"{args.output}: is a folder, but the output is a file to write")
     except (CheckpointError, AudioInputError, CodecUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

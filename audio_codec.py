@@ -106,7 +106,7 @@ class EncodecCodec(nn.Module):
     def num_frames(self, num_samples: int) -> int:
         return math.ceil(num_samples / self.hop_length)
 
-    def train(self, mode: bool = True) -> "EncodecCodec":
+    def train(self, mode: bool = True) -> EncodecCodec:
         return super().train(False)  # frozen: always in eval mode
 
     def encode(self, wave: torch.Tensor) -> torch.Tensor:

@@ -61,23 +61,45 @@ class CrossAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, h * d)), weights
 
 
+def novelty(latent: torch.Tensor, smooth_frames: int = 9) -> torch.Tensor:
+    """How much the music changes at each frame [B, T] in [0, 1]: the spectral flux of the smoothed latent
+    magnitudes, scaled by its largest value in each example (1 where the music changes most)."""
+    envelope = F.avg_pool1d(latent.abs().float(), smooth_frames, stride=1, padding=smooth_frames // 2,
+                            count_include_pad=False)
+    flux = F.pad((envelope[..., 1:] - envelope[..., :-1]).abs().mean(dim=1), (1, 0))
+    return flux / flux.amax(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+GATES = ("frame", "cell")
+
+
 class AttentionMaskGenerator(nn.Module):
-    """Two soft masks [B, D, T] in [0, 1], one per source, from cross-attention between the two latents.
+    """Two complementary soft masks [B, D, T] in [0, 1], one per source, from cross-attention between the latents.
 
     Input frames query the target and target frames query the input (one attention module serves both
-    directions, so each source is judged by the same rule); a head per source turns the result into a mask.
+    directions, so each source is judged by the same rule); a head per source scores every channel x frame cell,
+    and a softmax over the two scores gives the masks: each cell is shared out between the songs (the masks sum
+    to 1), and how decided each share is, is what complementarity measures. `gates="frame"` (default) averages
+    the scores over channels, so each frame is taken from one song or the other (an arrangement in time);
+    `gates="cell"` decides every channel x frame cell on its own.
     """
 
-    # Term weights: at unit weights the reconstruction loss pulls the masks open about 40x harder than the
-    # regularisation pulls them apart (measured on the demo set), so the defaults scale the terms up enough for
-    # the customary --mask_reg_weight 0.1 to make the masks complementary.
+    # Term weights. The agent's masks are pushed to be decided (complementarity), to give each song half of every
+    # example (balance), to change over time (diversity) and to switch where the music changes rather than
+    # anywhere (switching). The reconstruction loss's `far_lsd` term decides where each song is heard.
     def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4,
-                 complementarity_weight: float = 30.0, coverage_weight: float = 30.0,
-                 balance_weight: float = 30.0, diversity_weight: float = 3.0):
+                 complementarity_weight: float = 30.0, balance_weight: float = 30.0,
+                 diversity_weight: float = 10.0, switching_weight: float = 10.0, presence_weight: float = 10.0,
+                 share_weight: float = 30.0, gates: str = "frame",
+                 gate_frames: int = 16):
         super().__init__()
-        self.encoding_dim = encoding_dim
-        self.weights = dict(complementarity=complementarity_weight, coverage=coverage_weight,
-                            balance=balance_weight, diversity=diversity_weight)
+        if gates not in GATES:
+            raise ValueError(f"unknown gates {gates!r}: expected one of {', '.join(GATES)}")
+        self.encoding_dim, self.gates = encoding_dim, gates
+        self.gate_frames = gate_frames
+        self.weights = dict(complementarity=complementarity_weight, balance=balance_weight,
+                            diversity=diversity_weight, switching=switching_weight, presence=presence_weight,
+                            share=share_weight)
         self.input_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         self.target_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         self.attention = CrossAttention(hidden_dim, num_heads)
@@ -88,30 +110,53 @@ class AttentionMaskGenerator(nn.Module):
         self.last_attention: torch.Tensor | None = None
         self.last_terms: dict[str, torch.Tensor] = {}  # the terms of the last reg_loss, unweighted
 
-    def _mask(self, head: nn.Conv1d, norm: nn.LayerNorm, features: torch.Tensor, attended: torch.Tensor):
-        return torch.sigmoid(head(norm(features + attended).transpose(1, 2)))
+    def _score(self, head: nn.Conv1d, norm: nn.LayerNorm, features: torch.Tensor, attended: torch.Tensor):
+        return head(norm(features + attended).transpose(1, 2))
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor):
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         f_in = F.gelu(self.input_features(encoded_input)).transpose(1, 2)  # [B, T, H]
         f_tgt = F.gelu(self.target_features(encoded_target)).transpose(1, 2)
-        pos = sinusoidal_positions(f_in.shape[1], f_in.shape[2], f_in.device, f_in.dtype)
-        f_in, f_tgt = f_in + pos, f_tgt + pos
+        # no position codes: a decision can only come from the music, never from where in the segment it is
+        # (with positions the agent learns one fixed pattern, "first half input, then target", for every pair)
         a_in, weights = self.attention(f_in, f_tgt, return_weights=self.keep_attention)
         a_tgt, _ = self.attention(f_tgt, f_in)
         self.last_attention = weights.detach() if weights is not None else None
-        input_mask = self._mask(self.input_head, self.norm_input, f_in, a_in)
-        target_mask = self._mask(self.target_head, self.norm_target, f_tgt, a_tgt)
-        return input_mask, target_mask, self.regularization(input_mask, target_mask)
+        d = encoded_input.shape[1]
+        score = (self._score(self.input_head, self.norm_input, f_in, a_in)
+                 - self._score(self.target_head, self.norm_target, f_tgt, a_tgt))
+        if self.gates == "frame":  # one decision per frame for all channels, smoothed over `gate_frames` frames
+            score = score.sum(dim=1, keepdim=True) / math.sqrt(d)  # unit scale for independent channel scores
+            k = self.gate_frames | 1  # odd: centred
+            score = F.avg_pool1d(score, k, stride=1, padding=k // 2, count_include_pad=False).expand(-1, d, -1)
+        input_mask = torch.sigmoid(score.float())  # = softmax over the two sources' scores
+        if self.gates == "frame":  # decided frames (straight-through: the soft mask's gradient)
+            input_mask = input_mask + ((input_mask > 0.5).to(input_mask.dtype) - input_mask).detach()
+        target_mask = 1.0 - input_mask
+        change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
+        energy = (encoded_input.detach().float().square(), encoded_target.detach().float().square())
+        return input_mask, target_mask, self.regularization(input_mask, target_mask, change, energy)
 
-    def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of: overlap -> 0, coverage -> 1, balance -> equal shares, masks that vary over time."""
-        total = input_mask + target_mask
+    def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor,
+                       change: torch.Tensor | None = None, energy: tuple | None = None) -> torch.Tensor:
+        """Weighted sum of: overlap -> 0 (decided cells), equal areas in every example, masks that vary over
+        time, few switches except where the music changes (`change` [B, T] in [0, 1], novelty) and, given the
+        sources' energies [B, D, T], as much of the music kept as possible (presence: no gaps where one song
+        is quiet) with an equal share of what is kept for each song (share)."""
+        step = (input_mask[..., 1:] - input_mask[..., :-1]).abs().mean(dim=1)  # [B, T-1]
+        calm = 1.0 - change[:, 1:] if change is not None else torch.ones_like(step)
+        if energy is None:
+            energy = (torch.ones_like(input_mask), torch.ones_like(target_mask))
+        kept_in, kept_tgt = ((m * e).sum(dim=(1, 2)) for m, e in zip((input_mask, target_mask), energy, strict=True))
+        total = sum(e.sum(dim=(1, 2)) for e in energy).clamp_min(1e-8)
+        kept = (kept_in + kept_tgt).clamp_min(1e-8)
         terms = {
             "complementarity": (input_mask * target_mask).mean(),
-            "coverage": ((total - 1.0) ** 2).mean(),
-            "balance": (input_mask.mean() - target_mask.mean()) ** 2,
-            "diversity": 0.5 - 0.5 * (input_mask.std(dim=-1).mean() + target_mask.std(dim=-1).mean()),
+            "balance": (input_mask.mean(dim=(1, 2)) - target_mask.mean(dim=(1, 2))).square().mean(),
+            "diversity": 0.5 - input_mask.std(dim=-1, unbiased=False).mean(),
+            "switching": (step * calm).sum(dim=-1).mean() / 8.0,  # per 8 switches of the whole mask
+            "presence": (1.0 - 2.0 * kept / total).mean(),  # 0 for an even split of equally loud songs
+            "share": ((kept_in - kept_tgt) / kept).square().mean(),
         }
         self.last_terms = terms  # scalar tensors of the last forward, with their graph (the trainer may weight one)
         return sum(self.weights[name] * value for name, value in terms.items())
@@ -145,9 +190,9 @@ class CreativeAgent(nn.Module):
     """Mask generator (+ optional style discriminator): decides which parts of each song the arrangement uses."""
 
     def __init__(self, encoding_dim: int, use_discriminator: bool = True, hidden_dim: int = 256,
-                 num_heads: int = 4, **mask_loss_weights: float):
+                 num_heads: int = 4, **generator_options):
         super().__init__()
-        self.mask_generator = AttentionMaskGenerator(encoding_dim, hidden_dim, num_heads, **mask_loss_weights)
+        self.mask_generator = AttentionMaskGenerator(encoding_dim, hidden_dim, num_heads, **generator_options)
         self.discriminator = StyleDiscriminator(encoding_dim, hidden_dim) if use_discriminator else None
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 

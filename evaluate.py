@@ -3,38 +3,55 @@
   python evaluate.py --checkpoints agent=checkpoints/A/checkpoint_best.pt temporal=checkpoints/T/checkpoint_best.pt \\
                      none=checkpoints/N/checkpoint_best.pt --dataset_folder dataset_wav_pairs --out eval
 
-Writes OUT/metrics.csv, OUT/report.md (which approach is best on each metric), OUT/audio/ (input, target and each
-approach's output for a few pairs), OUT/plots/ (mask pictures per approach and a comparison figure).
+Writes OUT/report.html (one page to listen on: the table, and per example pair the input, the target and each
+approach's arrangement beside its mask picture; open it in a browser, no server needed), OUT/metrics.csv,
+OUT/report.md (which approach is best on each metric), OUT/audio/ and OUT/plots/ (mask pictures per approach
+and a comparison figure).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import html
 import os
 import shutil
 import sys
 import tempfile
 import time
+from urllib.parse import quote
 
 import torch
 
 from arrange import arrange_latents, plot_masks, save_wave
 from audio_codec import CodecUnavailable
-from losses import log_spectral_distance, mask_metrics, reconstruction_loss
-from pairs_dataset import BadDataError, WavPairsDataset
-from train_simple_worker import CheckpointError, load_checkpoint, loss_weights, model_from_checkpoint
+from checkpoints import CheckpointError, load_checkpoint, loss_weights, model_from_checkpoint
+from losses import (
+    DB_PER_NEPER,
+    input_share,
+    lsd_per_example,
+    mask_metrics,
+    mask_variability,
+    reconstruction_loss,
+    rms_loss,
+    temporal_variation,
+)
+from pairs_dataset import SILENCE_DB, BadDataError, WavPairsDataset
 
 # column, how to pick the best ("min", "max", or a value to be closest to), what it means
 METRICS = (
-    ("val_loss", "min", "validation loss (the training objective without mask regularisation)"),
+    ("input_share", 0.5, "the input's share of what is heard, from the output audio (0 = only the target)"),
+    ("rms_ratio", 1.0, "RMS(output - input) / RMS(output - target): 1 is as far from one song as from the other"),
+    ("lsd_max_db", "min", "log-spectral distance to the farther of the two songs (dB): closer to both at once"),
+    ("temporal_variation", "max", "how much the input mask changes over time (0: static, 0.5: even alternation)"),
+    ("mask_variability", "max", "how much the masks differ from pair to pair (0: one pattern for all)"),
+    ("val_loss", "min", "validation loss (the reconstruction objective, without mask regularisation)"),
     ("wave_input", "min", "RMS of output - input"),
     ("wave_target", "min", "RMS of output - target"),
     ("lsd_input_db", "min", "log-spectral distance of the output to the input (dB)"),
     ("lsd_target_db", "min", "log-spectral distance of the output to the target (dB)"),
     ("complementarity", "max", "complementarity of the masks (%)"),
     ("coverage", 100.0, "coverage of the masks (%, 100 is ideal)"),
-    ("balance", 0.5, "share of the input in the masks (0.5 is even)"),
-    ("mask_variability", "max", "how much the masks differ from pair to pair (0: one pattern for all)"),
+    ("balance", 0.5, "share of the input in the mask area (0.5 is even)"),
     ("seconds_per_audio_minute", "min", "processing seconds per minute of audio"),
 )
 
@@ -66,11 +83,13 @@ def evaluate_one(state: dict, path: str, dataset: WavPairsDataset, num_examples:
                                                 keep_attention=model.use_creative_agent and start == 0)
         seconds += time.perf_counter() - begin
         loss, terms = reconstruction_loss(out, inp, tgt, sr, loss_weights(config))
+        lsd_in, lsd_tgt = (lsd_per_example(out, ref) * DB_PER_NEPER for ref in (inp, tgt))
         metrics = mask_metrics(*masks)
-        values = dict(val_loss=float(loss), wave_input=float(terms.get("wave_input", 0.0)),
-                      wave_target=float(terms.get("wave_target", 0.0)),
-                      lsd_input_db=float(log_spectral_distance(out, inp)),
-                      lsd_target_db=float(log_spectral_distance(out, tgt)), **metrics)
+        values = dict(val_loss=float(loss), wave_input=float(rms_loss(out, inp)), wave_target=float(rms_loss(out, tgt)),
+                      lsd_input_db=float(lsd_in.mean()), lsd_target_db=float(lsd_tgt.mean()),
+                      lsd_max_db=float(torch.maximum(lsd_in, lsd_tgt).mean()),
+                      input_share=float(input_share(out, inp, tgt).mean()),
+                      temporal_variation=float(temporal_variation(masks[0]).mean()), **metrics)
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value * len(batch)
         count += len(batch)
@@ -80,7 +99,8 @@ def evaluate_one(state: dict, path: str, dataset: WavPairsDataset, num_examples:
                 att = attention[j] if attention is not None else None
                 examples.append((start + j, inp[j, 0], tgt[j, 0], out[j, 0], (masks[0][j], masks[1][j]), att))
     row = {key: value / count for key, value in sums.items()}
-    row["mask_variability"] = float(torch.cat(patterns).std(dim=0).mean()) if count > 1 else 0.0
+    row["mask_variability"] = mask_variability(torch.cat(patterns))
+    row["rms_ratio"] = row["wave_input"] / max(row["wave_target"], 1e-12)
     row["seconds_per_audio_minute"] = seconds / (count * segment / sr / 60)
     row["pairs"] = count
     return row, examples, (sr, codec.hop_length)
@@ -105,10 +125,54 @@ def write_report(out: str, rows: dict[str, dict], dataset_folder: str, pairs: in
     for key, goal, meaning in METRICS:
         best = best_of(rows, key, goal)
         lines.append(f"- **{key}** ({meaning}): **{best}** scores best with {rows[best][key]:.4g}.")
-    lines += ["", "Audio examples are in `audio/`, mask pictures in `plots/`, the comparison in "
-              "`plots/comparison.png`.", ""]
+    lines += ["", "Listen and look in `report.html`; audio examples are in `audio/`, mask pictures in `plots/`, the "
+              "comparison in `plots/comparison.png`.", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
+
+
+def write_html(out: str, rows: dict[str, dict], examples: list[int], dataset_folder: str, pairs: int) -> None:
+    """report.html: the metrics table, then per example pair the input, the target and every approach's
+    arrangement as audio players beside its mask picture. Self-contained: relative links only, no scripts."""
+    keys = [k for k, _, _ in METRICS]
+    best = {key: best_of(rows, key, goal) for key, goal, _ in METRICS}
+    head = "".join(f'<th title="{html.escape(meaning)}">{key}</th>' for key, _, meaning in METRICS)
+    body = "".join("<tr><th>" + html.escape(name) + "</th>" + "".join(
+        f'<td{" class=best" if best[k] == name else ""}>{row[k]:.4g}</td>' for k in keys) + "</tr>"
+        for name, row in rows.items())
+    legend = "".join(f"<li><b>{key}</b>: {html.escape(meaning)}</li>" for key, _, meaning in METRICS)
+
+    def player(stem: str, label: str) -> str:
+        return (f'<figure><figcaption>{html.escape(label)}</figcaption>'
+                f'<audio controls preload="none" src="audio/{quote(stem)}.wav"></audio></figure>')
+
+    sections = []
+    for index in examples:
+        stem = f"pair_{index:04d}"
+        cells = "".join(f'<div class="approach">{player(f"{stem}_{name}", name)}'
+                        f'<a href="plots/{quote(f"{stem}_{name}_masks.png")}"><img alt="masks of {html.escape(name)}" '
+                        f'src="plots/{quote(f"{stem}_{name}_masks.png")}"></a></div>' for name in rows)
+        sections.append(f'<section><h2>{stem}</h2><div class="sources">{player(f"{stem}_input", "input")}'
+                        f'{player(f"{stem}_target", "target")}</div><div class="grid">{cells}</div></section>')
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Creative Agent evaluation</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }} table {{ border-collapse: collapse; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }} td.best {{ background: #d8f0d8; }}
+.sources, .grid {{ display: flex; flex-wrap: wrap; gap: 1em; }} .approach {{ width: 460px; }}
+.approach img {{ width: 100%; border: 1px solid #ddd; }} figure {{ margin: 0.3em 0; }}
+figcaption {{ font-weight: bold; }} li {{ font-size: 0.9em; }}
+</style></head><body>
+<h1>Evaluation on {html.escape(dataset_folder)} ({pairs} validation pairs)</h1>
+<table><tr><th>approach</th>{head}</tr>{body}</table>
+<p>Green: the best approach on that metric.</p><ul>{legend}</ul>
+<p><a href="plots/comparison.png">All metrics as bars</a> · <a href="metrics.csv">metrics.csv</a>
+ · <a href="report.md">report.md</a></p>
+{"".join(sections)}
+</body></html>
+"""
+    with open(os.path.join(out, "report.html"), "w") as f:
+        f.write(page)
 
 
 def plot_comparison(path: str, rows: dict[str, dict]) -> None:
@@ -117,8 +181,8 @@ def plot_comparison(path: str, rows: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 5, figsize=(16, 6), constrained_layout=True)
-    for ax, (key, _, meaning) in zip(axes.flat, METRICS):
+    fig, axes = plt.subplots(2, 7, figsize=(20, 6), constrained_layout=True)
+    for ax, (key, _, _) in zip(axes.flat, METRICS, strict=True):
         ax.bar(list(rows), [rows[n][key] for n in rows], color=[f"C{i}" for i in range(len(rows))])
         ax.set_title(key, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
@@ -133,6 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--dataset_folder", default="dataset_wav_pairs", help="pairs folder (its val/ split is used)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num_examples", type=int, default=4, help="pairs written as audio and mask pictures")
+    p.add_argument("--silence_db", type=float, default=SILENCE_DB,
+                   help=f"refuse validation files whose RMS level is below this (default {SILENCE_DB:g} dBFS)")
     args = p.parse_args(argv)
     try:  # check everything before writing anything
         if os.path.exists(args.out) and os.listdir(args.out) and not os.path.isfile(
@@ -145,7 +211,8 @@ def main(argv=None) -> int:
         for name, path in named:
             key = (states[name]["config"]["sample_rate"], states[name]["config"]["segment_samples"])
             if key not in datasets:
-                datasets[key] = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key)
+                datasets[key] = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key,
+                                                silence_db=args.silence_db)
             results[name] = evaluate_one(states[name], path, datasets[key], args.num_examples)
     except (ValueError, CheckpointError, BadDataError, FileNotFoundError, CodecUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -168,7 +235,10 @@ def main(argv=None) -> int:
                            attention, title=f"{name}: {stem}")
         rows = {name: result[0] for name, result in results.items()}
         plot_comparison(os.path.join(work, "plots", "comparison.png"), rows)
-        write_report(work, rows, args.dataset_folder, results[named[0][0]][0]["pairs"])
+        pairs = results[named[0][0]][0]["pairs"]
+        write_report(work, rows, args.dataset_folder, pairs)
+        shown = sorted({example[0] for _, examples, _ in results.values() for example in examples})
+        write_html(work, rows, shown, args.dataset_folder, pairs)
         if os.path.isdir(args.out):
             shutil.rmtree(args.out)  # an earlier evaluation (checked above)
         os.replace(work, args.out)

@@ -66,14 +66,15 @@ def log_mel_loss(output: torch.Tensor, reference: torch.Tensor, sample_rate: int
     return (torch.log(mel_out + 1e-5) - torch.log(mel_ref + 1e-5)).abs().mean()
 
 
-LOSS_WEIGHT_NAMES = ("wave_input", "wave_target", "stft_input", "stft_target", "mel_input", "mel_target")
+LOSS_WEIGHT_NAMES = ("wave_input", "wave_target", "stft_input", "stft_target", "mel_input", "mel_target", "far_lsd")
 DEFAULT_LOSS_WEIGHTS = dict(wave_input=1.0, wave_target=1.0, stft_input=1.0, stft_target=1.0,
-                            mel_input=0.0, mel_target=0.0)
+                            mel_input=0.0, mel_target=0.0, far_lsd=1.0)
 
 
 def reconstruction_loss(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Tensor,
                         sample_rate: int, weights: dict[str, float] | None = None):
-    """Weighted sum of waveform (RMS), multi-resolution STFT and log-mel losses against input and target.
+    """Weighted sum of waveform (RMS), multi-resolution STFT and log-mel losses against input and target, and the
+    log-spectral distance to the farther of the two (`far_lsd`, see farther_song_loss).
 
     Returns (total, terms) where terms maps each weighted term's name to its unweighted, detached value.
     """
@@ -87,8 +88,11 @@ def reconstruction_loss(output: torch.Tensor, input_wave: torch.Tensor, target_w
     for name, weight in weights.items():
         if weight == 0:
             continue
-        kind, source = name.split("_")
-        value = fns[kind](output, input_wave if source == "input" else target_wave)
+        if name == "far_lsd":
+            value = farther_song_loss(output, input_wave, target_wave)
+        else:
+            kind, source = name.split("_")
+            value = fns[kind](output, input_wave if source == "input" else target_wave)
         terms[name] = value.detach()
         total = total + weight * value
     return total, terms
@@ -107,10 +111,58 @@ def mask_metrics(input_mask: torch.Tensor, target_mask: torch.Tensor) -> dict[st
     }
 
 
-@torch.no_grad()
-def log_spectral_distance(output: torch.Tensor, reference: torch.Tensor, n_fft: int = 1024, hop: int = 256):
-    """Log-spectral distance in dB: RMS over frequency of the dB difference, averaged over frames and batch."""
+DB_PER_NEPER = 20.0 / math.log(10.0)
+
+
+def lsd_per_example(output: torch.Tensor, reference: torch.Tensor, n_fft: int = 1024, hop: int = 256):
+    """Log-spectral distance [B] in nepers (dB / 8.69): RMS over frequency of the log-magnitude difference,
+    averaged over frames. Differentiable, so it serves as a loss as well as a metric."""
     _check_pair(output, reference)
-    db_out = 20 * torch.log10(magnitude(output, n_fft, hop) + 1e-5)
-    db_ref = 20 * torch.log10(magnitude(reference, n_fft, hop) + 1e-5)
-    return (db_out - db_ref).square().mean(dim=-2).sqrt().mean()
+    diff = torch.log(magnitude(output, n_fft, hop) + 1e-5) - torch.log(magnitude(reference, n_fft, hop) + 1e-5)
+    per_frame = (diff.square().mean(dim=-2) + 1e-8).sqrt()  # [B, frames]
+    return per_frame.mean(dim=-1).view(output.shape[0], -1).mean(dim=-1)
+
+
+def farther_song_loss(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of the log-spectral distance to the farther of the two songs (nepers).
+
+    Copying one song scores the full distance between the songs; an arrangement heard as both scores about half,
+    so this term cannot be met by a copy. Because the distance is an average over frames of a per-frame RMS,
+    taking whole frames from one song or the other costs less than mixing every frame (the square root is concave):
+    it rewards decisions over time.
+    """
+    return torch.maximum(lsd_per_example(output, input_wave), lsd_per_example(output, target_wave)).mean()
+
+
+@torch.no_grad()
+def input_share(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Tensor,
+                n_fft: int = 1024, hop: int = 256) -> torch.Tensor:
+    """The input's share of what is heard, per example [B]: 0 = only the target, 1 = only the input.
+
+    The output's magnitude spectrogram O is fitted by a * |input| + b * |target| with a, b >= 0 (non-negative least
+    squares over all time-frequency cells, solved in closed form for two sources); the share is a / (a + b).
+    Symmetric: swapping the songs gives 1 - share. Measured on the audio, so it counts loudness, not mask area.
+    """
+    o, a, b = (magnitude(w, n_fft, hop).double().flatten(1) for w in (output, input_wave, target_wave))
+    aa, bb, ab = (a * a).sum(1), (b * b).sum(1), (a * b).sum(1)
+    ao, bo = (a * o).sum(1), (b * o).sum(1)
+    det = (aa * bb - ab * ab).clamp_min(1e-30)
+    wa, wb = (bb * ao - ab * bo) / det, (aa * bo - ab * ao) / det
+    only_b, only_a = wa < 0, wb < 0  # the unconstrained optimum leaves the quadrant: one source alone
+    wa = torch.where(only_b, torch.zeros_like(wa), torch.where(only_a, (ao / aa.clamp_min(1e-30)).clamp_min(0), wa))
+    wb = torch.where(only_a, torch.zeros_like(wb), torch.where(only_b, (bo / bb.clamp_min(1e-30)).clamp_min(0), wb))
+    return (wa / (wa + wb).clamp_min(1e-30)).float()
+
+
+@torch.no_grad()
+def temporal_variation(input_mask: torch.Tensor) -> torch.Tensor:
+    """Per example [B]: the mean over channels of the standard deviation over time of the input mask [B, D, T].
+    0 for a mask that never changes over time, 0.5 for an even 0/1 alternation (the temporal baseline)."""
+    return input_mask.float().std(dim=-1, unbiased=False).mean(dim=-1)
+
+
+@torch.no_grad()
+def mask_variability(input_masks: torch.Tensor) -> float:
+    """How much the input masks [N, D, T] differ from pair to pair: the mean over cells of their std across pairs
+    (0: one pattern for every pair)."""
+    return float(input_masks.float().std(dim=0, unbiased=False).mean()) if len(input_masks) > 1 else 0.0

@@ -19,7 +19,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-SILENCE_RMS = 1e-4  # -80 dBFS: a segment quieter than this is skipped
+from pairs_dataset import SILENCE_DB, path_problem, silence_problem
+
 DEMO = dict(songs=8, seconds=16.0, segment_seconds=2.0, val_fraction=0.25)
 
 
@@ -126,14 +127,14 @@ def split_songs(names: list[str], val_fraction: float, seed: int) -> dict[str, s
 
 
 def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment: int, sample_rate: int,
-                     summary: Summary, rows: list) -> None:
+                     summary: Summary, rows: list, silence_db: float = SILENCE_DB) -> None:
     """Cut one song into consecutive segments and write each (k, k+1) pair that is not silent."""
     n_segments = len(audio) // segment
     if n_segments < 2:
         summary.skipped["songs too short for one pair"] += 1
         return
     pieces = [audio[k * segment : (k + 1) * segment] for k in range(n_segments)]
-    loud = [float(np.sqrt(np.mean(p.astype(np.float64) ** 2))) >= SILENCE_RMS for p in pieces]
+    loud = [silence_problem(p, silence_db) is None for p in pieces]
     for k in range(n_segments - 1):
         if not (loud[k] and loud[k + 1]):
             summary.skipped["silent pairs"] += 1
@@ -148,7 +149,7 @@ def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment
 
 
 def make_pairs(songs, out: str, segment_seconds: float, sample_rate: int, val_fraction: float, seed: int,
-               progress: bool = True) -> Summary:
+               progress: bool = True, silence_db: float = SILENCE_DB) -> Summary:
     """`songs`: list of (name, loader) where loader() returns mono audio at `sample_rate` or raises."""
     for split in ("train", "val"):
         os.makedirs(os.path.join(out, split), exist_ok=True)
@@ -163,7 +164,7 @@ def make_pairs(songs, out: str, segment_seconds: float, sample_rate: int, val_fr
             summary.bad_files.append((name, str(err).splitlines()[0] if str(err) else type(err).__name__))
             continue
         summary.songs_read += 1
-        write_song_pairs(audio, name, splits[name], out, segment, sample_rate, summary, rows)
+        write_song_pairs(audio, name, splits[name], out, segment, sample_rate, summary, rows, silence_db)
     with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["split", "pair", "song", "input_offset_s", "output_offset_s"])
         writer.writeheader()
@@ -188,26 +189,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample_rate", type=int, default=24000, help="sample rate of the pairs (default 24000)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of songs for validation (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the song split and the demo songs")
+    p.add_argument("--silence_db", type=float, default=SILENCE_DB,
+                   help=f"songs and segments with an RMS level below this are silent and skipped "
+                        f"(default {SILENCE_DB:g} dBFS)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: {args.out}: is a file, but a folder is expected here", file=sys.stderr)
+        return 2
     if os.path.isdir(args.out) and any(f.endswith(".wav") for _, _, fs in os.walk(args.out) for f in fs):
         print(f"error: {args.out} already holds WAV files; choose an empty or new folder", file=sys.stderr)
         return 2
     if args.demo:
         summary = make_demo(args.out, args.sample_rate, args.seed)
     else:
-        if not os.path.isdir(args.from_folder):
-            print(f"error: {args.from_folder} is not a folder", file=sys.stderr)
+        if problem := path_problem(args.from_folder, "folder"):
+            print(f"error: {args.from_folder}: {problem}", file=sys.stderr)
             return 2
         paths = find_songs(args.from_folder)
         if not paths:
             print(f"error: no audio files found in {args.from_folder}", file=sys.stderr)
             return 2
         songs = [(p, lambda p=p: read_song(p, args.sample_rate)) for p in paths]
-        summary = make_pairs(songs, args.out, args.segment_seconds, args.sample_rate, args.val_fraction, args.seed)
+        summary = make_pairs(songs, args.out, args.segment_seconds, args.sample_rate, args.val_fraction, args.seed,
+                             silence_db=args.silence_db)
     print(summary.report())
     if summary.pairs["train"] == 0:
         print("error: no training pairs were written (songs too short or silent?)", file=sys.stderr)

@@ -76,7 +76,7 @@ class SimpleTransformer(nn.Module):
                  dropout: float = 0.1, anti_cheating: float = 0.0, use_creative_agent: bool = False,
                  mask_type: str = "none", stage_widths: list[int] | None = None, agent_hidden_dim: int = 256,
                  agent_heads: int = 4, use_discriminator: bool = False, temporal_segment_frames: int = 32,
-                 frequency_split: float = 0.5, use_sdpa: bool = True, **mask_loss_weights: float):
+                 frequency_split: float = 0.5, use_sdpa: bool = True, **agent_options):
         super().__init__()
         if mask_type not in MASK_TYPES:
             raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
@@ -90,8 +90,8 @@ class SimpleTransformer(nn.Module):
         self.encoding_dim, self.anti_cheating, self.mask_type = d, anti_cheating, mask_type
         self.temporal_segment_frames, self.frequency_split = temporal_segment_frames, frequency_split
         self.stages = nn.ModuleList(Stage(c, w, d, num_layers, nhead, dropout, use_sdpa)
-                                    for c, w in zip(in_channels, widths))
-        self.creative_agent = (CreativeAgent(d, use_discriminator, agent_hidden_dim, agent_heads, **mask_loss_weights)
+                                    for c, w in zip(in_channels, widths, strict=True))
+        self.creative_agent = (CreativeAgent(d, use_discriminator, agent_hidden_dim, agent_heads, **agent_options)
                                if use_creative_agent else None)
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 

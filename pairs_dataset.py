@@ -10,7 +10,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-SILENCE_PEAK = 1e-5
+SILENCE_DB = -60.0  # RMS level (dBFS) below which a song or segment is silent: the usual silence-detection level
+
+
+def rms_dbfs(audio: np.ndarray) -> float:
+    """RMS level of samples in dBFS (full scale = 1.0); -inf for digital silence."""
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if audio.size else 0.0
+    return 20.0 * np.log10(rms) if rms > 0 else -np.inf
+
+
+def silence_problem(audio: np.ndarray, silence_db: float = SILENCE_DB) -> str | None:
+    """'silent (...)' when the RMS level of `audio` is below `silence_db`, else None: the one definition of
+    silence for make_pairs.py, the pairs check, arrange.py and evaluate.py."""
+    level = rms_dbfs(audio)
+    return f"silent (RMS {level:.1f} dBFS, below {silence_db:g} dBFS)" if level < silence_db else None
+
+
+def path_problem(path: str, expect: str = "file") -> str | None:
+    """What is wrong with `path` where a `expect` ('file' or 'folder') is expected, or None: missing, the other
+    kind, or no permission to read it."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if expect == "file" and os.path.isdir(path):
+        return "is a folder, but a file is expected here"
+    if expect == "folder" and not os.path.isdir(path):
+        return "is a file, but a folder is expected here"
+    if not os.access(path, os.R_OK | (os.X_OK if expect == "folder" else 0)):
+        return "no permission to read it"
+    return None
 
 
 class BadDataError(ValueError):
@@ -22,8 +49,10 @@ class BadDataError(ValueError):
         super().__init__(f"{len(problems)} bad file(s) in the pairs folder:\n{lines}")
 
 
-def check_file(path: str, sample_rate: int, min_samples: int) -> str | None:
+def check_file(path: str, sample_rate: int, min_samples: int, silence_db: float = SILENCE_DB) -> str | None:
     """Why `path` is unusable (unreadable, wrong rate, too short, non-finite, silent), or None if it is fine."""
+    if problem := path_problem(path):
+        return problem
     try:
         info = sf.info(path)
     except Exception as err:  # soundfile raises several types for non-audio files
@@ -40,9 +69,7 @@ def check_file(path: str, sample_rate: int, min_samples: int) -> str | None:
         return f"truncated: {len(audio)} samples readable (expected {min_samples})"
     if not np.isfinite(audio).all():
         return "non-finite samples (NaN or Inf)"
-    if np.abs(audio).max() < SILENCE_PEAK:
-        return "silent"
-    return None
+    return silence_problem(audio, silence_db)
 
 
 def list_pairs(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -62,12 +89,13 @@ def list_pairs(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]
     return pairs, problems
 
 
-def scan_pairs(folder: str, sample_rate: int, segment_samples: int, progress: bool = False):
+def scan_pairs(folder: str, sample_rate: int, segment_samples: int, progress: bool = False,
+               silence_db: float = SILENCE_DB):
     """(good (input, output) pairs, (path, reason) of every bad file) of one split folder."""
     pairs, problems = list_pairs(folder)
     good = []
     for inp, out in tqdm(pairs, desc=f"checking {folder}", unit="pair", disable=not progress, leave=False):
-        reasons = [(p, r) for p in (inp, out) if (r := check_file(p, sample_rate, segment_samples))]
+        reasons = [(p, r) for p in (inp, out) if (r := check_file(p, sample_rate, segment_samples, silence_db))]
         problems += reasons
         if not reasons:
             good.append((inp, out))
@@ -100,12 +128,14 @@ class WavPairsDataset(Dataset):
     """
 
     def __init__(self, folder: str, sample_rate: int, segment_samples: int, shuffle_targets: bool = False,
-                 seed: int = 0, skip_bad_files: bool = False, progress: bool = False, scan=None):
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"pairs folder {folder} does not exist")
+                 seed: int = 0, skip_bad_files: bool = False, progress: bool = False, scan=None,
+                 silence_db: float = SILENCE_DB):
+        if problem := path_problem(folder, "folder"):
+            raise FileNotFoundError(f"pairs folder {folder}: {problem}")
         self.folder, self.sample_rate, self.segment_samples = folder, sample_rate, segment_samples
         self.shuffle_targets, self.seed, self.epoch = shuffle_targets, seed, 0
-        good, problems = scan if scan is not None else scan_pairs(folder, sample_rate, segment_samples, progress)
+        good, problems = scan if scan is not None else scan_pairs(folder, sample_rate, segment_samples, progress,
+                                                                  silence_db)
         self.problems = problems
         if problems and not skip_bad_files:
             raise BadDataError(problems)

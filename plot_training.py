@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-PANELS = (("train_loss", "val_loss"), ("mask_reg_loss",), ("complementarity",), ("coverage",), ("balance",))
+PANELS = (("train_loss", "val_loss"), ("mask_reg_loss",), ("input_share",), ("temporal_variation",),
+          ("complementarity",), ("coverage",), ("balance",))
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -29,13 +30,13 @@ def plot_runs(run_dirs: list[str], out: str) -> None:
     import matplotlib.pyplot as plt
 
     runs = [(os.path.basename(os.path.normpath(d)), read_metrics(d)) for d in run_dirs]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.4), constrained_layout=True)
-    for ax, keys in zip(axes, PANELS):
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(3.2 * len(PANELS), 3.2), constrained_layout=True)
+    for ax, keys in zip(axes, PANELS, strict=True):
         for i, (name, records) in enumerate(runs):
-            for key, style in zip(keys, ("-", "--")):
+            for key, style in zip(keys, ("-", "--"), strict=False):
                 points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
                 if points:
-                    x, y = zip(*points)
+                    x, y = zip(*points, strict=True)
                     label = name if len(keys) == 1 else f"{name} {key.split('_')[0]}"
                     ax.plot(x, y, style, color=f"C{i}", marker="o", markersize=3, label=label)
         ax.set_title(" / ".join(keys) + (" (%)" if keys[0] in ("complementarity", "coverage") else ""))

@@ -22,6 +22,7 @@ DATASET="${DATASET:-dataset_wav_pairs}"       # pairs folder (python make_pairs.
 RUN_NAME="${RUN_NAME:-creative_agent}"        # fixed, so a resubmitted job resumes this run
 EPOCHS="${EPOCHS:-200}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"                  # any other train_simple_ddp.py flags
+PYTHON="${PYTHON:-python}"                    # the Python that has the project's packages
 
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")}"
@@ -35,7 +36,7 @@ export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 
 # shellcheck disable=SC2086
-srun --kill-on-bad-exit=1 python train_simple_ddp.py \
+srun --kill-on-bad-exit=1 "$PYTHON" train_simple_ddp.py \
     --dataset_folder "$DATASET" \
     --run_name "$RUN_NAME" --resume auto \
     --num_epochs "$EPOCHS" --batch_size 8 --lr 1e-4 \

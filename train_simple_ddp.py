@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from audio_codec import CODECS
 from fixed_masks import MASK_TYPES
+from pairs_dataset import SILENCE_DB
 
 
 def str2bool(value: str) -> bool:
@@ -41,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num_workers", type=int, default=None,
                    help="data loader workers per rank (default: 4 on GPU, 0 on CPU where they would steal cores)")
     g.add_argument("--skip_bad_files", action="store_true", help="warn about bad files and train on the rest")
+    g.add_argument("--silence_db", type=float, default=SILENCE_DB,
+                   help=f"a file whose RMS level is below this is silent: refused, or skipped with --skip_bad_files "
+                        f"(default {SILENCE_DB:g} dBFS)")
     g = p.add_argument_group("masks")
     g.add_argument("--use_creative_agent", type=str2bool, default=False, help="learn the masks (default false)")
     g.add_argument("--mask_reg_weight", type=float, default=0.1, help="weight of the agent's mask regularisation")
@@ -48,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra weight on the agent's balance term (default 0: already in the regularisation)")
     g.add_argument("--adversarial_weight", type=float, default=0.0,
                    help="weight of a style discriminator's verdict on the output (default 0: off)")
+    g.add_argument("--agent_gates", default="frame", choices=("frame", "cell"),
+                   help="what the agent decides: which song each frame comes from (frame, default) or each "
+                        "channel x frame cell (cell)")
     g.add_argument("--mask_type", default="none", choices=MASK_TYPES, help="fixed mask when the agent is off")
     g.add_argument("--temporal_segment_frames", type=int, default=32, help="frames per temporal-mask segment")
     g.add_argument("--frequency_split", type=float, default=0.5, help="share of channels the input keeps")
@@ -64,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for kind, default in (("wave", 1.0), ("stft", 1.0), ("mel", 0.0)):
         for source in ("input", "target"):
             g.add_argument(f"--{kind}_{source}_weight", type=float, default=default)
+    g.add_argument("--far_lsd_weight", type=float, default=1.0,
+                   help="weight of the log-spectral distance to the farther of the two songs (default 1): "
+                        "an arrangement must stay close to both, which copying one song cannot do")
     g = p.add_argument_group("optimisation")
     g.add_argument("--num_epochs", "--epochs", type=int, default=10, help="epochs (default 10)")
     g.add_argument("--batch_size", type=int, default=4, help="pairs per process and step (default 4)")

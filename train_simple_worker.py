@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import datetime
-import glob
 import json
 import math
 import os
@@ -22,111 +21,43 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from audio_codec import CodecUnavailable, LatentNorm, build_codec, latent_sums
+from checkpoints import (
+    MODEL_KEYS,
+    PROJECT,
+    CheckpointError,
+    atomic_write,
+    build_model,
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    loss_weights,
+    save_checkpoint,
+)
 from creative_agent import StyleDiscriminator
-from losses import mask_metrics, reconstruction_loss, rms_loss
-from model_simple_transformer import SimpleTransformer
-from pairs_dataset import (BadDataError, CachedLatents, WavPairsDataset, build_loader, infer_segment_samples,
-                           scan_pairs)
+from losses import (
+    DB_PER_NEPER,
+    input_share,
+    lsd_per_example,
+    mask_metrics,
+    reconstruction_loss,
+    rms_loss,
+    temporal_variation,
+)
+from pairs_dataset import (
+    BadDataError,
+    CachedLatents,
+    WavPairsDataset,
+    build_loader,
+    infer_segment_samples,
+    path_problem,
+    scan_pairs,
+)
 
-PROJECT = "creative_agent"
 DEFAULT_DATASET = "dataset_wav_pairs"
-MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_transformer_layers", "num_layers", "nhead", "dropout",
-              "anti_cheating", "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, truncated, from another project or another configuration."""
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example too many non-finite steps in a row)."""
-
-
-# ---------------------------------------------------------------- building blocks
-
-def build_model(config: dict, codec_dim: int) -> SimpleTransformer:
-    """The SimpleTransformer that `config` (the training arguments as a dict) describes."""
-    return SimpleTransformer(
-        encoding_dim=codec_dim, nhead=config["nhead"], num_layers=config["num_layers"],
-        num_transformer_layers=config["num_transformer_layers"], dropout=config["dropout"],
-        anti_cheating=config["anti_cheating"], use_creative_agent=config["use_creative_agent"],
-        mask_type=config["mask_type"], temporal_segment_frames=config.get("temporal_segment_frames", 32),
-        frequency_split=config.get("frequency_split", 0.5), use_sdpa=config.get("sdpa", True))
-
-
-def loss_weights(config: dict) -> dict[str, float]:
-    return {name: config[f"{name}_weight"] for name in
-            ("wave_input", "wave_target", "stft_input", "stft_target", "mel_input", "mel_target")}
-
-
-def atomic_write(path: str, write) -> None:
-    """Write through `write(file)` into a temporary file beside `path`, flush, fsync, then rename over `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint of this project, or one CheckpointError that names the file and what is wrong."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): "
-                              f"{str(err).splitlines()[0][:200]}") from err
-    if not isinstance(state, dict) or state.get("project") != PROJECT:
-        raise CheckpointError(f"checkpoint {path} is not a Creative Agent checkpoint (no project={PROJECT!r} field)")
-    return state
-
-
-def model_from_checkpoint(state: dict, path: str = "checkpoint"):
-    """(model, codec, latent_norm) rebuilt from a checkpoint alone, on CPU, in eval mode."""
-    config = state["config"]
-    codec = build_codec(config["codec"], config["sample_rate"], config["codec_dim"], path=config.get("codec_path"))
-    model = build_model(config, codec.dim)
-    load_model_state(model, state["model"], path)
-    norm = LatentNorm(codec.dim)
-    norm.load_state_dict(state["latent_norm"])
-    return model.eval(), codec.eval(), norm
-
-
-def load_model_state(model: torch.nn.Module, weights: dict, path: str) -> None:
-    """load_state_dict with one clear message when the checkpoint's configuration differs from the model's."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        detail = "; ".join(filter(None, [
-            f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}" if unexpected else "",
-            f"shape {', '.join(shapes[:3])}" if shapes else ""]))
-        raise CheckpointError(f"checkpoint {path} was saved for another model configuration ({detail})")
-    model.load_state_dict(weights)
-
-
-def find_resume_checkpoint(resume: str, checkpoint_dir: str, run_name: str | None) -> str | None:
-    """The checkpoint that `--resume` names: a path, or 'auto' (this run's last, else the newest run's last)."""
-    if resume != "auto":
-        return resume
-    if run_name:
-        path = os.path.join(checkpoint_dir, run_name, "checkpoint_last.pt")
-        return path if os.path.isfile(path) else None
-    candidates = glob.glob(os.path.join(checkpoint_dir, "*", "checkpoint_last.pt"))
-    return max(candidates, key=os.path.getmtime) if candidates else None
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -234,12 +165,12 @@ class Trainer:
         self.segment_samples = self.config["segment_samples"] = segment
         common = dict(sample_rate=a.sample_rate, segment_samples=segment, seed=a.seed, skip_bad_files=a.skip_bad_files)
         for folder in (train_dir, val_dir):
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(f"pairs folder {folder} does not exist")
+            if problem := path_problem(folder, "folder"):
+                raise FileNotFoundError(f"pairs folder {folder}: {problem}")
         problems = []
         datasets = {}
         for split, folder, shuffle in (("train", train_dir, a.shuffle_targets), ("val", val_dir, False)):
-            scan = [scan_pairs(folder, a.sample_rate, segment, progress=True) if self.main else None]
+            scan = [scan_pairs(folder, a.sample_rate, segment, True, a.silence_db) if self.main else None]
             if dist.is_initialized():  # rank 0 reads every file once; the others take its verdict
                 dist.broadcast_object_list(scan, src=0)
             try:
@@ -298,8 +229,9 @@ class Trainer:
         with torch.no_grad():
             return self.norm.normalize(self.codec.encode(wave))
 
-    def compute_loss(self, batch: list[torch.Tensor], model) -> tuple[torch.Tensor, dict]:
-        """The training objective of one batch (waveforms, and cached latents if any) and its detached parts."""
+    def compute_loss(self, batch: list[torch.Tensor], model) -> tuple[torch.Tensor, dict, tuple]:
+        """The training objective of one batch (waveforms, and cached latents if any), its detached parts and the
+        waveforms (output, input, target)."""
         inp, tgt, *cached = (x.to(self.device, non_blocking=True) for x in batch)
         if cached:
             z_in, z_tgt = (self.norm.normalize(z) for z in cached)
@@ -309,6 +241,7 @@ class Trainer:
             z_out, reg = model(z_in, z_tgt)
         out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : inp.shape[-1]]
         loss, terms = reconstruction_loss(out, inp, tgt, self.args.sample_rate, loss_weights(self.config))
+        terms["recon_loss"] = loss.detach()
         if reg is not None:
             loss = loss + self.args.mask_reg_weight * reg
             agent = self.model.creative_agent.mask_generator
@@ -319,7 +252,7 @@ class Trainer:
             loss = loss + self.args.adversarial_weight * self.generator_loss(z_out.float(), z_tgt, terms)
         with torch.no_grad():
             terms["rms_in"], terms["rms_tgt"] = rms_loss(out, inp), rms_loss(out, tgt)
-        return loss, terms
+        return loss, terms, (out.detach(), inp, tgt)
 
     def generator_loss(self, fake: torch.Tensor, real: torch.Tensor, terms: dict) -> torch.Tensor:
         """The discriminator's verdict on the output latents as a loss for the model (the discriminator is frozen
@@ -346,7 +279,7 @@ class Trainer:
     def train_step(self, batch: list[torch.Tensor]) -> dict | None:
         """One optimiser step; None when the loss or the gradients were not finite (the step is skipped)."""
         self.ddp.train()
-        loss, terms = self.compute_loss(batch, self.forward)
+        loss, terms, _ = self.compute_loss(batch, self.forward)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # a non-finite loss on any rank makes the all-reduced gradients non-finite on all ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
@@ -397,27 +330,43 @@ class Trainer:
         keys = sorted(sums)
         reduced = all_reduce_sum([float(sums[k]) for k in keys] + [count, skipped], self.device)
         n = max(reduced[-2], 1.0)
-        means = {k: v / n for k, v in zip(keys, reduced)}
+        means = {k: v / n for k, v in zip(keys, reduced, strict=False)}
         means["skipped_steps"] = int(reduced[-1])
         return means
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Loss, RMS and mask metrics over the validation pairs, averaged over all ranks."""
+        """Validation over all ranks: the reconstruction loss (without the mask regularisation, as evaluate.py
+        reports it), what a listener hears (input share, distances to both songs) and the mask metrics."""
         self.ddp.eval()
-        names = ("loss", "rms_in", "rms_tgt", "complementarity", "coverage", "balance")
+        names = ("loss", "rms_in", "rms_tgt", "lsd_in_db", "lsd_tgt_db", "input_share", "temporal_variation",
+                 "complementarity", "coverage", "balance")
         sums = [0.0] * len(names)
         count = 0
+        mask_sum = mask_sq = None  # of the input masks, for their variability from pair to pair
         for batch in self.val_loader:
-            loss, terms = self.compute_loss(batch, self.model)
-            metrics = mask_metrics(*self.model.last_masks)
-            values = [float(loss), float(terms["rms_in"]), float(terms["rms_tgt"]),
-                      metrics["complementarity"], metrics["coverage"], metrics["balance"]]
+            _, terms, (out, inp, tgt) = self.compute_loss(batch, self.model)
+            m_in, m_tgt = self.model.last_masks
+            metrics = mask_metrics(m_in, m_tgt)
             b = batch[0].shape[0]
-            sums = [s + v * b for s, v in zip(sums, values)]
+            values = [float(terms["recon_loss"]), float(terms["rms_in"]), float(terms["rms_tgt"]),
+                      float(lsd_per_example(out, inp).mean()) * DB_PER_NEPER,
+                      float(lsd_per_example(out, tgt).mean()) * DB_PER_NEPER,
+                      float(input_share(out, inp, tgt).mean()), float(temporal_variation(m_in).mean()),
+                      metrics["complementarity"], metrics["coverage"], metrics["balance"]]
+            sums = [s + v * b for s, v in zip(sums, values, strict=True)]
             count += b
+            m = m_in.float()
+            mask_sum = m.sum(0) if mask_sum is None else mask_sum + m.sum(0)
+            mask_sq = m.square().sum(0) if mask_sq is None else mask_sq + m.square().sum(0)
         reduced = all_reduce_sum(sums + [count], self.device)
-        return {k: v / max(reduced[-1], 1.0) for k, v in zip(names, reduced)}
+        result = {k: v / max(reduced[-1], 1.0) for k, v in zip(names, reduced, strict=False)}
+        moments = torch.stack([mask_sum, mask_sq]).double()
+        if dist.is_initialized():
+            dist.all_reduce(moments)
+        mean, mean_sq = moments / max(reduced[-1], 1.0)
+        result["mask_variability"] = float((mean_sq - mean.square()).clamp_min(0).sqrt().mean())
+        return result
 
     # ---------------------------------------------------- checkpoints and logs
 
@@ -544,8 +493,11 @@ class Trainer:
             record = dict(epoch=self.epoch, step=self.step, train_loss=train.get("loss", math.nan),
                           val_loss=val["loss"], rms_in=val["rms_in"], rms_tgt=val["rms_tgt"],
                           mask_reg_loss=train.get("mask_reg_loss"), complementarity=val["complementarity"],
-                          coverage=val["coverage"], balance=val["balance"], lr=self.scheduler.get_last_lr()[0],
-                          seconds=time.time() - start, skipped_steps=train["skipped_steps"])
+                          coverage=val["coverage"], balance=val["balance"], input_share=val["input_share"],
+                          temporal_variation=val["temporal_variation"], mask_variability=val["mask_variability"],
+                          lsd_in_db=val["lsd_in_db"], lsd_tgt_db=val["lsd_tgt_db"],
+                          lr=self.scheduler.get_last_lr()[0], seconds=time.time() - start,
+                          skipped_steps=train["skipped_steps"])
             record.update({k: train[k] for k in ("adv_gen_loss", "adv_disc_loss") if k in train})
             best = val["loss"] < self.best_val
             self.best_val = min(self.best_val, val["loss"])
@@ -558,7 +510,8 @@ class Trainer:
                 reg = f"{record['mask_reg_loss']:.4f}" if record["mask_reg_loss"] is not None else "n/a"
                 self.log(f"Epoch {self.epoch}: Loss={record['train_loss']:.4f}, Val={val['loss']:.4f}, "
                          f"RMS_in={val['rms_in']:.4f}, RMS_tgt={val['rms_tgt']:.4f}, Mask reg={reg}, "
-                         f"Complementarity={val['complementarity']:.1f}%, Coverage={val['coverage']:.1f}%"
+                         f"Complementarity={val['complementarity']:.1f}%, Coverage={val['coverage']:.1f}%, "
+                         f"Input share={val['input_share']:.2f}, Temporal var={val['temporal_variation']:.2f}"
                          + (f", skipped {train['skipped_steps']} non-finite step(s)" if train["skipped_steps"] else ""))
         if self.main:
             self.example()

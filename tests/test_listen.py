@@ -1,16 +1,18 @@
 """Issue 4: arrange.py, evaluate.py, training curves and pictures."""
 import csv
 import os
+import re
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import SR, tiny_args
 
 import arrange
 import evaluate
 import plot_training
-from conftest import SR, tiny_args
 from train_simple_worker import run
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -61,7 +63,7 @@ def test_arrange_any_length_rate_and_channels(tmp_path, checkpoints, kind, in_s,
 
 
 def test_arrange_hard_masks_are_complementary(checkpoints):
-    from train_simple_worker import load_checkpoint, model_from_checkpoint
+    from checkpoints import load_checkpoint, model_from_checkpoint
 
     model, codec, norm = model_from_checkpoint(load_checkpoint(checkpoints["agent"]))
     x, y = torch.randn(3 * SR) * 0.1, torch.randn(SR) * 0.1
@@ -71,7 +73,7 @@ def test_arrange_hard_masks_are_complementary(checkpoints):
 
 def test_no_seam_at_window_boundaries(checkpoints):
     """The output's sample-to-sample jump at window boundaries is no larger than elsewhere."""
-    from train_simple_worker import load_checkpoint, model_from_checkpoint
+    from checkpoints import load_checkpoint, model_from_checkpoint
 
     model, codec, norm = model_from_checkpoint(load_checkpoint(checkpoints["temporal"]))
     t = torch.arange(6 * SR) / SR
@@ -123,11 +125,18 @@ def test_evaluate_writes_report_table_audio_and_plots(tmp_path, checkpoints, pai
         rows = {r["approach"]: r for r in csv.DictReader(f)}
     assert list(rows) == ["agent", "temporal", "none"]
     for key in ("val_loss", "complementarity", "coverage", "balance", "lsd_input_db", "lsd_target_db",
-                "mask_variability", "seconds_per_audio_minute"):
+                "lsd_max_db", "input_share", "rms_ratio", "temporal_variation", "mask_variability",
+                "seconds_per_audio_minute"):
         assert all(np.isfinite(float(r[key])) for r in rows.values())
     assert float(rows["temporal"]["complementarity"]) == pytest.approx(100.0)
     assert float(rows["none"]["complementarity"]) == pytest.approx(0.0)
     assert float(rows["temporal"]["mask_variability"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(rows["temporal"]["temporal_variation"]) == pytest.approx(0.5, abs=0.02)
+    assert float(rows["none"]["temporal_variation"]) == pytest.approx(0.0)
+    for r in rows.values():
+        assert 0 <= float(r["input_share"]) <= 1
+        assert float(r["lsd_max_db"]) == pytest.approx(max(float(r["lsd_input_db"]), float(r["lsd_target_db"])),
+                                                       rel=0.5)
     report = (out / "report.md").read_text()
     assert "scores best" in report and "| agent |" in report
     audio = sorted(os.listdir(out / "audio"))
@@ -137,6 +146,21 @@ def test_evaluate_writes_report_table_audio_and_plots(tmp_path, checkpoints, pai
     plots = os.listdir(out / "plots")
     assert "comparison.png" in plots and "pair_0001_agent_masks.png" in plots
     assert all(is_png(out / "plots" / p) for p in plots)
+
+
+def test_report_html_links_only_files_that_exist(tmp_path, checkpoints, pairs_dir):
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoints", f"agent={checkpoints['agent']}", f"none={checkpoints['none']}",
+                          "--dataset_folder", pairs_dir, "--out", str(out), "--num_examples", "2"]) == 0
+    page = (out / "report.html").read_text()
+    links = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert links and not [link for link in links if "://" in link or link.startswith("/")]  # relative only
+    missing = [link for link in links if not (out / unquote(link)).is_file()]
+    assert not missing
+    audio = re.findall(r'<audio controls[^>]*src="([^"]+)"', page)
+    assert sorted(audio) == sorted(f"audio/pair_000{i}_{role}.wav" for i in (0, 1)
+                                   for role in ("input", "target", "agent", "none"))
+    assert page.count("<img") == 4 and "<table>" in page and "input_share" in page
 
 
 def test_evaluate_bad_checkpoint_writes_nothing(tmp_path, checkpoints, pairs_dir, capsys):

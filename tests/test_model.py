@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 from audio_codec import CodecUnavailable, LatentNorm, MDCTCodec, build_codec, latent_sums
-from conftest import ROOT
 from creative_agent import AttentionMaskGenerator, CreativeAgent, count_parameters
 from fixed_masks import make_fixed_masks
 from losses import log_mel_loss, mask_metrics, multi_resolution_stft_loss, reconstruction_loss, rms_loss, stft_loss
@@ -30,21 +30,30 @@ def test_mask_generator_unpacking_shapes_and_range():
 
 
 def test_reg_terms_are_logged_and_weighted():
-    gen = AttentionMaskGenerator(D, hidden_dim=64, complementarity_weight=2.0, coverage_weight=0.0,
-                                 balance_weight=0.0, diversity_weight=0.0)
+    gen = AttentionMaskGenerator(D, hidden_dim=64, complementarity_weight=2.0, balance_weight=0.0,
+                                 diversity_weight=0.0, switching_weight=0.0, presence_weight=0.0, share_weight=0.0,
+                                 gates="cell")
     m_in, m_tgt, reg = gen(*latents())
-    assert set(gen.last_terms) == {"complementarity", "coverage", "balance", "diversity"}
+    assert set(gen.last_terms) == {"complementarity", "balance", "diversity", "switching", "presence", "share"}
     assert reg.item() == pytest.approx(2.0 * (m_in * m_tgt).mean().item(), rel=1e-5)
     assert gen.last_terms["balance"].requires_grad  # the trainer's --balance_loss_weight trains through it
 
 
 def test_untrained_masks_sit_near_75_and_100_percent():
     torch.manual_seed(0)
-    m_in, m_tgt, _ = AttentionMaskGenerator(128)(*latents(d=128, t=100))
+    m_in, m_tgt, _ = AttentionMaskGenerator(128, gates="cell")(*latents(d=128, t=100))
     metrics = mask_metrics(m_in, m_tgt)
     assert 65 < metrics["complementarity"] < 85
-    assert 90 < metrics["coverage"] < 110
+    assert metrics["coverage"] == pytest.approx(100.0)  # a softmax over the two songs shares out every cell
     assert 0.4 < metrics["balance"] < 0.6
+
+
+def test_frame_gates_are_decided_per_frame_for_every_channel():
+    torch.manual_seed(0)
+    m_in, m_tgt, _ = AttentionMaskGenerator(128)(*latents(d=128, t=100))
+    assert set(m_in.unique().tolist()) <= {0.0, 1.0} and torch.equal(m_in + m_tgt, torch.ones_like(m_in))
+    assert torch.equal(m_in, m_in[:, :1].expand_as(m_in))  # one decision per frame
+    assert mask_metrics(m_in, m_tgt)["complementarity"] == 100.0
 
 
 def test_parameter_counts_at_d128():
@@ -246,7 +255,7 @@ def test_losses_against_hand_checked_values():
 def test_reconstruction_loss_weights_against_input_and_target():
     x, y = torch.randn(1, 1, 4096), torch.randn(1, 1, 4096)
     total, terms = reconstruction_loss(x, x, y, 8000, dict(wave_input=1, wave_target=2, stft_input=0,
-                                                           stft_target=0))
+                                                           stft_target=0, far_lsd=0))
     assert terms["wave_input"].item() == pytest.approx(0.0, abs=1e-5)
     assert total.item() == pytest.approx(2 * rms_loss(x, y).item(), rel=1e-5)
     with pytest.raises(ValueError, match="unknown loss weights"):

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
-import train_simple_worker
 from conftest import ROOT, SR, tiny_args
-from train_simple_worker import CheckpointError, load_checkpoint, run
+
+import checkpoints
+import train_simple_worker
+from checkpoints import CheckpointError, load_checkpoint
+from train_simple_worker import run
 
 
 @pytest.fixture
@@ -68,7 +70,7 @@ def test_skip_bad_files_warns_and_trains_on_the_rest(tmp_path, dataset, capsys):
 
 def test_checkpoint_write_is_atomic_under_a_full_disk(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint_last.pt")
-    train_simple_worker.save_checkpoint(path, {"project": "creative_agent", "epoch": 1})
+    checkpoints.save_checkpoint(path, {"project": "creative_agent", "epoch": 1})
 
     def full_disk(obj, f):
         f.write(b"partial")
@@ -76,7 +78,7 @@ def test_checkpoint_write_is_atomic_under_a_full_disk(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError):
-        train_simple_worker.save_checkpoint(path, {"project": "creative_agent", "epoch": 2})
+        checkpoints.save_checkpoint(path, {"project": "creative_agent", "epoch": 2})
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["checkpoint_last.pt"]
@@ -123,7 +125,7 @@ def test_exact_resume(tmp_path, pairs_dir):
         assert (a["model"][key] - b["model"][key]).abs().max() <= 1e-6, key
     ma, mb = metrics(one_go / "logs" / "run"), metrics(split / "logs" / "run")
     assert [r["epoch"] for r in mb] == [1, 2, 3, 4]
-    for ra, rb in zip(ma[2:], mb[2:]):
+    for ra, rb in zip(ma[2:], mb[2:], strict=True):
         for key in ("train_loss", "val_loss", "mask_reg_loss", "complementarity", "coverage", "lr"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), key
 

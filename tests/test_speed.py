@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, SR, tiny_args
 
 from audio_codec import MDCTCodec
-from conftest import ROOT, SR, tiny_args
 from pairs_dataset import CachedLatents, WavPairsDataset
 from train_simple_worker import run
 
@@ -30,7 +30,7 @@ def reference(tmp_path_factory, pairs_dir):
 @pytest.mark.parametrize("switch", [["--sdpa", "false"], ["--cache_latents"], ["--num_workers", "2"]])
 def test_fast_path_switches_change_no_result(tmp_path, pairs_dir, reference, switch):
     losses = train_losses(tmp_path, pairs_dir, *switch)
-    for got, want in zip(losses, reference):
+    for got, want in zip(losses, reference, strict=True):
         assert got == pytest.approx(want, rel=5e-4, abs=1e-5)
 
 
@@ -39,7 +39,7 @@ def test_compile_changes_no_result(tmp_path, pairs_dir, reference):
         losses = train_losses(tmp_path, pairs_dir, "--compile")
     except Exception as err:  # no C++ toolchain for inductor on this machine
         pytest.skip(f"torch.compile is not usable here: {str(err).splitlines()[0][:200]}")
-    for got, want in zip(losses, reference):
+    for got, want in zip(losses, reference, strict=True):
         assert got == pytest.approx(want, rel=1e-3, abs=1e-4)
 
 

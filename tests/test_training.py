@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import ROOT, SR, tiny_args
 
 import train_simple_ddp
-from conftest import ROOT, SR, tiny_args
+from checkpoints import load_checkpoint
 from make_pairs import main as make_pairs_main
 from pairs_dataset import WavPairsDataset
-from train_simple_worker import load_checkpoint, run
+from train_simple_worker import run
 
 
 def read_manifest(folder):
@@ -198,7 +199,9 @@ def test_slurm_script_runs_two_cpu_processes(tmp_path, pairs_dir):
     for name in os.listdir(ROOT):
         if name.endswith(".py"):
             os.symlink(os.path.join(ROOT, name), work / name)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NTASKS="2", SLURM_JOB_ID="4242",
+    python_dir = os.path.dirname(sys.executable)  # the suite's Python, whether or not its environment is active
+    env = dict(os.environ, PATH=f"{bin_dir}:{python_dir}:{os.environ['PATH']}", PYTHON=sys.executable,
+               SLURM_NTASKS="2", SLURM_JOB_ID="4242",
                SLURM_SUBMIT_DIR=str(work), SLURM_CPUS_PER_TASK="1", DATASET=pairs_dir, EPOCHS="1",
                EXTRA_ARGS=f"--sample_rate {SR} --codec_dim 32 --num_layers 1 --nhead 2 --device cpu")
     env.pop("RANK", None)

@@ -1,0 +1,112 @@
+"""Checkpoints: writing (atomic), reading and checking them, and rebuilding the model and codec from one alone.
+
+Imported by the trainer, arrange.py and evaluate.py; it imports only the model, codec and loss modules.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+
+from audio_codec import LatentNorm, build_codec
+from model_simple_transformer import SimpleTransformer
+from pairs_dataset import path_problem
+
+PROJECT = "creative_agent"
+MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_transformer_layers", "num_layers", "nhead", "dropout",
+              "anti_cheating", "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split",
+              "agent_gates")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, from another project or another configuration."""
+
+
+def build_model(config: dict, codec_dim: int) -> SimpleTransformer:
+    """The SimpleTransformer that `config` (the training arguments as a dict) describes."""
+    return SimpleTransformer(
+        encoding_dim=codec_dim, nhead=config["nhead"], num_layers=config["num_layers"],
+        num_transformer_layers=config["num_transformer_layers"], dropout=config["dropout"],
+        anti_cheating=config["anti_cheating"], use_creative_agent=config["use_creative_agent"],
+        mask_type=config["mask_type"], temporal_segment_frames=config.get("temporal_segment_frames", 32),
+        frequency_split=config.get("frequency_split", 0.5), use_sdpa=config.get("sdpa", True),
+        gates=config.get("agent_gates", "cell"))  # runs made before frame gates existed decided every cell
+
+
+def loss_weights(config: dict) -> dict[str, float]:
+    """The reconstruction loss weights of a run's configuration (`far_lsd` is 0 for runs made before it existed)."""
+    weights = {name: config[f"{name}_weight"] for name in
+               ("wave_input", "wave_target", "stft_input", "stft_target", "mel_input", "mel_target")}
+    weights["far_lsd"] = config.get("far_lsd_weight", 0.0)
+    return weights
+
+
+def atomic_write(path: str, write) -> None:
+    """Write through `write(file)` into a temporary file beside `path`, flush, fsync, then rename over `path`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this project, or one CheckpointError that names the file and what is wrong."""
+    if problem := path_problem(path):
+        raise CheckpointError(f"checkpoint {path}: {problem}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): "
+                              f"{str(err).splitlines()[0][:200]}") from err
+    if not isinstance(state, dict) or state.get("project") != PROJECT:
+        raise CheckpointError(f"checkpoint {path} is not a Creative Agent checkpoint (no project={PROJECT!r} field)")
+    return state
+
+
+def model_from_checkpoint(state: dict, path: str = "checkpoint"):
+    """(model, codec, latent_norm) rebuilt from a checkpoint alone, on CPU, in eval mode."""
+    config = state["config"]
+    codec = build_codec(config["codec"], config["sample_rate"], config["codec_dim"], path=config.get("codec_path"))
+    model = build_model(config, codec.dim)
+    load_model_state(model, state["model"], path)
+    norm = LatentNorm(codec.dim)
+    norm.load_state_dict(state["latent_norm"])
+    return model.eval(), codec.eval(), norm
+
+
+def load_model_state(model: torch.nn.Module, weights: dict, path: str) -> None:
+    """load_state_dict with one clear message when the checkpoint's configuration differs from the model's."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        detail = "; ".join(filter(None, [
+            f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}" if unexpected else "",
+            f"shape {', '.join(shapes[:3])}" if shapes else ""]))
+        raise CheckpointError(f"checkpoint {path} was saved for another model configuration ({detail})")
+    model.load_state_dict(weights)
+
+
+def find_resume_checkpoint(resume: str, checkpoint_dir: str, run_name: str | None) -> str | None:
+    """The checkpoint that `--resume` names: a path, or 'auto' (this run's last, else the newest run's last)."""
+    if resume != "auto":
+        return resume
+    if run_name:
+        path = os.path.join(checkpoint_dir, run_name, "checkpoint_last.pt")
+        return path if os.path.isfile(path) else None
+    candidates = glob.glob(os.path.join(checkpoint_dir, "*", "checkpoint_last.pt"))
+    return max(candidates, key=os.path.getmtime) if candidates else None

@@ -1,0 +1,121 @@
+"""Issue 9: what a listener hears (input share, temporal variation, distance to the farther song) and an agent
+that arranges both songs over time instead of copying one."""
+import json
+import os
+import re
+
+import pytest
+import torch
+from conftest import SR, tiny_args
+
+from creative_agent import AttentionMaskGenerator, novelty
+from fixed_masks import make_fixed_masks
+from losses import farther_song_loss, input_share, lsd_per_example, mask_variability, temporal_variation
+from make_pairs import synth_song
+from train_simple_worker import run
+
+
+def two_songs(seconds=2.0):
+    a, b = (torch.from_numpy(synth_song(seed, seconds, SR)).float()[None, None] for seed in (3, 8))
+    return a, b
+
+
+def test_input_share_of_copies_mix_and_swap():
+    a, b = two_songs()
+    assert input_share(a, a, b).item() >= 0.95
+    assert input_share(b, a, b).item() <= 0.05
+    mix = 0.5 * (a + b)
+    assert input_share(mix, a, b).item() == pytest.approx(0.5, abs=0.05)
+    for out in (a, b, mix, 0.8 * a + 0.3 * b):
+        assert input_share(out, a, b).item() == pytest.approx(1.0 - input_share(out, b, a).item(), abs=1e-6)
+
+
+def test_input_share_counts_what_is_heard_over_time():
+    a, b = two_songs()
+    half = a.shape[-1] // 2
+    first_a_then_b = torch.cat([a[..., :half], b[..., half:]], dim=-1)
+    assert 0.3 < input_share(first_a_then_b, a, b).item() < 0.7
+    quiet_b = torch.cat([a[..., :half], 0.05 * b[..., half:]], dim=-1)  # the target barely heard
+    assert input_share(quiet_b, a, b).item() > 0.75
+
+
+def test_temporal_variation_and_mask_variability():
+    x = torch.randn(3, 16, 64)
+    static = torch.rand(1, 16, 1).expand(3, 16, 64)
+    assert temporal_variation(static).max().item() == pytest.approx(0.0, abs=1e-6)
+    m_in, _ = make_fixed_masks("temporal", x, x, segment_frames=8)
+    assert temporal_variation(m_in).mean().item() == pytest.approx(0.5)
+    assert mask_variability(m_in) == pytest.approx(0.0)  # one pattern for every pair
+    flipped = torch.stack([m_in[0], 1 - m_in[0]])
+    assert mask_variability(flipped) == pytest.approx(0.5)
+
+
+def test_copying_one_song_is_the_farthest_from_the_other():
+    a, b = two_songs()
+    copy = farther_song_loss(a, a, b).item()
+    assert copy == pytest.approx(lsd_per_example(a, b).item(), rel=1e-5)
+    frames = torch.arange(a.shape[-1]) // (SR // 4) % 2  # quarter-second turns
+    turns = torch.where(frames.bool(), b, a)
+    assert farther_song_loss(turns, a, b).item() < 0.75 * copy
+    every_sample_mixed = 0.5 * (a + b)
+    assert farther_song_loss(turns, a, b).item() < farther_song_loss(every_sample_mixed, a, b).item() + 0.2
+
+
+def test_decisions_come_from_the_music_not_from_the_position():
+    torch.manual_seed(0)
+    gen = AttentionMaskGenerator(32, hidden_dim=32).eval()
+    x, y = torch.randn(1, 32, 200), torch.randn(1, 32, 200)
+    shift = 37
+    m, _, _ = gen(x, y)
+    m_shifted, _, _ = gen(torch.roll(x, shift, -1), torch.roll(y, shift, -1))
+    interior = slice(shift + 20, 180)  # away from the edges, where padding differs
+    assert torch.equal(m_shifted[..., interior], m[..., interior.start - shift: interior.stop - shift])
+
+
+def test_regularisation_prefers_decided_balanced_loud_switches_at_changes():
+    gen = AttentionMaskGenerator(4, hidden_dim=8)
+    t = 64
+    loud_first = torch.cat([torch.full((1, 4, t // 2), 4.0), torch.full((1, 4, t // 2), 0.1)], -1)
+    loud_last = loud_first.flip(-1)
+    energy = (loud_first, loud_last)
+    take_loud = torch.cat([torch.ones(1, 4, t // 2), torch.zeros(1, 4, t // 2)], -1)
+    change = torch.zeros(1, t)
+    change[0, t // 2] = 1.0  # the music changes in the middle
+    gen.regularization(take_loud, 1 - take_loud, change, energy)
+    loud = {k: v.item() for k, v in gen.last_terms.items()}
+    gen.regularization(1 - take_loud, take_loud, change, energy)
+    quiet = {k: v.item() for k, v in gen.last_terms.items()}
+    assert loud["presence"] < quiet["presence"]
+    assert loud["complementarity"] == loud["balance"] == loud["share"] == loud["switching"] == 0.0
+    assert loud["diversity"] == pytest.approx(0.0)
+    half = torch.full_like(take_loud, 0.5)
+    gen.regularization(half, half, change, energy)
+    assert gen.last_terms["complementarity"].item() == 0.25 and gen.last_terms["diversity"].item() == 0.5
+    wobbly = take_loud.clone()
+    wobbly[..., 5:8] = 0.0  # three extra switches where nothing changes
+    gen.regularization(wobbly, 1 - wobbly, change, energy)
+    assert gen.last_terms["switching"].item() > 0.0
+
+
+def test_novelty_peaks_where_the_music_changes():
+    z = torch.cat([torch.randn(1, 8, 50) * 0.1, torch.randn(1, 8, 50) * 3.0], -1)
+    n = novelty(z)
+    assert n.shape == (1, 100) and n.max().item() == pytest.approx(1.0)
+    assert 44 <= n.argmax().item() <= 56
+
+
+def test_default_agent_arranges_both_songs(tmp_path, pairs_dir, capsys):
+    """The default agent after a short run: both songs heard, decisions that change over time and between pairs."""
+    args = tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--num_epochs", "3")
+    assert run(0, 1, 0, args) == 0
+    with open(tmp_path / "logs" / "run" / "metrics.jsonl") as f:
+        last = [json.loads(line) for line in f][-1]
+    assert 0.2 <= last["input_share"] <= 0.8
+    assert last["temporal_variation"] >= 0.15 and last["mask_variability"] > 0.05
+    assert 0.5 < last["rms_in"] / last["rms_tgt"] < 2.0
+    assert last["complementarity"] == pytest.approx(100.0) and last["coverage"] == pytest.approx(100.0)
+    for key in ("lsd_in_db", "lsd_tgt_db"):
+        assert last[key] > 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Epoch 3:")][0]
+    assert re.search(r"Input share=0\.\d\d, Temporal var=0\.\d\d", line)
+    assert os.path.getsize(tmp_path / "logs" / "run" / "training_curves.png") > 0

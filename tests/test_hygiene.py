@@ -1,0 +1,146 @@
+"""Issue 10: one definition of silence by level, clear words for path mistakes, no import circle."""
+import ast
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import ROOT, SR, tiny_args
+
+import arrange
+import evaluate
+import make_pairs
+import pairs_dataset
+from pairs_dataset import SILENCE_DB, path_problem, rms_dbfs, silence_problem
+from train_simple_worker import run
+
+
+def noise_floor(seconds=1.0, rms_db=-91.0, peak_db=-78.0, seed=0):
+    """A recording of 'silence': a codec's noise floor, RMS `rms_db` with clicks up to `peak_db`."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(int(seconds * SR)) * 10 ** (rms_db / 20)
+    x[:: SR // 4] = 10 ** (peak_db / 20)
+    return x.astype(np.float32)
+
+
+QUIET = {"noise floor": noise_floor(), "-80 dBFS noise": noise_floor(rms_db=-80.0, peak_db=-70.0),
+         "digital silence": np.zeros(SR, dtype=np.float32)}
+
+
+@pytest.mark.parametrize("name", list(QUIET))
+def test_silence_is_judged_by_level(name):
+    assert rms_dbfs(QUIET[name]) < SILENCE_DB == -60.0
+    assert "silent" in silence_problem(QUIET[name])
+    music = noise_floor(rms_db=-30.0, peak_db=-10.0)
+    assert silence_problem(music) is None
+    assert silence_problem(music, silence_db=-20.0) is not None  # the level is a setting
+
+
+@pytest.mark.parametrize("name", list(QUIET))
+def test_arrange_and_evaluate_refuse_silent_songs(tmp_path, name, capsys, pairs_dir):
+    from test_listen import song
+
+    quiet = str(tmp_path / "quiet.wav")
+    sf.write(quiet, QUIET[name], SR, subtype="FLOAT")
+    args = tiny_args(tmp_path, pairs_dir, "--mask_type", "temporal")
+    assert run(0, 1, 0, args) == 0
+    ckpt = str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt")
+    out = tmp_path / "out.wav"
+    good = song(tmp_path / "good.wav", 1.0, SR)
+    assert arrange.main(["--checkpoint", ckpt, "--input", quiet, "--target", good, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "quiet.wav" in err and "silent" in err and not out.exists()
+    val = tmp_path / "pairs" / "val"
+    val.mkdir(parents=True)
+    sf.write(str(val / "pair_0000_input.wav"), np.resize(QUIET[name], 4000), SR)
+    sf.write(str(val / "pair_0000_output.wav"), sf.read(good)[0][:4000], SR)
+    report = tmp_path / "eval"
+    assert evaluate.main(["--checkpoints", f"t={ckpt}", "--dataset_folder", str(tmp_path / "pairs"),
+                          "--out", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert "pair_0000_input.wav" in err and "silent" in err and not report.exists()
+
+
+def test_make_pairs_skips_and_counts_silent_songs(tmp_path):
+    loud = lambda: make_pairs.synth_song(1, 2.0, SR)  # noqa: E731
+    songs = [("loud_a", loud), ("loud_b", loud)]
+    songs += [(name, lambda x=x: np.resize(x, 2 * SR)) for name, x in QUIET.items()]
+    summary = make_pairs.make_pairs(songs, str(tmp_path / "pairs"), 0.5, SR, 0.5, 0, progress=False)
+    assert summary.skipped["silent pairs"] == 3 * len(QUIET)  # every segment of a silent song is silent
+    assert "skipped: 9 silent pairs" in summary.report()
+    assert sum(summary.pairs.values()) == 6  # two loud songs of four segments: three pairs each
+
+
+def test_pairs_check_refuses_a_silent_file_by_name(tmp_path, capsys):
+    from conftest import tiny_pairs
+
+    folder = tiny_pairs(str(tmp_path / "pairs"))
+    victim = os.path.join(folder, "train", "pair_0001_output.wav")
+    sf.write(victim, np.resize(QUIET["noise floor"], sf.info(victim).frames), SR)
+    assert run(0, 1, 0, tiny_args(tmp_path, folder)) == 2
+    err = capsys.readouterr().err
+    assert "pair_0001_output.wav: silent (RMS" in err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_path_mistakes_get_clear_words(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    afile = tmp_path / "a_file.txt"
+    afile.write_text("x")
+    assert path_problem(str(tmp_path / "missing.wav")) == "does not exist"
+    assert path_problem(str(folder)) == "is a folder, but a file is expected here"
+    assert path_problem(str(afile), "folder") == "is a file, but a folder is expected here"
+    monkeypatch.setattr(pairs_dataset.os, "access", lambda path, mode: False)  # root reads everything
+    assert path_problem(str(afile)) == "no permission to read it"
+    monkeypatch.undo()
+    out = tmp_path / "out.wav"
+    assert arrange.main(["--checkpoint", str(folder), "--input", str(afile), "--target", str(afile),
+                         "--output", str(out)]) == 2
+    assert "a_folder: is a folder" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoints", f"x={folder}", "--out", str(tmp_path / "e")]) == 2
+    assert "a_folder: is a folder" in capsys.readouterr().err
+    assert make_pairs.main(["--from_folder", str(afile), "--out", str(tmp_path / "p")]) == 2
+    assert "a_file.txt: is a file, but a folder" in capsys.readouterr().err
+    assert run(0, 1, 0, tiny_args(tmp_path, str(afile))) == 2
+    assert "a_file.txt" in capsys.readouterr().err
+
+
+def test_arrange_names_a_folder_given_as_input(tmp_path, capsys, pairs_dir):
+    assert run(0, 1, 0, tiny_args(tmp_path, pairs_dir, "--mask_type", "temporal")) == 0
+    ckpt = str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt")
+    out = tmp_path / "out.wav"
+    assert arrange.main(["--checkpoint", ckpt, "--input", str(tmp_path), "--target", str(tmp_path),
+                         "--output", str(out)]) == 2
+    assert f"{tmp_path}: is a folder, but a file is expected here" in capsys.readouterr().err
+
+
+def local_imports(path: str, modules: set[str]) -> set[str]:
+    """The project's modules that `path` imports anywhere in it (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found & modules
+
+
+def test_no_import_circle():
+    modules = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    graph = {m: local_imports(os.path.join(ROOT, f"{m}.py"), modules) - {m} for m in modules}
+    assert "train_simple_worker" not in graph["arrange"] | graph["evaluate"]
+    state = {}
+
+    def visit(module, trail):
+        if state.get(module) == "open":
+            raise AssertionError("import circle: " + " -> ".join(trail + [module]))
+        if state.get(module) == "done":
+            return
+        state[module] = "open"
+        for other in sorted(graph[module]):
+            visit(other, trail + [module])
+        state[module] = "done"
+
+    for module in sorted(modules):
+        visit(module, [])
