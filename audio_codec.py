@@ -6,6 +6,8 @@ Codecs are frozen: they hold no trainable parameters, but gradients flow through
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import os
 
@@ -101,7 +103,16 @@ class EncodecCodec(nn.Module):
     def settings(self) -> dict:
         """What the latents depend on (the key of the latent cache)."""
         return dict(name="encodec", source=str(self.model.config._name_or_path), sample_rate=self.sample_rate,
-                    dim=self.dim)
+                    dim=self.dim, weights=self.weights_fingerprint)
+
+    @functools.cached_property
+    def weights_fingerprint(self) -> str:
+        """A hash of every weight: two EnCodec models (other weights, same folder name) never share a cache."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def num_frames(self, num_samples: int) -> int:
         return math.ceil(num_samples / self.hop_length)

@@ -201,25 +201,39 @@ class CachedLatents(Dataset):
         return os.path.join(dataset.folder, ".latent_cache", cache_key(dataset, codec_settings) + ".npy")
 
     @staticmethod
-    @torch.no_grad()
-    def build(dataset: WavPairsDataset, codec, path: str, device, batch_size: int = 8, progress: bool = True) -> bool:
-        """Encode every pair into `path` unless it is there already; returns True when it had to encode (a miss)."""
-        if os.path.isfile(path):
-            return False
+    def allocate(path: str, pairs: int, dim: int, frames: int) -> None:
+        """Create the (empty) cache file [pairs, 2, dim, frames] that `fill` writes into."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        frames = codec.num_frames(dataset.segment_samples)
-        tmp = f"{path}.tmp{os.getpid()}.npy"
-        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                          shape=(len(dataset), 2, codec.dim, frames))
-        starts = range(0, len(dataset), batch_size)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(pairs, 2, dim, frames)).flush()
+
+    @staticmethod
+    @torch.no_grad()
+    def fill(dataset: WavPairsDataset, codec, path: str, device, rank: int = 0, world_size: int = 1,
+             progress: bool = True, batch_size: int = 8) -> None:
+        """Encode this rank's share of the pairs (every world_size-th batch) into the allocated cache `path`."""
+        cache = np.load(path, mmap_mode="r+")
+        frames = cache.shape[-1]
+        starts = range(rank * batch_size, len(dataset), world_size * batch_size)
         for start in tqdm(starts, desc="caching latents", unit="batch", disable=not progress, leave=False):
             idx = range(start, min(start + batch_size, len(dataset)))
             waves = torch.stack([torch.stack([dataset.read(p) for p in dataset.pairs[i]]) for i in idx])
             z = codec.encode(waves.flatten(0, 1).to(device)).float().cpu()
             cache[start : start + len(idx)] = z.view(len(idx), 2, codec.dim, -1)[..., :frames].numpy()
         cache.flush()
-        del cache
-        os.replace(tmp, path)
+
+    @staticmethod
+    def build(dataset: WavPairsDataset, codec, path: str, device, progress: bool = True) -> bool:
+        """Encode every pair into `path` in this process unless it is there already; True when it had to encode."""
+        if os.path.isfile(path):
+            return False
+        partial = f"{path}.tmp{os.getpid()}.npy"
+        try:
+            CachedLatents.allocate(partial, len(dataset), codec.dim, codec.num_frames(dataset.segment_samples))
+            CachedLatents.fill(dataset, codec, partial, device, progress=progress)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
         return True
 
     def __len__(self) -> int:

@@ -102,6 +102,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--log_dir", default="logs")
     g.add_argument("--run_name", default=None, help="default: a timestamped name")
     g.add_argument("--save_every", type=int, default=0, help="also keep checkpoint_epoch_N.pt every N epochs")
+    g.add_argument("--requeue", type=str2bool, default=True,
+                   help="under SLURM, a run stopped by SIGUSR1/SIGTERM before its last epoch requeues its own job "
+                        "(scontrol requeue) after saving; the requeued job continues with --resume auto (default true)")
+    g.add_argument("--prepare_only", action="store_true",
+                   help="check every file and fill the latent cache of both splits (implies --cache_latents), then "
+                        "exit without training; on N processes each encodes its share")
     g.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint; auto: this run's (or the newest run's) checkpoint_last.pt")
     args = p.parse_args(argv)
@@ -109,6 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode = "agent" if args.use_creative_agent else args.mask_type
     args.run_name = args.run_name or f"{mode}_{time.strftime('%Y%m%d_%H%M%S')}"
     args.segment_samples = round(args.segment_seconds * args.sample_rate) if args.segment_seconds else None
+    args.cache_latents = args.cache_latents or args.prepare_only
     return args
 
 
@@ -130,11 +137,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def use_cpu_threads() -> None:
+    """One compute thread per CPU this rank may use (its affinity or SLURM's --cpus-per-task, shared among the
+    node's processes), for torch and for the OpenMP of anything it starts."""
+    from distributed import cpus_per_rank
+
+    threads = cpus_per_rank()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
 def worker(index: int, world_size: int, args) -> None:
     """Entry of a spawned process: rank = local rank = index."""
     from train_simple_worker import run
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    use_cpu_threads()
     code = run(index, world_size, index, args)
     if code:
         sys.exit(code)
@@ -144,6 +161,7 @@ def spawn(args) -> int:
     """Start --world_size processes here; forward SIGTERM/SIGUSR1 to them; fail fast when one of them fails."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ["LOCAL_WORLD_SIZE"] = str(args.world_size)  # the spawned processes share this machine's CPUs
     context = mp.start_processes(worker, args=(args.world_size, args), nprocs=args.world_size, join=False,
                                  start_method="spawn")
 
@@ -178,9 +196,8 @@ def main(argv=None) -> int:
             print(f"note: the job has {world_size} processes; --world_size {args.world_size} is ignored")
         args.world_size = world_size
         if not torch.cuda.is_available() or args.device == "cpu":
-            per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or str(world_size)
-            local = int(per_node.split("(")[0])
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+            os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE") or str(world_size))
+            use_cpu_threads()
         return run(rank, world_size, local_rank, args)
     if args.world_size > 1:
         return spawn(args)

@@ -8,7 +8,6 @@ import datetime
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,6 +33,7 @@ from checkpoints import (
     save_checkpoint,
 )
 from creative_agent import StyleDiscriminator
+from distributed import StopFlag, all_reduce_sum, cpus_per_rank, gather_rng_states, is_main, requeue_slurm_job
 from losses import (
     DB_PER_NEPER,
     input_share,
@@ -58,55 +58,6 @@ DEFAULT_DATASET = "dataset_wav_pairs"
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example too many non-finite steps in a row)."""
-
-
-# ---------------------------------------------------------------- distributed helpers
-
-def is_main(rank: int) -> bool:
-    return rank == 0
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def gather_rng_states(device: torch.device) -> list[dict]:
-    """The torch RNG states of every rank (CPU, and CUDA where used), gathered on every rank."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM's warnings before a time limit or preemption)."""
-
-    def __init__(self):
-        self.signal = None
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-
-    def close(self) -> None:
-        """Give the signals back to their previous handlers."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank was signalled."""
-        if not dist.is_initialized():
-            return self.signal is not None
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 # ---------------------------------------------------------------- the trainer
@@ -191,20 +142,47 @@ class Trainer:
         if a.cache_latents:
             self.train_data, self.val_data = (self.cached(d) for d in (self.train_set, self.val_set))
         pin = self.device.type == "cuda"
-        workers = a.num_workers if a.num_workers is not None else (4 if pin else 0)
+        self.workers = workers = self.loader_workers()
         self.train_loader, self.train_sampler = build_loader(self.train_data, a.batch_size, self.world_size, self.rank,
                                                              True, a.seed, workers, pin)
         self.val_loader, _ = build_loader(self.val_data, a.batch_size, self.world_size, self.rank, False, a.seed,
                                           workers, pin)
 
     def cached(self, dataset: WavPairsDataset) -> CachedLatents:
-        """The dataset with its latents from the cache, which rank 0 fills first if it is missing or stale."""
+        """The dataset with its latents from the cache. A missing or stale cache is filled by every rank, each
+        encoding its share of the pairs, and is complete and valid when this returns."""
         path = CachedLatents.path_for(dataset, self.codec.settings)
-        if self.main and CachedLatents.build(dataset, self.codec, path, self.device):
-            self.log(f"Latent cache written: {path}")
+        missing = [not os.path.isfile(path)]  # rank 0 decides, so no rank can see the file appear half-way
+        if dist.is_initialized():
+            dist.broadcast_object_list(missing, src=0)
+        if missing[0]:
+            partial = path + ".partial.npy"
+            if self.main:
+                CachedLatents.allocate(partial, len(dataset), self.codec.dim,
+                                       self.codec.num_frames(dataset.segment_samples))
+            if dist.is_initialized():
+                dist.barrier()
+            CachedLatents.fill(dataset, self.codec, partial, self.device, self.rank, self.world_size, self.main)
+            if dist.is_initialized():
+                dist.barrier()
+            if self.main:
+                os.replace(partial, path)
+                self.log(f"Latent cache written: {path}")
         if dist.is_initialized():
             dist.barrier()
         return CachedLatents(dataset, path)
+
+    def loader_workers(self) -> int:
+        """Data-loader workers of this rank: the CPUs it may use minus one for the training loop (none on CPU,
+        where the workers would take cores from the model), never more than that."""
+        spare = max(0, cpus_per_rank() - 1)
+        wanted = self.args.num_workers
+        if wanted is None:
+            return spare if self.device.type == "cuda" else 0
+        if wanted > spare:
+            self.log(f"⚠️  --num_workers {wanted} is more than this rank's {cpus_per_rank()} CPU(s) allow: "
+                     f"using {spare}")
+        return min(wanted, spare)
 
     @torch.no_grad()
     def fit_latent_norm(self, max_batches: int = 8) -> None:
@@ -465,7 +443,8 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"Run {a.run_name}: {len(self.train_set)} train / {len(self.val_set)} val pairs, "
                  f"{self.segment_samples / a.sample_rate:.2f} s segments, codec {a.codec} (D={self.codec.dim}), "
-                 f"{n_params / 1e6:.2f}M parameters, {self.world_size} process(es) on {self.device.type}")
+                 f"{n_params / 1e6:.2f}M parameters, {self.world_size} process(es) on {self.device.type}, "
+                 f"{self.workers} data-loader worker(s) and {torch.get_num_threads()} thread(s) per process")
 
     def fit(self) -> int:
         a = self.args
@@ -487,6 +466,9 @@ class Trainer:
                 self.save("checkpoint_last.pt")
                 self.log(f"🛑 {self.stop.signal or 'stop signal'} received: saved checkpoint_last.pt at epoch "
                          f"{self.epoch + 1}, batch {self.batch_in_epoch}; continue with --resume auto")
+                job = os.environ.get("SLURM_JOB_ID")
+                if self.main and job and a.requeue:
+                    self.log(requeue_slurm_job(job))
                 return 0
             val = self.validate()
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -565,6 +547,10 @@ def run(rank: int, world_size: int, local_rank: int, args) -> int:
         if dist.is_initialized():
             dist.barrier()
         trainer = Trainer(rank, world_size, local_rank, args)
+        if args.prepare_only:
+            trainer.log(f"✅ Checked {len(trainer.train_set)} train and {len(trainer.val_set)} val pairs; their latent "
+                        f"caches are complete. Train with --cache_latents (no checkpoint was written).")
+            return 0
         return trainer.fit()
     except (BadDataError, CheckpointError, CodecUnavailable, FileNotFoundError, TrainingError) as err:
         if is_main(rank):
