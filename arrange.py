@@ -18,7 +18,7 @@ import torch
 
 from audio_codec import CodecUnavailable
 from checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
-from losses import mask_metrics
+from losses import input_share, mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
 
 
@@ -223,8 +223,11 @@ def main(argv=None) -> int:
         plot_masks(args.mask_plot, masks, song, loop_to_length(other, len(song)), out, sr, codec.hop_length, attention,
                    title=os.path.basename(args.output))
     metrics = mask_metrics(*masks)
-    print(f"{args.output}: {len(out) / sr:.1f} s at {sr} Hz | complementarity {metrics['complementarity']:.1f}%, "
-          f"coverage {metrics['coverage']:.1f}%, balance {metrics['balance']:.2f}")
+    share = input_share(out[None, None], song[None, None], loop_to_length(other, len(song))[None, None]).item()
+    change = temporal_variation(masks[0][None]).item()
+    print(f"{args.output}: {len(out) / sr:.1f} s at {sr} Hz | input share {share:.2f}, temporal variation "
+          f"{change:.2f} | complementarity {metrics['complementarity']:.1f}%, coverage {metrics['coverage']:.1f}%, "
+          f"balance {metrics['balance']:.2f}")
     return 0
 
 

@@ -60,6 +60,8 @@ def test_arrange_any_length_rate_and_channels(tmp_path, checkpoints, kind, in_s,
     assert is_png(plot)
     line = capsys.readouterr().out
     assert "complementarity" in line and "coverage" in line and "balance" in line
+    share = float(re.search(r"input share (\d\.\d\d)", line).group(1))
+    assert 0.0 <= share <= 1.0 and "temporal variation" in line
 
 
 def test_arrange_hard_masks_are_complementary(checkpoints):
