@@ -27,13 +27,16 @@ def magnitude(wave: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     return spec.abs()
 
 
+def spectral_distance(mag_out: torch.Tensor, mag_ref: torch.Tensor) -> torch.Tensor:
+    """Spectral convergence + mean absolute log-magnitude difference of two magnitude spectrograms."""
+    convergence = torch.linalg.norm(mag_ref - mag_out) / (torch.linalg.norm(mag_ref) + 1e-7)
+    return convergence + (torch.log(mag_out + 1e-7) - torch.log(mag_ref + 1e-7)).abs().mean()
+
+
 def stft_loss(output: torch.Tensor, reference: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     """Spectral convergence + mean absolute log-magnitude difference at one resolution."""
     _check_pair(output, reference)
-    mag_out, mag_ref = magnitude(output, n_fft, hop), magnitude(reference, n_fft, hop)
-    convergence = torch.linalg.norm(mag_ref - mag_out) / (torch.linalg.norm(mag_ref) + 1e-7)
-    log_mag = (torch.log(mag_out + 1e-7) - torch.log(mag_ref + 1e-7)).abs().mean()
-    return convergence + log_mag
+    return spectral_distance(magnitude(output, n_fft, hop), magnitude(reference, n_fft, hop))
 
 
 def multi_resolution_stft_loss(output: torch.Tensor, reference: torch.Tensor,
@@ -60,10 +63,13 @@ def log_mel_loss(output: torch.Tensor, reference: torch.Tensor, sample_rate: int
                  n_fft: int = 1024, hop: int = 256, n_mels: int = 64) -> torch.Tensor:
     """Mean absolute difference of log-mel spectrograms."""
     _check_pair(output, reference)
-    fb = mel_filterbank(sample_rate, n_fft, n_mels, output.device)
-    mel_out = fb @ magnitude(output, n_fft, hop)
-    mel_ref = fb @ magnitude(reference, n_fft, hop)
-    return (torch.log(mel_out + 1e-5) - torch.log(mel_ref + 1e-5)).abs().mean()
+    return mel_distance(magnitude(output, n_fft, hop), magnitude(reference, n_fft, hop), sample_rate, n_mels)
+
+
+def mel_distance(mag_out: torch.Tensor, mag_ref: torch.Tensor, sample_rate: int, n_mels: int = 64) -> torch.Tensor:
+    """Mean absolute difference of the log-mel spectrograms of two magnitude spectrograms."""
+    fb = mel_filterbank(sample_rate, 2 * (mag_out.shape[-2] - 1), n_mels, mag_out.device)
+    return (torch.log(fb @ mag_out + 1e-5) - torch.log(fb @ mag_ref + 1e-5)).abs().mean()
 
 
 LOSS_WEIGHT_NAMES = ("wave_input", "wave_target", "stft_input", "stft_target", "mel_input", "mel_target", "far_lsd")
@@ -82,19 +88,34 @@ def reconstruction_loss(output: torch.Tensor, input_wave: torch.Tensor, target_w
     unknown = set(weights) - set(LOSS_WEIGHT_NAMES)
     if unknown:
         raise ValueError(f"unknown loss weights {sorted(unknown)}: expected names from {LOSS_WEIGHT_NAMES}")
-    fns = {"wave": rms_loss, "stft": multi_resolution_stft_loss,
-           "mel": lambda o, r: log_mel_loss(o, r, sample_rate)}
+    for reference in (input_wave, target_wave):
+        _check_pair(output, reference)
+    # one STFT per resolution for output, input and target together; every spectral term reads from it
+    resolutions = set(STFT_RESOLUTIONS) if weights["stft_input"] or weights["stft_target"] else set()
+    if weights["far_lsd"] or weights["mel_input"] or weights["mel_target"]:
+        resolutions.add((1024, 256))
+    stacked = torch.cat([output, input_wave, target_wave])
+    mags = {res: magnitude(stacked, *res).chunk(3) for res in sorted(resolutions)}
+
+    def term(name: str) -> torch.Tensor:
+        if name == "far_lsd":
+            out, inp, tgt = mags[(1024, 256)]
+            per_example = torch.maximum(lsd_of_magnitudes(out, inp), lsd_of_magnitudes(out, tgt))
+            return per_example.view(output.shape[0], -1).mean()
+        kind, source = name.split("_")
+        k = 1 if source == "input" else 2
+        if kind == "wave":
+            return rms_loss(output, (input_wave, target_wave)[k - 1])
+        if kind == "stft":
+            return sum(spectral_distance(mags[r][0], mags[r][k]) for r in STFT_RESOLUTIONS) / len(STFT_RESOLUTIONS)
+        return mel_distance(mags[(1024, 256)][0], mags[(1024, 256)][k], sample_rate)
+
     total, terms = output.new_zeros(()), {}
     for name, weight in weights.items():
-        if weight == 0:
-            continue
-        if name == "far_lsd":
-            value = farther_song_loss(output, input_wave, target_wave)
-        else:
-            kind, source = name.split("_")
-            value = fns[kind](output, input_wave if source == "input" else target_wave)
-        terms[name] = value.detach()
-        total = total + weight * value
+        if weight:
+            value = term(name)
+            terms[name] = value.detach()
+            total = total + weight * value
     return total, terms
 
 
@@ -118,9 +139,14 @@ def lsd_per_example(output: torch.Tensor, reference: torch.Tensor, n_fft: int = 
     """Log-spectral distance [B] in nepers (dB / 8.69): RMS over frequency of the log-magnitude difference,
     averaged over frames. Differentiable, so it serves as a loss as well as a metric."""
     _check_pair(output, reference)
-    diff = torch.log(magnitude(output, n_fft, hop) + 1e-5) - torch.log(magnitude(reference, n_fft, hop) + 1e-5)
-    per_frame = (diff.square().mean(dim=-2) + 1e-8).sqrt()  # [B, frames]
-    return per_frame.mean(dim=-1).view(output.shape[0], -1).mean(dim=-1)
+    return lsd_of_magnitudes(magnitude(output, n_fft, hop), magnitude(reference, n_fft, hop)).view(
+        output.shape[0], -1).mean(dim=-1)
+
+
+def lsd_of_magnitudes(mag_out: torch.Tensor, mag_ref: torch.Tensor) -> torch.Tensor:
+    """Log-spectral distance [N] (nepers) of magnitude spectrograms [N, F, frames]."""
+    diff = torch.log(mag_out + 1e-5) - torch.log(mag_ref + 1e-5)
+    return (diff.square().mean(dim=-2) + 1e-8).sqrt().mean(dim=-1)
 
 
 def farther_song_loss(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Tensor) -> torch.Tensor:
