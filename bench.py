@@ -110,16 +110,18 @@ class Bench:
         self.model = SimpleTransformer(encoding_dim=self.codec.dim, use_creative_agent=args.use_creative_agent,
                                        use_sdpa=args.sdpa).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=self.device.type == "cuda" or None)
-        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.cuda_graphs = args.cuda_graphs
+        self.forward = (torch.compile(self.model, mode="reduce-overhead" if args.cuda_graphs else None)
+                        if args.compile or args.cuda_graphs else self.model)
         self.amp = args.amp == "bf16" and self.device.type == "cuda"
         self.norm = LatentNorm(self.codec.dim).to(self.device)
         b = args.batch_size
         self.z = [torch.randn(b, self.codec.dim, self.frames, device=self.device) for _ in range(2)]
         self.waves = [0.1 * torch.randn(b, 1, self.samples, device=self.device) for _ in range(2)]
 
-    def model_loss(self) -> torch.Tensor:
+    def model_loss(self, model=None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out, reg = self.forward(*self.z)
+            out, reg = (model or self.forward)(*self.z)
             loss = out.float().square().mean()
         return loss + 0.1 * reg if reg is not None else loss
 
@@ -134,14 +136,16 @@ class Bench:
         return loss + 0.1 * reg if reg is not None else loss
 
     def step(self, loss_fn) -> None:
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         self.optimizer.zero_grad(set_to_none=True)
         loss_fn().backward()
         self.optimizer.step()
 
     def model_flops(self) -> float:
         register_cpu_attention_flops()
-        with FlopCounterMode(display=False) as counter:
-            self.model_loss().backward()
+        with FlopCounterMode(display=False) as counter:  # on the eager model: the counter's hooks would
+            self.model_loss(self.model).backward()  # otherwise break or bypass the compiled graph
         self.optimizer.zero_grad(set_to_none=True)
         return float(counter.get_total_flops())
 
@@ -187,7 +191,8 @@ def run(args) -> dict:
                 f" {torch.get_num_threads()} threads)",
                 config=dict(batch_size=args.batch_size, seconds=args.seconds, codec=args.codec, frames=bench.frames,
                             use_creative_agent=args.use_creative_agent, amp=args.amp if device.type == "cuda" else
-                            "none", compile=args.compile, sdpa=args.sdpa, num_workers=args.num_workers,
+                            "none", compile=args.compile, cuda_graphs=args.cuda_graphs, sdpa=args.sdpa,
+                            num_workers=args.num_workers,
                             parameters=sum(p.numel() for p in bench.model.parameters())),
                 step_ms=step_s * 1e3, e2e_step_ms=e2e_s * 1e3, frames_per_s=args.batch_size * bench.frames / step_s,
                 model_tflop_per_step=flops / 1e12, achieved_tflops=achieved, peak_tflops=peak,
@@ -217,7 +222,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--codec", default="mdct", choices=("mdct", "encodec"),
                    help="mdct, or encodec with random weights (same speed as the real ones)")
     p.add_argument("--use_creative_agent", type=str2bool, default=True, help="include the agent (default true)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (FLOPs still counted eagerly)")
+    p.add_argument("--cuda_graphs", action="store_true", help="compile with CUDA graphs (mode reduce-overhead)")
     p.add_argument("--amp", default="bf16", choices=("bf16", "none"), help="bf16 autocast on CUDA (default)")
     p.add_argument("--sdpa", type=str2bool, default=True, help="fused attention kernels (default true)")
     p.add_argument("--num_workers", type=int, default=None, help="loader workers (default 4 GPU, 0 CPU)")

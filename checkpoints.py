@@ -10,6 +10,7 @@ import os
 import torch
 
 from audio_codec import LatentNorm, build_codec
+from creative_agent import TERM_WEIGHTS
 from model_simple_transformer import SimpleTransformer
 from pairs_dataset import path_problem
 
@@ -31,7 +32,19 @@ def build_model(config: dict, codec_dim: int) -> SimpleTransformer:
         anti_cheating=config["anti_cheating"], use_creative_agent=config["use_creative_agent"],
         mask_type=config["mask_type"], temporal_segment_frames=config.get("temporal_segment_frames", 32),
         frequency_split=config.get("frequency_split", 0.5), use_sdpa=config.get("sdpa", True),
-        gates=config.get("agent_gates", "cell"))  # runs made before frame gates existed decided every cell
+        gates=config.get("agent_gates", "cell"),  # runs made before frame gates existed decided every cell
+        **extra_balance(config))
+
+
+def extra_balance(config: dict) -> dict:
+    """--balance_loss_weight W adds W x the balance term to the training loss: folded into the agent's own balance
+    weight (loss = mask_reg_weight x reg), so the model needs to hand nothing back but its regularisation."""
+    extra, reg_weight = config.get("balance_loss_weight", 0.0), config.get("mask_reg_weight", 0.1)
+    if not extra or not config["use_creative_agent"]:
+        return {}
+    if reg_weight <= 0:
+        raise ValueError("--balance_loss_weight needs --mask_reg_weight > 0 (it weighs a term of the regularisation)")
+    return {"balance_weight": TERM_WEIGHTS["balance"] + extra / reg_weight}
 
 
 def loss_weights(config: dict) -> dict[str, float]:

@@ -24,6 +24,12 @@ def check_latent_pair(encoded_input: torch.Tensor, encoded_target: torch.Tensor,
                          f"{tuple(encoded_input.shape)} and {tuple(encoded_target.shape)}")
 
 
+def keeps_state() -> bool:
+    """Whether a forward may keep its masks, terms and attention on the module for metrics and pictures: in eager
+    runs, yes; inside torch.compile, no, so that no graph output outlives its step (CUDA graphs reuse that memory)."""
+    return not torch.compiler.is_compiling()
+
+
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
     """Fixed sinusoidal position codes [length, dim] (no parameters, any length)."""
     pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
@@ -71,6 +77,11 @@ def novelty(latent: torch.Tensor, smooth_frames: int = 9) -> torch.Tensor:
 
 
 GATES = ("frame", "cell")
+# Weights of the regularisation terms. The masks are pushed to be decided (complementarity), to give each song half
+# of every example (balance by area, share by energy), to keep the loud parts rather than the gaps (presence), to
+# change over time (diversity) and to switch where the music changes rather than anywhere (switching). Together
+# with the reconstruction loss's `far_lsd` term (closeness to the farther song) they decide which song is heard when.
+TERM_WEIGHTS = dict(complementarity=30.0, balance=30.0, diversity=10.0, switching=10.0, presence=10.0, share=30.0)
 
 
 class AttentionMaskGenerator(nn.Module):
@@ -84,22 +95,17 @@ class AttentionMaskGenerator(nn.Module):
     `gates="cell"` decides every channel x frame cell on its own.
     """
 
-    # Term weights. The agent's masks are pushed to be decided (complementarity), to give each song half of every
-    # example (balance), to change over time (diversity) and to switch where the music changes rather than
-    # anywhere (switching). The reconstruction loss's `far_lsd` term decides where each song is heard.
-    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4,
-                 complementarity_weight: float = 30.0, balance_weight: float = 30.0,
-                 diversity_weight: float = 10.0, switching_weight: float = 10.0, presence_weight: float = 10.0,
-                 share_weight: float = 30.0, gates: str = "frame",
-                 gate_frames: int = 16):
+    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gates: str = "frame",
+                 gate_frames: int = 16, **term_weights: float):
         super().__init__()
         if gates not in GATES:
             raise ValueError(f"unknown gates {gates!r}: expected one of {', '.join(GATES)}")
-        self.encoding_dim, self.gates = encoding_dim, gates
-        self.gate_frames = gate_frames
-        self.weights = dict(complementarity=complementarity_weight, balance=balance_weight,
-                            diversity=diversity_weight, switching=switching_weight, presence=presence_weight,
-                            share=share_weight)
+        unknown = set(term_weights) - {f"{name}_weight" for name in TERM_WEIGHTS}
+        if unknown:
+            raise ValueError(f"unknown term weights {sorted(unknown)}: expected NAME_weight for NAME in "
+                             f"{', '.join(TERM_WEIGHTS)}")
+        self.encoding_dim, self.gates, self.gate_frames = encoding_dim, gates, gate_frames
+        self.weights = {name: term_weights.get(f"{name}_weight", w) for name, w in TERM_WEIGHTS.items()}
         self.input_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         self.target_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         self.attention = CrossAttention(hidden_dim, num_heads)
@@ -121,7 +127,8 @@ class AttentionMaskGenerator(nn.Module):
         # (with positions the agent learns one fixed pattern, "first half input, then target", for every pair)
         a_in, weights = self.attention(f_in, f_tgt, return_weights=self.keep_attention)
         a_tgt, _ = self.attention(f_tgt, f_in)
-        self.last_attention = weights.detach() if weights is not None else None
+        if keeps_state():
+            self.last_attention = weights.detach() if weights is not None else None
         d = encoded_input.shape[1]
         score = (self._score(self.input_head, self.norm_input, f_in, a_in)
                  - self._score(self.target_head, self.norm_target, f_tgt, a_tgt))
@@ -158,7 +165,8 @@ class AttentionMaskGenerator(nn.Module):
             "presence": (1.0 - 2.0 * kept / total).mean(),  # 0 for an even split of equally loud songs
             "share": ((kept_in - kept_tgt) / kept).square().mean(),
         }
-        self.last_terms = terms  # scalar tensors of the last forward, with their graph (the trainer may weight one)
+        if keeps_state():
+            self.last_terms = terms  # scalar tensors of the last forward, with their graph
         return sum(self.weights[name] * value for name, value in terms.items())
 
 
@@ -202,7 +210,8 @@ class CreativeAgent(nn.Module):
         if hard:
             input_mask = (input_mask >= target_mask).to(input_mask.dtype)
             target_mask = 1.0 - input_mask
-        self.last_masks = (input_mask.detach(), target_mask.detach())
+        if keeps_state():
+            self.last_masks = (input_mask.detach(), target_mask.detach())
         return encoded_input * input_mask, encoded_target * target_mask, reg_loss
 
     def _need_discriminator(self) -> StyleDiscriminator:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from creative_agent import CreativeAgent, check_latent_pair, sinusoidal_positions
+from creative_agent import CreativeAgent, check_latent_pair, keeps_state, sinusoidal_positions
 from fixed_masks import MASK_TYPES, make_fixed_masks
 
 
@@ -69,7 +69,7 @@ class SimpleTransformer(nn.Module):
     """`encoded_output, mask_reg_loss = model(encoded_input, encoded_target)` on normalised latents [B, D, T].
 
     `mask_reg_loss` is None without the creative agent. `last_masks` holds the (input, target) masks of the
-    last forward, detached, for metrics and pictures.
+    last eager forward, detached, for metrics and pictures; a compiled forward keeps nothing (CUDA-graph safe).
     """
 
     def __init__(self, encoding_dim: int = 128, nhead: int = 8, num_layers: int = 6, num_transformer_layers: int = 2,
@@ -100,15 +100,17 @@ class SimpleTransformer(nn.Module):
         return self.creative_agent is not None
 
     def masked_sources(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False):
-        """(masked input, masked target, mask_reg_loss or None); sets `last_masks`."""
+        """(masked input, masked target, mask_reg_loss or None); sets `last_masks` (in eager runs)."""
         if self.creative_agent is not None:
-            agent = self.creative_agent
-            masked_in, masked_tgt, reg = agent.generate_creative_masks(encoded_input, encoded_target, hard)
-            self.last_masks = agent.last_masks
+            masked_in, masked_tgt, reg = self.creative_agent.generate_creative_masks(encoded_input, encoded_target,
+                                                                                     hard)
+            if keeps_state():
+                self.last_masks = self.creative_agent.last_masks
             return masked_in, masked_tgt, reg
         m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target,
                                        self.temporal_segment_frames, self.frequency_split)
-        self.last_masks = (m_in.detach(), m_tgt.detach())
+        if keeps_state():
+            self.last_masks = (m_in.detach(), m_tgt.detach())
         if self.mask_type == "none":
             return encoded_input, encoded_target, None
         return encoded_input * m_in, encoded_target * m_tgt, None

@@ -90,7 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     g.add_argument("--amp", default="bf16", choices=("bf16", "none"), help="bf16 autocast on CUDA (default bf16)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--cuda_graphs", action="store_true",
+                   help="with --compile: CUDA graphs (mode reduce-overhead) to save kernel launches on GPUs")
     g.add_argument("--cache_latents", action="store_true",
                    help="encode the pairs once into a memory-mapped cache (SPLIT/.latent_cache), skipping the encoder")
     g.add_argument("--sdpa", type=str2bool, default=True, help="fused scaled_dot_product_attention (default true)")
@@ -116,6 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.run_name = args.run_name or f"{mode}_{time.strftime('%Y%m%d_%H%M%S')}"
     args.segment_samples = round(args.segment_seconds * args.sample_rate) if args.segment_seconds else None
     args.cache_latents = args.cache_latents or args.prepare_only
+    args.compile = args.compile or args.cuda_graphs
     return args
 
 

@@ -84,7 +84,8 @@ class Trainer:
         self.ddp = (DDP(self.model, device_ids=[self.device.index] if use_cuda else None,
                         gradient_as_bucket_view=True, find_unused_parameters=False)
                     if world_size > 1 else self.model)
-        self.forward = torch.compile(self.ddp) if args.compile else self.ddp
+        self.forward = (torch.compile(self.ddp, mode="reduce-overhead" if args.cuda_graphs else None)
+                        if args.compile else self.ddp)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            fused=use_cuda or None)
         if self.disc is not None:  # trained by its own step on detached latents (see discriminator_step)
@@ -222,9 +223,6 @@ class Trainer:
         terms["recon_loss"] = loss.detach()
         if reg is not None:
             loss = loss + self.args.mask_reg_weight * reg
-            agent = self.model.creative_agent.mask_generator
-            if self.args.balance_loss_weight:
-                loss = loss + self.args.balance_loss_weight * agent.last_terms["balance"]
             terms["mask_reg_loss"] = reg.detach()
         if self.disc is not None:
             loss = loss + self.args.adversarial_weight * self.generator_loss(z_out.float(), z_tgt, terms)
@@ -257,6 +255,8 @@ class Trainer:
     def train_step(self, batch: list[torch.Tensor]) -> dict | None:
         """One optimiser step; None when the loss or the gradients were not finite (the step is skipped)."""
         self.ddp.train()
+        if self.args.cuda_graphs:  # the outputs of the last step are dead: CUDA graphs may reuse their memory
+            torch.compiler.cudagraph_mark_step_begin()
         loss, terms, _ = self.compute_loss(batch, self.forward)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # a non-finite loss on any rank makes the all-reduced gradients non-finite on all ranks

@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, SR, tiny_args
 
 from audio_codec import MDCTCodec
+from model_simple_transformer import SimpleTransformer
 from pairs_dataset import CachedLatents, WavPairsDataset
 from train_simple_worker import run
 
@@ -34,13 +35,36 @@ def test_fast_path_switches_change_no_result(tmp_path, pairs_dir, reference, swi
         assert got == pytest.approx(want, rel=5e-4, abs=1e-5)
 
 
-def test_compile_changes_no_result(tmp_path, pairs_dir, reference):
+@pytest.mark.parametrize("flags", [["--compile"], ["--compile", "--cuda_graphs"]])
+def test_compile_changes_no_result(tmp_path, pairs_dir, reference, flags):
+    """--compile (and CUDA graphs, which on a CPU compile the same way) trains, validates and resumes alike."""
     try:
-        losses = train_losses(tmp_path, pairs_dir, "--compile")
+        losses = train_losses(tmp_path, pairs_dir, *flags)
     except Exception as err:  # no C++ toolchain for inductor on this machine
         pytest.skip(f"torch.compile is not usable here: {str(err).splitlines()[0][:200]}")
     for got, want in zip(losses, reference, strict=True):
         assert got == pytest.approx(want, rel=1e-3, abs=1e-4)
+    args = tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--num_epochs", "3", "--dropout", "0",
+                     "--resume", "auto", *flags)
+    assert run(0, 1, 0, args) == 0
+    with open(tmp_path / "logs" / "run" / "metrics.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
+
+
+def test_a_compiled_forward_keeps_no_graph_output():
+    """CUDA graphs reuse the memory of a step's outputs: a compiled forward must leave no tensor on the modules."""
+    torch.manual_seed(0)
+    model = SimpleTransformer(encoding_dim=16, nhead=2, num_layers=1, use_creative_agent=True, agent_hidden_dim=16)
+    x, y = torch.randn(2, 16, 24), torch.randn(2, 16, 24)
+    try:
+        out, reg = torch.compile(model)(x, y)
+    except Exception as err:  # no C++ toolchain for inductor on this machine
+        pytest.skip(f"torch.compile is not usable here: {str(err).splitlines()[0][:200]}")
+    (out.square().mean() + reg).backward()
+    generator = model.creative_agent.mask_generator
+    assert model.last_masks is None and model.creative_agent.last_masks is None and generator.last_terms == {}
+    model(x, y)  # an eager forward keeps them for metrics and pictures
+    assert model.last_masks[0].shape == (2, 16, 24) and "balance" in generator.last_terms
 
 
 def test_latent_cache_hit_and_misses(tmp_path, pairs_dir):
