@@ -16,8 +16,9 @@ from train_simple_worker import run
 
 
 def train_losses(tmp_path, pairs_dir, *switches):
+    # soft cell gates: with hard frame gates, float noise could tip a frame at the threshold and hide the comparison
     args = tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--num_epochs", "2", "--dropout", "0",
-                     *switches)
+                     "--agent_gates", "cell", *switches)
     assert run(0, 1, 0, args) == 0
     with open(tmp_path / "logs" / "run" / "metrics.jsonl") as f:
         return [(r["train_loss"], r["val_loss"], r["complementarity"]) for r in map(json.loads, f)]
@@ -45,7 +46,7 @@ def test_compile_changes_no_result(tmp_path, pairs_dir, reference, flags):
     for got, want in zip(losses, reference, strict=True):
         assert got == pytest.approx(want, rel=1e-3, abs=1e-4)
     args = tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--num_epochs", "3", "--dropout", "0",
-                     "--resume", "auto", *flags)
+                     "--agent_gates", "cell", "--resume", "auto", *flags)
     assert run(0, 1, 0, args) == 0
     with open(tmp_path / "logs" / "run" / "metrics.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
