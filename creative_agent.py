@@ -76,6 +76,24 @@ def novelty(latent: torch.Tensor, smooth_frames: int = 9) -> torch.Tensor:
     return flux / flux.amax(dim=-1, keepdim=True).clamp_min(1e-8)
 
 
+def frame_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """How different two latents [B, D, T] sound at each frame [B, T]: the RMS over channels of the difference of
+    their log magnitudes (a log-spectral distance in the codec's domain)."""
+    diff = torch.log(x.detach().float().abs() + 1e-3) - torch.log(y.detach().float().abs() + 1e-3)
+    return diff.square().mean(dim=1).sqrt()
+
+
+def even_split(score: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per example, the threshold [B, 1, 1] on `score` [B, 1, T] that puts half of the total `weight` [B, 1, T] on
+    each side (a weighted median). With the songs' frame distance as the weight, the frames taken from the target
+    are as far from the input as the frames taken from the input are from the target: the arrangement stays as
+    close to one song as to the other in every pair, while the score decides which frames go where."""
+    order = score.detach().argsort(dim=-1, descending=True)
+    cumulative = weight.gather(-1, order).cumsum(dim=-1)
+    half = (cumulative < 0.5 * cumulative[..., -1:]).sum(dim=-1, keepdim=True).clamp(max=score.shape[-1] - 1)
+    return score.detach().gather(-1, order).gather(-1, half)
+
+
 GATES = ("frame", "cell")
 # Weights of the regularisation terms. The masks are pushed to be decided (complementarity), to give each song half
 # of every example (balance by area, share by energy), to keep the loud parts rather than the gaps (presence), to
@@ -136,9 +154,9 @@ class AttentionMaskGenerator(nn.Module):
             score = score.sum(dim=1, keepdim=True) / math.sqrt(d)  # unit scale for independent channel scores
             k = self.gate_frames | 1  # odd: centred
             score = F.avg_pool1d(score, k, stride=1, padding=k // 2, count_include_pad=False)
-            # relative to the pair's own mean: which passages favour the input over the target *in this pair*, so
-            # no global leaning towards one song can build up (each pair is shared out about evenly)
-            score = (score - score.mean(dim=-1, keepdim=True)).expand(-1, d, -1)
+            distance = F.avg_pool1d(frame_distance(encoded_input, encoded_target)[:, None], k, stride=1,
+                                    padding=k // 2, count_include_pad=False)
+            score = (score - even_split(score, distance)).expand(-1, d, -1)
         input_mask = torch.sigmoid(score.float())  # = softmax over the two sources' scores
         if self.gates == "frame":  # decided frames (straight-through: the soft mask's gradient)
             input_mask = input_mask + ((input_mask > 0.5).to(input_mask.dtype) - input_mask).detach()

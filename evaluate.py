@@ -161,10 +161,10 @@ body {{ font-family: sans-serif; margin: 1.5em; }} table {{ border-collapse: col
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }} td.best {{ background: #d8f0d8; }}
 .sources, .grid {{ display: flex; flex-wrap: wrap; gap: 1em; }} .approach {{ width: 460px; }}
 .approach img {{ width: 100%; border: 1px solid #ddd; }} figure {{ margin: 0.3em 0; }}
-figcaption {{ font-weight: bold; }} li {{ font-size: 0.9em; }}
+figcaption {{ font-weight: bold; }} li {{ font-size: 0.9em; }} .wide {{ overflow-x: auto; }}
 </style></head><body>
 <h1>Evaluation on {html.escape(dataset_folder)} ({pairs} validation pairs)</h1>
-<table><tr><th>approach</th>{head}</tr>{body}</table>
+<div class="wide"><table><tr><th>approach</th>{head}</tr>{body}</table></div>
 <p>Green: the best approach on that metric.</p><ul>{legend}</ul>
 <p><a href="plots/comparison.png">All metrics as bars</a> · <a href="metrics.csv">metrics.csv</a>
  · <a href="report.md">report.md</a></p>
