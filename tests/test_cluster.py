@@ -148,22 +148,12 @@ def test_encodec_cache_key_includes_the_weights():
 
 
 def test_slurm_script_prepare_mode_and_several_nodes(tmp_path, pairs_dir):
-    from test_training import fake_srun
+    from test_training import slurm_job
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_srun(bin_dir)
-    work = tmp_path / "work"
-    work.mkdir()
-    for name in os.listdir(ROOT):
-        if name.endswith(".py"):
-            os.symlink(os.path.join(ROOT, name), work / name)
     dataset = shutil.copytree(pairs_dir, tmp_path / "pairs")
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-               PYTHON=sys.executable, SLURM_NTASKS="2", SLURM_NNODES="2", SLURM_JOB_ID="4243",
-               SLURM_SUBMIT_DIR=str(work), SLURM_CPUS_PER_TASK="1", DATASET=str(dataset), PREPARE="1",
-               EXTRA_ARGS=f"--sample_rate {SR} --codec_dim 32 --num_layers 1 --nhead 2 --device cpu")
-    env.pop("RANK", None)
+    work, env = slurm_job(tmp_path, SLURM_NTASKS="2", SLURM_NNODES="2", SLURM_JOB_ID="4243", DATASET=str(dataset),
+                          PREPARE="1", EXTRA_ARGS=f"--sample_rate {SR} --codec_dim 32 --num_layers 1 --nhead 2 "
+                                                  "--device cpu")
     result = subprocess.run(["bash", os.path.join(ROOT, "submit_creative_agent.sh")], env=env, cwd=work,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

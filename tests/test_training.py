@@ -190,7 +190,8 @@ def test_slurm_script_syntax():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "submit_creative_agent.sh")], check=True)
 
 
-def test_slurm_script_runs_two_cpu_processes(tmp_path, pairs_dir):
+def slurm_job(tmp_path, **env):
+    """A job folder holding the project's scripts, and the environment of a stand-in SLURM job running there."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake_srun(bin_dir)
@@ -200,11 +201,15 @@ def test_slurm_script_runs_two_cpu_processes(tmp_path, pairs_dir):
         if name.endswith(".py"):
             os.symlink(os.path.join(ROOT, name), work / name)
     python_dir = os.path.dirname(sys.executable)  # the suite's Python, whether or not its environment is active
-    env = dict(os.environ, PATH=f"{bin_dir}:{python_dir}:{os.environ['PATH']}", PYTHON=sys.executable,
-               SLURM_NTASKS="2", SLURM_JOB_ID="4242",
-               SLURM_SUBMIT_DIR=str(work), SLURM_CPUS_PER_TASK="1", DATASET=pairs_dir, EPOCHS="1",
-               EXTRA_ARGS=f"--sample_rate {SR} --codec_dim 32 --num_layers 1 --nhead 2 --device cpu")
-    env.pop("RANK", None)
+    environment = dict(os.environ, PATH=f"{bin_dir}:{python_dir}:{os.environ['PATH']}", PYTHON=sys.executable,
+                       SLURM_SUBMIT_DIR=str(work), SLURM_CPUS_PER_TASK="1", **env)
+    environment.pop("RANK", None)
+    return work, environment
+
+
+def test_slurm_script_runs_two_cpu_processes(tmp_path, pairs_dir):
+    work, env = slurm_job(tmp_path, SLURM_NTASKS="2", SLURM_JOB_ID="4242", DATASET=pairs_dir, EPOCHS="1",
+                          EXTRA_ARGS=f"--sample_rate {SR} --codec_dim 32 --num_layers 1 --nhead 2 --device cpu")
     result = subprocess.run(["bash", os.path.join(ROOT, "submit_creative_agent.sh")], env=env, cwd=work,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
