@@ -37,8 +37,8 @@ def test_fast_path_switches_change_no_result(tmp_path, pairs_dir, reference, swi
 
 
 def test_compile_changes_no_result(tmp_path, pairs_dir, reference):
-    """--compile --cuda_graphs trains, validates and resumes alike (on a CPU, CUDA graphs compile as plain --compile
-    does, so this covers both)."""
+    """--compile --cuda_graphs trains and validates alike (on a CPU, CUDA graphs compile as plain --compile does,
+    so this covers both)."""
     flags = ["--compile", "--cuda_graphs"]
     try:
         losses = train_losses(tmp_path, pairs_dir, *flags)
@@ -46,11 +46,6 @@ def test_compile_changes_no_result(tmp_path, pairs_dir, reference):
         pytest.skip(f"torch.compile is not usable here: {str(err).splitlines()[0][:200]}")
     for got, want in zip(losses, reference, strict=True):
         assert got == pytest.approx(want, rel=1e-3, abs=1e-4)
-    args = tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--num_epochs", "3", "--dropout", "0",
-                     "--agent_gates", "cell", "--resume", "auto", *flags)
-    assert run(0, 1, 0, args) == 0
-    with open(tmp_path / "logs" / "run" / "metrics.jsonl") as f:
-        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
 
 
 def test_a_compiled_forward_keeps_no_graph_output():
