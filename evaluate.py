@@ -26,9 +26,7 @@ from arrange import arrange_latents, plot_masks, save_wave
 from audio_codec import CodecUnavailable
 from checkpoints import CheckpointError, load_checkpoint, loss_weights, model_from_checkpoint
 from losses import (
-    DB_PER_NEPER,
-    input_share,
-    lsd_per_example,
+    heard,
     mask_metrics,
     mask_variability,
     reconstruction_loss,
@@ -82,13 +80,14 @@ def evaluate_one(state: dict, path: str, dataset: WavPairsDataset, num_examples:
         out, masks, attention = arrange_latents(model, codec, norm, inp, tgt,
                                                 keep_attention=model.use_creative_agent and start == 0)
         seconds += time.perf_counter() - begin
-        loss, terms = reconstruction_loss(out, inp, tgt, sr, loss_weights(config))
-        lsd_in, lsd_tgt = (lsd_per_example(out, ref) * DB_PER_NEPER for ref in (inp, tgt))
+        loss, _ = reconstruction_loss(out, inp, tgt, sr, loss_weights(config))
+        listened = heard(out, inp, tgt)
         metrics = mask_metrics(*masks)
         values = dict(val_loss=float(loss), wave_input=float(rms_loss(out, inp)), wave_target=float(rms_loss(out, tgt)),
-                      lsd_input_db=float(lsd_in.mean()), lsd_target_db=float(lsd_tgt.mean()),
-                      lsd_max_db=float(torch.maximum(lsd_in, lsd_tgt).mean()),
-                      input_share=float(input_share(out, inp, tgt).mean()),
+                      lsd_input_db=float(listened["lsd_in_db"].mean()),
+                      lsd_target_db=float(listened["lsd_tgt_db"].mean()),
+                      lsd_max_db=float(listened["lsd_max_db"].mean()),
+                      input_share=float(listened["input_share"].mean()),
                       temporal_variation=float(temporal_variation(masks[0]).mean()), **metrics)
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value * len(batch)

@@ -169,7 +169,13 @@ def input_share(output: torch.Tensor, input_wave: torch.Tensor, target_wave: tor
     squares over all time-frequency cells, solved in closed form for two sources); the share is a / (a + b).
     Symmetric: swapping the songs gives 1 - share. Measured on the audio, so it counts loudness, not mask area.
     """
-    o, a, b = (magnitude(w, n_fft, hop).double().flatten(1) for w in (output, input_wave, target_wave))
+    o, a, b = magnitude(torch.cat([output, input_wave, target_wave]), n_fft, hop).chunk(3)
+    return share_of_magnitudes(o, a, b)
+
+
+def share_of_magnitudes(o: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """input_share from the magnitude spectrograms [B, F, frames] of output, input and target."""
+    o, a, b = (m.double().flatten(1) for m in (o, a, b))
     aa, bb, ab = (a * a).sum(1), (b * b).sum(1), (a * b).sum(1)
     ao, bo = (a * o).sum(1), (b * o).sum(1)
     det = (aa * bb - ab * ab).clamp_min(1e-30)
@@ -178,6 +184,17 @@ def input_share(output: torch.Tensor, input_wave: torch.Tensor, target_wave: tor
     wa = torch.where(only_b, torch.zeros_like(wa), torch.where(only_a, (ao / aa.clamp_min(1e-30)).clamp_min(0), wa))
     wb = torch.where(only_a, torch.zeros_like(wb), torch.where(only_b, (bo / bb.clamp_min(1e-30)).clamp_min(0), wb))
     return (wa / (wa + wb).clamp_min(1e-30)).float()
+
+
+@torch.no_grad()
+def heard(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Tensor,
+          n_fft: int = 1024, hop: int = 256) -> dict[str, torch.Tensor]:
+    """What a listener hears, per example [B], from one STFT of output, input and target: the log-spectral distances
+    (dB) to each song and to the farther one, and the input's share (see input_share)."""
+    o, a, b = magnitude(torch.cat([output, input_wave, target_wave]), n_fft, hop).chunk(3)
+    lsd_in, lsd_tgt = (lsd_of_magnitudes(o, ref).view(output.shape[0], -1).mean(-1) * DB_PER_NEPER for ref in (a, b))
+    return dict(lsd_in_db=lsd_in, lsd_tgt_db=lsd_tgt, lsd_max_db=torch.maximum(lsd_in, lsd_tgt),
+                input_share=share_of_magnitudes(o, a, b))
 
 
 @torch.no_grad()

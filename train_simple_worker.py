@@ -35,9 +35,7 @@ from checkpoints import (
 from creative_agent import StyleDiscriminator
 from distributed import StopFlag, all_reduce_sum, cpus_per_rank, gather_rng_states, is_main, requeue_slurm_job
 from losses import (
-    DB_PER_NEPER,
-    input_share,
-    lsd_per_example,
+    heard,
     mask_metrics,
     reconstruction_loss,
     rms_loss,
@@ -325,12 +323,12 @@ class Trainer:
         for batch in self.val_loader:
             _, terms, (out, inp, tgt) = self.compute_loss(batch, self.model)
             m_in, m_tgt = self.model.last_masks
+            heard_now = heard(out, inp, tgt)
             metrics = mask_metrics(m_in, m_tgt)
             b = batch[0].shape[0]
             values = [float(terms["recon_loss"]), float(terms["rms_in"]), float(terms["rms_tgt"]),
-                      float(lsd_per_example(out, inp).mean()) * DB_PER_NEPER,
-                      float(lsd_per_example(out, tgt).mean()) * DB_PER_NEPER,
-                      float(input_share(out, inp, tgt).mean()), float(temporal_variation(m_in).mean()),
+                      *(float(heard_now[k].mean()) for k in ("lsd_in_db", "lsd_tgt_db", "input_share")),
+                      float(temporal_variation(m_in).mean()),
                       metrics["complementarity"], metrics["coverage"], metrics["balance"]]
             sums = [s + v * b for s, v in zip(sums, values, strict=True)]
             count += b
