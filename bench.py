@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,6 +28,7 @@ from audio_codec import LatentNorm, MDCTCodec
 from losses import reconstruction_loss
 from model_simple_transformer import SimpleTransformer
 from train_simple_ddp import str2bool
+from train_simple_worker import step_if_finite
 
 # dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (without sparsity)
 GPU_PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -108,11 +110,13 @@ class Bench:
         self.frames = self.codec.num_frames(self.samples)
         torch.manual_seed(0)
         self.model = SimpleTransformer(encoding_dim=self.codec.dim, use_creative_agent=args.use_creative_agent,
-                                       use_sdpa=args.sdpa).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=self.device.type == "cuda" or None)
+                                       nhead=args.nhead, use_sdpa=args.sdpa).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.cuda_graphs = args.cuda_graphs
         self.forward = (torch.compile(self.model, mode="reduce-overhead" if args.cuda_graphs else None)
                         if args.compile or args.cuda_graphs else self.model)
+        compiled = args.compile or args.cuda_graphs  # as in training: the model, and the decoder with the loss
+        self.decode_loss = torch.compile(self.eager_decode_loss) if compiled else self.eager_decode_loss
         self.amp = args.amp == "bf16" and self.device.type == "cuda"
         self.norm = LatentNorm(self.codec.dim).to(self.device)
         b = args.batch_size
@@ -131,16 +135,22 @@ class Bench:
             z_in, z_tgt = (self.norm.normalize(self.codec.encode(w)) for w in (inp, tgt))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             z_out, reg = self.forward(z_in, z_tgt)
-        out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : self.samples]
-        loss, _ = reconstruction_loss(out, inp, tgt, self.codec.sample_rate)
+        loss = self.decode_loss(z_out, inp, tgt)
         return loss + 0.1 * reg if reg is not None else loss
 
+    def eager_decode_loss(self, z_out: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : self.samples]
+        return reconstruction_loss(out, inp, tgt, self.codec.sample_rate)[0]
+
     def step(self, loss_fn) -> None:
+        """The trainer's step: backward, gradient clipping, and an AdamW step skipped on the device if non-finite."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_fn().backward()
-        self.optimizer.step()
+        loss = loss_fn()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        step_if_finite(self.optimizer, torch.isfinite(loss) & torch.isfinite(grad_norm))
 
     def model_flops(self) -> float:
         register_cpu_attention_flops()
@@ -167,6 +177,49 @@ def loader_pairs_per_s(batch_size: int, seconds: float, num_workers: int, sample
         return pairs / (time.perf_counter() - start)
 
 
+def profile_table(bench: Bench, steps: int = 3, rows: int = 15) -> str:
+    """The kernels that take the most device time (CPU time on CPU) over `steps` model steps, as torch.profiler's
+    table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            bench.step(bench.model_loss)
+        sync(bench.device)
+    key = "self_cuda_time_total" if bench.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+
+
+def attention_backends(args) -> list[dict]:
+    """Forward + backward of one self-attention at each stage's width (default model, this batch and length) with
+    each fused backend and head count: what --nhead costs, and which kernel torch picks."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device, dtype = torch.device(args.device), torch.bfloat16 if args.device == "cuda" else torch.float32
+    frames = MDCTCodec().num_frames(int(args.seconds * 24000))
+    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    rows = []
+    for width in (256, 384):
+        for nhead in (8, 4, 2):
+            shape = (args.batch_size, nhead, frames, width // nhead)
+            q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            flops = 3 * 4 * args.batch_size * frames**2 * width  # forward 4 B T^2 C, backward twice that
+            for name, backend in backends.items():
+                def step(backend=backend, q=q, k=k, v=v):
+                    with sdpa_kernel(backend) if backend is not None else nullcontext():
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+                try:
+                    ms = time_steps(step, device, 2, args.steps) * 1e3
+                except RuntimeError as err:  # this backend does not take this shape or device
+                    rows.append(dict(width=width, nhead=nhead, backend=name, error=str(err).splitlines()[0][:80]))
+                    continue
+                rows.append(dict(width=width, nhead=nhead, head_dim=width // nhead, backend=name, ms=ms,
+                                 tflops=flops / ms / 1e9))
+    return rows
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -185,14 +238,16 @@ def run(args) -> dict:
     step_s = time_steps(lambda: bench.step(bench.model_loss), device, args.warmup, args.steps)
     e2e_s = time_steps(lambda: bench.step(bench.e2e_loss), device, args.warmup, args.steps)
     achieved = flops / step_s / 1e12
+    if args.profile:
+        print(profile_table(bench), file=sys.stderr)
     step_pairs = args.batch_size / e2e_s
     loader = loader_pairs_per_s(args.batch_size, min(args.seconds, 4.0), args.num_workers)
     return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores,"
                 f" {torch.get_num_threads()} threads)",
                 config=dict(batch_size=args.batch_size, seconds=args.seconds, codec=args.codec, frames=bench.frames,
-                            use_creative_agent=args.use_creative_agent, amp=args.amp if device.type == "cuda" else
-                            "none", compile=args.compile, cuda_graphs=args.cuda_graphs, sdpa=args.sdpa,
-                            num_workers=args.num_workers,
+                            use_creative_agent=args.use_creative_agent, nhead=args.nhead,
+                            amp=args.amp if device.type == "cuda" else "none", compile=args.compile,
+                            cuda_graphs=args.cuda_graphs, sdpa=args.sdpa, num_workers=args.num_workers,
                             parameters=sum(p.numel() for p in bench.model.parameters())),
                 step_ms=step_s * 1e3, e2e_step_ms=e2e_s * 1e3, frames_per_s=args.batch_size * bench.frames / step_s,
                 model_tflop_per_step=flops / 1e12, achieved_tflops=achieved, peak_tflops=peak,
@@ -222,6 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--codec", default="mdct", choices=("mdct", "encodec"),
                    help="mdct, or encodec with random weights (same speed as the real ones)")
     p.add_argument("--use_creative_agent", type=str2bool, default=True, help="include the agent (default true)")
+    p.add_argument("--nhead", type=int, default=8, help="attention heads per stage (default 8, as in training)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (FLOPs still counted eagerly)")
     p.add_argument("--cuda_graphs", action="store_true", help="compile with CUDA graphs (mode reduce-overhead)")
     p.add_argument("--amp", default="bf16", choices=("bf16", "none"), help="bf16 autocast on CUDA (default)")
@@ -230,6 +286,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     p.add_argument("--scan", action="store_true", help="step time and peak memory over 2-32 s segments")
+    p.add_argument("--attention", action="store_true",
+                   help="only time self-attention (forward + backward) per stage width, head count and backend")
+    p.add_argument("--profile", action="store_true", help="print the kernels that take the most time (to stderr)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
@@ -243,6 +302,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.attention:
+        rows = attention_backends(args)
+        for row in rows:
+            print(json.dumps(row) if args.json else
+                  f"  width {row['width']}, {row['nhead']} heads, {row['backend']:<9} " +
+                  (f"{row['ms']:7.2f} ms {row['tflops']:7.2f} TFLOP/s" if "ms" in row else row["error"]))
+        return 0
     result = run(args)
     if args.scan:
         result["scan"] = scan(args)

@@ -163,11 +163,11 @@ class WavPairsDataset(Dataset):
 
 
 def build_loader(dataset: Dataset, batch_size: int, world_size: int, rank: int, shuffle: bool, seed: int,
-                 num_workers: int, pin_memory: bool = False):
+                 num_workers: int, pin_memory: bool = False, drop_last: bool = False):
     """A DataLoader over this rank's share (DistributedSampler) with workers; returns (loader, sampler)."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=False)
+                        pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=drop_last)
     return loader, sampler
 
 

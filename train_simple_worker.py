@@ -52,6 +52,7 @@ from pairs_dataset import (
 )
 
 DEFAULT_DATASET = "dataset_wav_pairs"
+SYNC_EVERY = 10  # training steps between the host's reads of device values (progress bar, non-finite run, signals)
 
 
 class TrainingError(RuntimeError):
@@ -84,19 +85,20 @@ class Trainer:
                     if world_size > 1 else self.model)
         self.forward = (torch.compile(self.ddp, mode="reduce-overhead" if args.cuda_graphs else None)
                         if args.compile else self.ddp)
+        self.compiled_decode_loss = torch.compile(self.decode_loss) if args.compile else self.decode_loss
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                           fused=use_cuda or None)
+                                           fused=True)
         if self.disc is not None:  # trained by its own step on detached latents (see discriminator_step)
             self.disc_ddp = (DDP(self.disc, device_ids=[self.device.index] if use_cuda else None,
                                  find_unused_parameters=True) if world_size > 1 else self.disc)
             self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=args.lr, betas=(0.5, 0.999),
-                                                    fused=use_cuda or None)
+                                                    fused=True)
         total = max(1, args.num_epochs * len(self.train_loader))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, args.warmup_steps, args.lr_schedule))
         self.epoch, self.batch_in_epoch, self.step, self.best_val = 0, 0, 0, math.inf
         self.history: list[dict] = []
-        self.nonfinite_in_row = 0
+        self.nonfinite_in_row = torch.zeros((), dtype=torch.long, device=self.device)
         self.stop, self.stopped = StopFlag(), False
         self.ckpt_dir = os.path.join(args.checkpoint_dir, args.run_name)
         self.log_dir = os.path.join(args.log_dir, args.run_name)
@@ -142,8 +144,10 @@ class Trainer:
             self.train_data, self.val_data = (self.cached(d) for d in (self.train_set, self.val_set))
         pin = self.device.type == "cuda"
         self.workers = workers = self.loader_workers()
+        # a compiled step drops each epoch's last, smaller batch: one graph then serves every step
+        drop_last = a.compile and len(self.train_data) // self.world_size > a.batch_size
         self.train_loader, self.train_sampler = build_loader(self.train_data, a.batch_size, self.world_size, self.rank,
-                                                             True, a.seed, workers, pin)
+                                                             True, a.seed, workers, pin, drop_last)
         self.val_loader, _ = build_loader(self.val_data, a.batch_size, self.world_size, self.rank, False, a.seed,
                                           workers, pin)
 
@@ -206,18 +210,17 @@ class Trainer:
         with torch.no_grad():
             return self.norm.normalize(self.codec.encode(wave))
 
-    def compute_loss(self, batch: list[torch.Tensor], model) -> tuple[torch.Tensor, dict, tuple]:
+    def compute_loss(self, batch: list[torch.Tensor], training: bool) -> tuple[torch.Tensor, dict, tuple]:
         """The training objective of one batch (waveforms, and cached latents if any), its detached parts and the
-        waveforms (output, input, target)."""
+        waveforms (output, input, target). Training runs the compiled model and loss where --compile is set."""
         inp, tgt, *cached = (x.to(self.device, non_blocking=True) for x in batch)
         if cached:
             z_in, z_tgt = (self.norm.normalize(z) for z in cached)
         else:
             z_in, z_tgt = self.encode(inp), self.encode(tgt)
         with self.amp:
-            z_out, reg = model(z_in, z_tgt)
-        out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : inp.shape[-1]]
-        loss, terms = reconstruction_loss(out, inp, tgt, self.args.sample_rate, loss_weights(self.config))
+            z_out, reg = (self.forward if training else self.model)(z_in, z_tgt)
+        out, loss, terms = (self.compiled_decode_loss if training else self.decode_loss)(z_out, inp, tgt)
         terms["recon_loss"] = loss.detach()
         if reg is not None:
             loss = loss + self.args.mask_reg_weight * reg
@@ -227,6 +230,12 @@ class Trainer:
         with torch.no_grad():
             terms["rms_in"], terms["rms_tgt"] = rms_loss(out, inp), rms_loss(out, tgt)
         return loss, terms, (out.detach(), inp, tgt)
+
+    def decode_loss(self, z_out: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor):
+        """Decode the output latents and score the waveform against both songs: (output, loss, terms)."""
+        out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : inp.shape[-1]]
+        loss, terms = reconstruction_loss(out, inp, tgt, self.args.sample_rate, loss_weights(self.config))
+        return out, loss, terms
 
     def generator_loss(self, fake: torch.Tensor, real: torch.Tensor, terms: dict) -> torch.Tensor:
         """The discriminator's verdict on the output latents as a loss for the model (the discriminator is frozen
@@ -247,33 +256,36 @@ class Trainer:
         disc_loss = F.binary_cross_entropy_with_logits(logits, labels)
         self.disc_optimizer.zero_grad(set_to_none=True)
         disc_loss.backward()
-        self.disc_optimizer.step()
+        step_if_finite(self.disc_optimizer, torch.isfinite(disc_loss))
         terms["adv_disc_loss"] = disc_loss.detach()
 
-    def train_step(self, batch: list[torch.Tensor]) -> dict | None:
-        """One optimiser step; None when the loss or the gradients were not finite (the step is skipped)."""
+    def train_step(self, batch: list[torch.Tensor]) -> dict:
+        """One optimiser step; its detached terms, with `finite`: False when the loss or the gradients were not
+        finite, and then no weight changed. That is decided on the device, so the step never waits for it."""
         self.ddp.train()
         if self.args.cuda_graphs:  # the outputs of the last step are dead: CUDA graphs may reuse their memory
             torch.compiler.cudagraph_mark_step_begin()
-        loss, terms, _ = self.compute_loss(batch, self.forward)
+        loss, terms, _ = self.compute_loss(batch, training=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # a non-finite loss on any rank makes the all-reduced gradients non-finite on all ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            self.nonfinite_in_row += 1
-            if self.nonfinite_in_row >= self.args.max_nonfinite_steps:
-                raise TrainingError(f"{self.nonfinite_in_row} non-finite steps in a row (loss {loss.item()}, "
-                                    f"gradient norm {grad_norm.item()}); stopping. The last good checkpoint is "
-                                    f"{os.path.join(self.ckpt_dir, 'checkpoint_last.pt')}")
-            return None
-        self.nonfinite_in_row = 0
-        self.optimizer.step()
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        step_if_finite(self.optimizer, finite)
         self.scheduler.step()
         if self.disc is not None:
             self.discriminator_step(terms)
         self.step += 1
-        terms["loss"] = loss.detach()
+        self.nonfinite_in_row = torch.where(finite, 0, self.nonfinite_in_row + 1)
+        terms.update(loss=loss.detach(), finite=finite)
         return terms
+
+    def check_nonfinite(self) -> None:
+        """Stop after --max_nonfinite_steps skipped steps in a row (read from the device every few steps)."""
+        in_row = int(self.nonfinite_in_row)
+        if in_row >= self.args.max_nonfinite_steps:
+            raise TrainingError(f"{in_row} non-finite steps in a row (the limit is --max_nonfinite_steps "
+                                f"{self.args.max_nonfinite_steps}); stopping. The last good checkpoint is "
+                                f"{os.path.join(self.ckpt_dir, 'checkpoint_last.pt')}")
 
     # ---------------------------------------------------- epochs
 
@@ -281,33 +293,33 @@ class Trainer:
         """Train one epoch (resuming mid-epoch if a signal stopped the last run); returns rank-averaged means."""
         self.train_sampler.set_epoch(self.epoch)
         self.train_set.set_epoch(self.epoch)
-        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
-        count = skipped = 0
+        sums: dict[str, torch.Tensor] = {}  # on the device: the host reads them every SYNC_EVERY steps
+        count = 0
         bar = tqdm(islice(self.train_loader, self.batch_in_epoch, None), total=len(self.train_loader),
                    initial=self.batch_in_epoch, desc=f"Epoch {self.epoch + 1}/{self.args.num_epochs}",
                    disable=not self.main, leave=False, dynamic_ncols=True)
-        for batch in bar:
+        for count, batch in enumerate(bar, 1):
             terms = self.train_step(batch)
             self.batch_in_epoch += 1
-            if terms is None:
-                skipped += 1
-            else:
-                if self.step == 1 and "mask_reg_loss" in terms:
-                    self.log(f"🎨 Creative Agent mask regularization loss: {terms['mask_reg_loss'].item():.4f} "
-                             f"(weight={self.args.mask_reg_weight})")
-                for k, v in terms.items():
-                    sums[k] = sums[k] + v if k in sums else v.clone()
-                count += 1
-                if count % 10 == 1:
-                    bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
-            if self.stop.agreed(self.device):
+            if self.step == 1 and "mask_reg_loss" in terms:
+                self.log(f"🎨 Creative Agent mask regularization loss: {terms['mask_reg_loss'].item():.4f} "
+                         f"(weight={self.args.mask_reg_weight})")
+            finite = terms.pop("finite")
+            for k, v in terms.items():  # a skipped step adds nothing to the means
+                sums[k] = sums.get(k, 0) + torch.where(finite, v, torch.zeros_like(v))
+            sums["steps"] = sums.get("steps", 0) + finite.float()
+            if count % SYNC_EVERY == 1:
+                self.check_nonfinite()
+                bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
+            if (count % SYNC_EVERY == 1 or not dist.is_initialized()) and self.stop.agreed(self.device):
                 self.stopped = True
                 break
-        keys = sorted(sums)
-        reduced = all_reduce_sum([float(sums[k]) for k in keys] + [count, skipped], self.device)
-        n = max(reduced[-2], 1.0)
-        means = {k: v / n for k, v in zip(keys, reduced, strict=False)}
-        means["skipped_steps"] = int(reduced[-1])
+        self.check_nonfinite()
+        keys = sorted(k for k in sums if k != "steps")
+        reduced = all_reduce_sum([float(sums[k]) for k in keys] + [float(sums.get("steps", 0)), count], self.device)
+        steps = reduced[-2]
+        means = {k: v / max(steps, 1.0) for k, v in zip(keys, reduced, strict=False)}
+        means["skipped_steps"] = int(reduced[-1] - steps)
         return means
 
     @torch.no_grad()
@@ -321,7 +333,7 @@ class Trainer:
         count = 0
         mask_sum = mask_sq = None  # of the input masks, for their variability from pair to pair
         for batch in self.val_loader:
-            _, terms, (out, inp, tgt) = self.compute_loss(batch, self.model)
+            _, terms, (out, inp, tgt) = self.compute_loss(batch, training=False)
             m_in, m_tgt = self.model.last_masks
             heard_now = heard(out, inp, tgt)
             metrics = mask_metrics(m_in, m_tgt)
@@ -350,7 +362,7 @@ class Trainer:
         state = dict(project=PROJECT, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                      scheduler=self.scheduler.state_dict(), epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
                      step=self.step, best_val=self.best_val, latent_norm=self.norm.state_dict(),
-                     rng=gather_rng_states(self.device), nonfinite_in_row=self.nonfinite_in_row,
+                     rng=gather_rng_states(self.device), nonfinite_in_row=int(self.nonfinite_in_row),
                      world_size=self.world_size, config=self.config)
         if self.disc is not None:
             state.update(discriminator=self.disc.state_dict(), disc_optimizer=self.disc_optimizer.state_dict())
@@ -381,7 +393,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.norm.load_state_dict(state["latent_norm"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
-        self.best_val, self.nonfinite_in_row = state["best_val"], state["nonfinite_in_row"]
+        self.best_val = state["best_val"]
+        self.nonfinite_in_row.fill_(state["nonfinite_in_row"])
         if state["world_size"] == self.world_size:
             rng = state["rng"][self.rank]
             torch.set_rng_state(rng["cpu"])
@@ -497,6 +510,16 @@ class Trainer:
             self.example()
             self.log(f"✅ Done. Checkpoints: {self.ckpt_dir}  Logs, curves and an example arrangement: {self.log_dir}")
         return 0
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """`optimizer.step()` that leaves weights and moments as they are where `finite` is False, decided on the device
+    with no host sync: the fused AdamW kernels take the flag as `found_inf`, the way torch.amp.GradScaler passes it."""
+    optimizer.found_inf = (~finite).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "constant") -> float:

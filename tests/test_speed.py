@@ -12,7 +12,7 @@ from conftest import ROOT, SR, tiny_args
 from audio_codec import MDCTCodec
 from model_simple_transformer import SimpleTransformer
 from pairs_dataset import CachedLatents, WavPairsDataset
-from train_simple_worker import run
+from train_simple_worker import Trainer, run
 
 
 def train_losses(tmp_path, pairs_dir, *switches):
@@ -36,16 +36,27 @@ def test_fast_path_switches_change_no_result(tmp_path, pairs_dir, reference, swi
         assert got == pytest.approx(want, rel=5e-4, abs=1e-5)
 
 
-def test_compile_changes_no_result(tmp_path, pairs_dir, reference):
+def test_compile_changes_no_result(tmp_path, pairs_dir):
     """--compile --cuda_graphs trains and validates alike (on a CPU, CUDA graphs compile as plain --compile does,
-    so this covers both)."""
-    flags = ["--compile", "--cuda_graphs"]
+    so this covers both). Batches of 3 divide the 9 training pairs, so dropping the last batch changes nothing."""
+    reference = train_losses(tmp_path / "eager", pairs_dir, "--batch_size", "3")
     try:
-        losses = train_losses(tmp_path, pairs_dir, *flags)
+        losses = train_losses(tmp_path / "compiled", pairs_dir, "--batch_size", "3", "--compile", "--cuda_graphs")
     except Exception as err:  # no C++ toolchain for inductor on this machine
         pytest.skip(f"torch.compile is not usable here: {str(err).splitlines()[0][:200]}")
     for got, want in zip(losses, reference, strict=True):
         assert got == pytest.approx(want, rel=1e-3, abs=1e-4)
+
+
+def test_compiled_training_drops_the_last_smaller_batch(tmp_path, pairs_dir):
+    """One graph for every step: with --compile, 9 pairs in batches of 4 make 2 steps an epoch, not 3."""
+    args = tiny_args(tmp_path, pairs_dir, "--compile", "--batch_size", "4")
+    trainer = Trainer(0, 1, 0, args)
+    assert len(trainer.train_loader) == 2 and len(trainer.val_loader) == 1
+    eager = Trainer(0, 1, 0, tiny_args(tmp_path, pairs_dir, "--batch_size", "4"))
+    assert len(eager.train_loader) == 3
+    trainer.stop.close()
+    eager.stop.close()
 
 
 def test_a_compiled_forward_keeps_no_graph_output():
