@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 
 from audio_codec import CodecUnavailable
-from checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint
 from losses import input_share, mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
 
@@ -69,13 +69,15 @@ def peak_limit(wave: torch.Tensor, ceiling: float = 0.99) -> torch.Tensor:
 
 @torch.no_grad()
 def arrange_latents(model, codec, norm, inp: torch.Tensor, tgt: torch.Tensor, hard: bool = False,
-                    keep_attention: bool = False):
-    """One window: waveforms [B, 1, S] -> (output [B, 1, S], (input mask, target mask) [B, D, T], attention)."""
+                    keep_attention: bool = False, balance: float | None = None):
+    """One window: waveforms [B, 1, S] -> (output [B, 1, S], (input mask, target mask) [B, D, T], attention).
+    `balance`: the input share the agent should aim at (default 0.5)."""
     agent = model.creative_agent.mask_generator if model.use_creative_agent else None
     if agent is not None:
         agent.keep_attention = keep_attention
     try:
-        z_out, _ = model(norm.normalize(codec.encode(inp)), norm.normalize(codec.encode(tgt)), hard=hard)
+        z_out, _ = model(norm.normalize(codec.encode(inp)), norm.normalize(codec.encode(tgt)), hard=hard,
+                         balance=balance)
     finally:
         if agent is not None:
             agent.keep_attention = False
@@ -108,7 +110,8 @@ def crossfade_weights(window: int, overlap: int) -> torch.Tensor:
 
 @torch.no_grad()
 def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, window: int, hard: bool = False,
-                 overlap_fraction: float = 0.25, batch_size: int = 4, keep_attention: bool = False):
+                 overlap_fraction: float = 0.25, batch_size: int = 4, keep_attention: bool = False,
+                 balance: float | None = None):
     """Whole songs [S_in], [S_tgt] -> (output [S_in], masks [D, frames] each, attention of the first window).
 
     The target is looped or cut to the input's length; windows of `window` samples overlap by
@@ -130,7 +133,8 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
         batch = starts[i : i + batch_size]
         inp = torch.stack([song[s : s + window] for s in batch])[:, None]
         tgt = torch.stack([other[s : s + window] for s in batch])[:, None]
-        y, (m_in, m_tgt), att = arrange_latents(model, codec, norm, inp, tgt, hard, keep_attention and i == 0)
+        y, (m_in, m_tgt), att = arrange_latents(model, codec, norm, inp, tgt, hard, keep_attention and i == 0,
+                                                balance)
         attention = att[0].cpu() if att is not None else attention
         for j, s in enumerate(batch):
             out[s : s + window] += fade * y[j, 0].float().cpu()
@@ -196,6 +200,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="the arrangement WAV to write")
     p.add_argument("--mask_plot", default=None, help="also write a PNG of the masks and waveforms")
     p.add_argument("--hard", action="store_true", help="hard 0/1 complementary masks (creative agent only)")
+    p.add_argument("--balance", type=float, default=0.5,
+                   help="the input's wanted share of the arrangement, 0..1 (default 0.5; creative agent trained "
+                        "with --balance_range)")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--silence_db", type=float, default=SILENCE_DB,
                    help=f"refuse a song whose RMS level is below this (default {SILENCE_DB:g} dBFS)")
@@ -206,6 +213,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         state = load_checkpoint(args.checkpoint)
+        if problem := balance_problem(state["config"], args.balance):
+            raise CheckpointError(f"{args.checkpoint}: {problem}")
         model, codec, norm = model_from_checkpoint(state, args.checkpoint)
         sr = state["config"]["sample_rate"]
         song, other = load_audio(args.input, sr, args.silence_db), load_audio(args.target, sr, args.silence_db)
@@ -216,7 +225,8 @@ def main(argv=None) -> int:
         return 2
     window = state["config"]["segment_samples"]
     out, masks, attention = arrange_song(model, codec, norm, song, other, window, args.hard,
-                                         batch_size=args.batch_size, keep_attention=args.mask_plot is not None)
+                                         batch_size=args.batch_size, keep_attention=args.mask_plot is not None,
+                                         balance=args.balance)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_wave(args.output, out, sr)
     if args.mask_plot:
@@ -225,7 +235,8 @@ def main(argv=None) -> int:
     metrics = mask_metrics(*masks)
     share = input_share(out[None, None], song[None, None], loop_to_length(other, len(song))[None, None]).item()
     change = temporal_variation(masks[0][None]).item()
-    print(f"{args.output}: {len(out) / sr:.1f} s at {sr} Hz | input share {share:.2f}, temporal variation "
+    asked = f" (asked {args.balance:g})" if args.balance != 0.5 else ""
+    print(f"{args.output}: {len(out) / sr:.1f} s at {sr} Hz | input share {share:.2f}{asked}, temporal variation "
           f"{change:.2f} | complementarity {metrics['complementarity']:.1f}%, coverage {metrics['coverage']:.1f}%, "
           f"balance {metrics['balance']:.2f}")
     return 0

@@ -17,7 +17,14 @@ from pairs_dataset import path_problem
 PROJECT = "creative_agent"
 MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_transformer_layers", "num_layers", "nhead", "dropout",
               "anti_cheating", "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split",
-              "agent_gates")
+              "agent_gates", "agent_scales")
+# what a setting meant in runs made before it existed
+LEGACY_SETTINGS = {"agent_gates": "cell", "agent_scales": (1,), "balance_range": (0.5, 0.5), "hard_masks": False}
+
+
+def setting(config: dict, key: str):
+    """A run's setting, with its meaning before the option existed for checkpoints that lack it."""
+    return config.get(key, LEGACY_SETTINGS.get(key))
 
 
 class CheckpointError(RuntimeError):
@@ -32,8 +39,25 @@ def build_model(config: dict, codec_dim: int) -> SimpleTransformer:
         anti_cheating=config["anti_cheating"], use_creative_agent=config["use_creative_agent"],
         mask_type=config["mask_type"], temporal_segment_frames=config.get("temporal_segment_frames", 32),
         frequency_split=config.get("frequency_split", 0.5), use_sdpa=config.get("sdpa", True),
-        gates=config.get("agent_gates", "cell"),  # runs made before frame gates existed decided every cell
-        **extra_balance(config))
+        gates=setting(config, "agent_gates"), scales=tuple(setting(config, "agent_scales")),
+        hard_masks=setting(config, "hard_masks"), **extra_balance(config))
+
+
+def balance_problem(config: dict, balance: float) -> str | None:
+    """Why a checkpoint cannot arrange with the wanted input share `balance`, or None if it can."""
+    if not 0.0 <= balance <= 1.0:
+        return f"--balance must lie in 0..1, got {balance:g}"
+    if balance == 0.5:
+        return None
+    if not config["use_creative_agent"]:
+        return f"--balance {balance:g} needs a creative-agent checkpoint; this one uses {config['mask_type']} masks"
+    lo, hi = setting(config, "balance_range")
+    if lo == hi:
+        return (f"--balance {balance:g}: this checkpoint was trained without the balance conditioning (always "
+                f"{lo:g}); train with --balance_range LO,HI (the default, 0.2,0.8, does)")
+    if not lo <= balance <= hi:
+        return f"--balance {balance:g} is outside the range this checkpoint was trained for ({lo:g}..{hi:g})"
+    return None
 
 
 def extra_balance(config: dict) -> dict:

@@ -83,15 +83,35 @@ def frame_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return diff.square().mean(dim=1).sqrt()
 
 
-def even_split(score: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per example, the threshold [B, 1, 1] on `score` [B, 1, T] that puts half of the total `weight` [B, 1, T] on
-    each side (a weighted median). With the songs' frame distance as the weight, the frames taken from the target
-    are as far from the input as the frames taken from the input are from the target: the arrangement stays as
-    close to one song as to the other in every pair, while the score decides which frames go where."""
+def split_at(score: torch.Tensor, weight: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """Per example, the threshold [B, 1, 1] on `score` [B, 1, T] that puts the fraction `share` [B, 1, 1] of the
+    total `weight` [B, 1, T] above it (the frames with the highest scores). At share 0.5 it is a weighted median.
+    With the songs' frame distance as the weight and share 0.5, the frames taken from the target are as far from
+    the input as the frames taken from the input are from the target: the arrangement stays as close to one song
+    as to the other in every pair, while the score decides which frames go where."""
     order = score.detach().argsort(dim=-1, descending=True)
     cumulative = weight.gather(-1, order).cumsum(dim=-1)
-    half = (cumulative < 0.5 * cumulative[..., -1:]).sum(dim=-1, keepdim=True).clamp(max=score.shape[-1] - 1)
-    return score.detach().gather(-1, order).gather(-1, half)
+    count = (cumulative < share * cumulative[..., -1:]).sum(dim=-1, keepdim=True).clamp(max=score.shape[-1] - 1)
+    return score.detach().gather(-1, order).gather(-1, count)
+
+
+def as_balance(balance, batch: int, device) -> torch.Tensor:
+    """The wanted input share of each example as [B, 1, 1]: from None (0.5), a number or a tensor [B]."""
+    if balance is None:
+        balance = 0.5
+    if not torch.is_tensor(balance):
+        balance = torch.full((batch,), float(balance), device=device)
+    return balance.float().view(-1, 1, 1)
+
+
+def pool_frames(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """[B, T, H] -> [B, ceil(T / scale), H]: means over groups of `scale` frames."""
+    return F.avg_pool1d(x.transpose(1, 2), scale, ceil_mode=True).transpose(1, 2) if scale > 1 else x
+
+
+def unpool_frames(x: torch.Tensor, scale: int, length: int) -> torch.Tensor:
+    """The inverse of pool_frames in time: every pooled frame repeated `scale` times, cut to `length` frames."""
+    return x.repeat_interleave(scale, dim=1)[:, :length] if scale > 1 else x
 
 
 GATES = ("frame", "cell")
@@ -114,22 +134,31 @@ class AttentionMaskGenerator(nn.Module):
     """
 
     def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gates: str = "frame",
-                 gate_frames: int = 16, **term_weights: float):
+                 gate_frames: int = 16, scales: tuple[int, ...] = (1,), hard_masks: bool = False,
+                 **term_weights: float):
         super().__init__()
         if gates not in GATES:
             raise ValueError(f"unknown gates {gates!r}: expected one of {', '.join(GATES)}")
+        if not scales or len(set(scales)) != len(scales) or min(scales) < 1:
+            raise ValueError(f"scales must be distinct positive frame counts, got {scales}")
         unknown = set(term_weights) - {f"{name}_weight" for name in TERM_WEIGHTS}
         if unknown:
             raise ValueError(f"unknown term weights {sorted(unknown)}: expected NAME_weight for NAME in "
                              f"{', '.join(TERM_WEIGHTS)}")
         self.encoding_dim, self.gates, self.gate_frames = encoding_dim, gates, gate_frames
+        self.scales, self.hard_masks = tuple(scales), hard_masks
         self.weights = {name: term_weights.get(f"{name}_weight", w) for name, w in TERM_WEIGHTS.items()}
         self.input_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         self.target_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
+        # one attention per time scale; the frame-level one keeps its name, so single-scale checkpoints still load
         self.attention = CrossAttention(hidden_dim, num_heads)
+        self.coarse_attention = nn.ModuleDict({str(s): CrossAttention(hidden_dim, num_heads)
+                                               for s in self.scales if s != 1})
         self.norm_input, self.norm_target = nn.LayerNorm(hidden_dim), nn.LayerNorm(hidden_dim)
         self.input_head = nn.Conv1d(hidden_dim, encoding_dim, kernel_size=1)
         self.target_head = nn.Conv1d(hidden_dim, encoding_dim, kernel_size=1)
+        # Gumbel temperature of --hard_masks training; the trainer anneals it in place (no recompilation)
+        self.register_buffer("tau", torch.ones(()), persistent=False)
         self.keep_attention = False  # set True to keep the input->target attention map for pictures
         self.last_attention: torch.Tensor | None = None
         self.last_terms: dict[str, torch.Tensor] = {}  # the terms of the last reg_loss, unweighted
@@ -137,40 +166,63 @@ class AttentionMaskGenerator(nn.Module):
     def _score(self, head: nn.Conv1d, norm: nn.LayerNorm, features: torch.Tensor, attended: torch.Tensor):
         return head(norm(features + attended).transpose(1, 2))
 
-    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor):
+    def attend(self, query: torch.Tensor, context: torch.Tensor, keep: bool = False):
+        """Sum over the time scales of what `query` frames find in `context`; scale s attends between means of s
+        frames, so the coarse scales see sections and the frame scale sees notes. (features [B, T, H], weights)"""
+        attended, weights = self.attention(query, context, return_weights=keep)
+        for s, attention in self.coarse_attention.items():
+            coarse, _ = attention(pool_frames(query, int(s)), pool_frames(context, int(s)))
+            attended = attended + unpool_frames(coarse, int(s), query.shape[1])
+        return attended, weights
+
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None):
+        """(input mask, target mask, regularisation loss); `balance`: the wanted input share, a number or one per
+        example [B] (default 0.5)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
+        share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
         f_in = F.gelu(self.input_features(encoded_input)).transpose(1, 2)  # [B, T, H]
         f_tgt = F.gelu(self.target_features(encoded_target)).transpose(1, 2)
         # no position codes: a decision can only come from the music, never from where in the segment it is
         # (with positions the agent learns one fixed pattern, "first half input, then target", for every pair)
-        a_in, weights = self.attention(f_in, f_tgt, return_weights=self.keep_attention)
-        a_tgt, _ = self.attention(f_tgt, f_in)
+        a_in, weights = self.attend(f_in, f_tgt, keep=self.keep_attention)
+        a_tgt, _ = self.attend(f_tgt, f_in)
         if keeps_state():
             self.last_attention = weights.detach() if weights is not None else None
         d = encoded_input.shape[1]
         score = (self._score(self.input_head, self.norm_input, f_in, a_in)
-                 - self._score(self.target_head, self.norm_target, f_tgt, a_tgt))
+                 - self._score(self.target_head, self.norm_target, f_tgt, a_tgt)).float()
         if self.gates == "frame":  # one decision per frame for all channels, smoothed over `gate_frames` frames
             score = score.sum(dim=1, keepdim=True) / math.sqrt(d)  # unit scale for independent channel scores
             k = self.gate_frames | 1  # odd: centred
             score = F.avg_pool1d(score, k, stride=1, padding=k // 2, count_include_pad=False)
             distance = F.avg_pool1d(frame_distance(encoded_input, encoded_target)[:, None], k, stride=1,
                                     padding=k // 2, count_include_pad=False)
-            score = (score - even_split(score, distance)).expand(-1, d, -1)
-        input_mask = torch.sigmoid(score.float())  # = softmax over the two sources' scores
-        if self.gates == "frame":  # decided frames (straight-through: the soft mask's gradient)
+            score = score - split_at(score, distance, share)  # [B, 1, T]
+        else:  # cells: the wanted share moves every cell's odds
+            score = score + torch.logit(share.clamp(1e-3, 1 - 1e-3))
+        hard = self.gates == "frame"
+        if self.hard_masks and self.training:  # Gumbel-softmax over the two sources, straight-through
+            uniform = torch.rand_like(score).clamp(1e-6, 1 - 1e-6)
+            score = (score + torch.log(uniform) - torch.log1p(-uniform)) / self.tau  # logistic = Gumbel - Gumbel
+            hard = True
+        input_mask = torch.sigmoid(score)  # = softmax over the two sources' scores
+        if hard:  # decided frames or cells, with the soft mask's gradient
             input_mask = input_mask + ((input_mask > 0.5).to(input_mask.dtype) - input_mask).detach()
+        input_mask = input_mask.expand(-1, d, -1)  # frame gates: the same decision for every channel
         target_mask = 1.0 - input_mask
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         energy = (encoded_input.detach().float().square(), encoded_target.detach().float().square())
-        return input_mask, target_mask, self.regularization(input_mask, target_mask, change, energy)
+        return input_mask, target_mask, self.regularization(input_mask, target_mask, change, energy, share)
 
     def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor,
-                       change: torch.Tensor | None = None, energy: tuple | None = None) -> torch.Tensor:
-        """Weighted sum of: overlap -> 0 (decided cells), equal areas in every example, masks that vary over
-        time, few switches except where the music changes (`change` [B, T] in [0, 1], novelty) and, given the
-        sources' energies [B, D, T], as much of the music kept as possible (presence: no gaps where one song
-        is quiet) with an equal share of what is kept for each song (share)."""
+                       change: torch.Tensor | None = None, energy: tuple | None = None,
+                       share: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted sum of: overlap -> 0 (decided cells), the wanted input share `share` [B, 1, 1] (default 0.5)
+        of the area in every example (balance), masks that vary over time, few switches except where the music
+        changes (`change` [B, T] in [0, 1], novelty) and, given the sources' energies [B, D, T], as much of the
+        music kept as possible (presence: no gaps where one song is quiet) with the wanted share of what is kept
+        for the input (share)."""
+        b = (share if share is not None else torch.full((1, 1, 1), 0.5, device=input_mask.device)).view(-1)
         step = (input_mask[..., 1:] - input_mask[..., :-1]).abs().mean(dim=1)  # [B, T-1]
         calm = 1.0 - change[:, 1:] if change is not None else torch.ones_like(step)
         if energy is None:
@@ -180,11 +232,11 @@ class AttentionMaskGenerator(nn.Module):
         kept = (kept_in + kept_tgt).clamp_min(1e-8)
         terms = {
             "complementarity": (input_mask * target_mask).mean(),
-            "balance": (input_mask.mean(dim=(1, 2)) - target_mask.mean(dim=(1, 2))).square().mean(),
+            "balance": (2 * ((1 - b) * input_mask.mean(dim=(1, 2)) - b * target_mask.mean(dim=(1, 2)))).square().mean(),
             "diversity": 0.5 - input_mask.std(dim=-1, unbiased=False).mean(),
             "switching": (step * calm).sum(dim=-1).mean() / 8.0,  # per 8 switches of the whole mask
             "presence": (1.0 - 2.0 * kept / total).mean(),  # 0 for an even split of equally loud songs
-            "share": ((kept_in - kept_tgt) / kept).square().mean(),
+            "share": (2 * ((1 - b) * kept_in - b * kept_tgt) / kept).square().mean(),
         }
         if keeps_state():
             self.last_terms = terms  # scalar tensors of the last forward, with their graph
@@ -225,9 +277,11 @@ class CreativeAgent(nn.Module):
         self.discriminator = StyleDiscriminator(encoding_dim, hidden_dim) if use_discriminator else None
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def generate_creative_masks(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False):
-        """Masked input, masked target and the mask regularisation loss; `hard`: 0/1 complementary masks."""
-        input_mask, target_mask, reg_loss = self.mask_generator(encoded_input, encoded_target)
+    def generate_creative_masks(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
+                                balance=None):
+        """Masked input, masked target and the mask regularisation loss; `hard`: 0/1 complementary masks;
+        `balance`: the wanted input share (a number or [B], default 0.5)."""
+        input_mask, target_mask, reg_loss = self.mask_generator(encoded_input, encoded_target, balance)
         if hard:
             input_mask = (input_mask >= target_mask).to(input_mask.dtype)
             target_mask = 1.0 - input_mask

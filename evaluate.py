@@ -24,7 +24,7 @@ import torch
 
 from arrange import arrange_latents, plot_masks, save_wave
 from audio_codec import CodecUnavailable
-from checkpoints import CheckpointError, load_checkpoint, loss_weights, model_from_checkpoint
+from checkpoints import CheckpointError, balance_problem, load_checkpoint, loss_weights, model_from_checkpoint
 from losses import (
     heard,
     mask_metrics,
@@ -67,9 +67,12 @@ def parse_named(items: list[str]) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def evaluate_one(state: dict, path: str, dataset: WavPairsDataset, num_examples: int, batch_size: int = 4):
-    """Metrics of one checkpoint over the validation pairs, and the example outputs and masks."""
+def evaluate_one(state: dict, path: str, dataset: WavPairsDataset, num_examples: int, batch_size: int = 4,
+                 balance: float = 0.5):
+    """Metrics of one checkpoint over the validation pairs, and the example outputs and masks. A creative agent
+    aims at the input share `balance`; the baselines have no such setting."""
     model, codec, norm = model_from_checkpoint(state, path)
+    balance = balance if model.use_creative_agent else None
     config = state["config"]
     sr, segment = config["sample_rate"], config["segment_samples"]
     sums, count, seconds, patterns, examples = {}, 0, 0.0, [], []
@@ -77,7 +80,7 @@ def evaluate_one(state: dict, path: str, dataset: WavPairsDataset, num_examples:
         batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         inp, tgt = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
         begin = time.perf_counter()
-        out, masks, attention = arrange_latents(model, codec, norm, inp, tgt,
+        out, masks, attention = arrange_latents(model, codec, norm, inp, tgt, balance=balance,
                                                 keep_attention=model.use_creative_agent and start == 0)
         seconds += time.perf_counter() - begin
         loss, _ = reconstruction_loss(out, inp, tgt, sr, loss_weights(config))
@@ -198,13 +201,22 @@ def main(argv=None) -> int:
     p.add_argument("--num_examples", type=int, default=4, help="pairs written as audio and mask pictures")
     p.add_argument("--silence_db", type=float, default=SILENCE_DB,
                    help=f"refuse validation files whose RMS level is below this (default {SILENCE_DB:g} dBFS)")
+    p.add_argument("--balance", type=float, default=0.5,
+                   help="the input share each creative agent aims at, 0..1 (default 0.5); the fixed-mask and "
+                        "unmasked baselines have no such setting and are evaluated as they are")
     args = p.parse_args(argv)
+    if not 0.0 <= args.balance <= 1.0:
+        p.error(f"--balance must lie in 0..1, got {args.balance:g}")
     try:  # check everything before writing anything
         if os.path.exists(args.out) and os.listdir(args.out) and not os.path.isfile(
                 os.path.join(args.out, "report.md")):
             raise ValueError(f"{args.out} exists and is not an earlier evaluation; choose another --out")
         named = parse_named(args.checkpoints)
         states = {name: load_checkpoint(path) for name, path in named}
+        for name, path in named:
+            if states[name]["config"]["use_creative_agent"] and (
+                    problem := balance_problem(states[name]["config"], args.balance)):
+                raise CheckpointError(f"{name} ({path}): {problem}")
         datasets = {}  # checked once per (sample rate, segment length), however many approaches share it
         results = {}
         for name, path in named:
@@ -212,7 +224,8 @@ def main(argv=None) -> int:
             if key not in datasets:
                 datasets[key] = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key,
                                                 silence_db=args.silence_db)
-            results[name] = evaluate_one(states[name], path, datasets[key], args.num_examples)
+            results[name] = evaluate_one(states[name], path, datasets[key], args.num_examples,
+                                         balance=args.balance)
     except (ValueError, CheckpointError, BadDataError, FileNotFoundError, CodecUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -78,9 +78,12 @@ DEFAULT_LOSS_WEIGHTS = dict(wave_input=1.0, wave_target=1.0, stft_input=1.0, stf
 
 
 def reconstruction_loss(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Tensor,
-                        sample_rate: int, weights: dict[str, float] | None = None):
+                        sample_rate: int, weights: dict[str, float] | None = None,
+                        balance: torch.Tensor | None = None):
     """Weighted sum of waveform (RMS), multi-resolution STFT and log-mel losses against input and target, and the
-    log-spectral distance to the farther of the two (`far_lsd`, see farther_song_loss).
+    log-spectral distance to the farther of the two (`far_lsd`, see farther_song_loss). Given the wanted input
+    share `balance` [B], far_lsd weighs the distance to the input by 2 x balance and to the target by
+    2 x (1 - balance), so that the output stays nearer the song it should hold more of.
 
     Returns (total, terms) where terms maps each weighted term's name to its unweighted, detached value.
     """
@@ -100,8 +103,11 @@ def reconstruction_loss(output: torch.Tensor, input_wave: torch.Tensor, target_w
     def term(name: str) -> torch.Tensor:
         if name == "far_lsd":
             out, inp, tgt = mags[(1024, 256)]
-            per_example = torch.maximum(lsd_of_magnitudes(out, inp), lsd_of_magnitudes(out, tgt))
-            return per_example.view(output.shape[0], -1).mean()
+            to_in, to_tgt = (lsd_of_magnitudes(out, m).view(output.shape[0], -1) for m in (inp, tgt))
+            if balance is not None:
+                b = balance.float().view(-1, 1)
+                to_in, to_tgt = 2 * b * to_in, 2 * (1 - b) * to_tgt
+            return torch.maximum(to_in, to_tgt).mean()
         kind, source = name.split("_")
         k = 1 if source == "input" else 2
         if kind == "wave":

@@ -99,11 +99,12 @@ class SimpleTransformer(nn.Module):
     def use_creative_agent(self) -> bool:
         return self.creative_agent is not None
 
-    def masked_sources(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False):
+    def masked_sources(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
+                       balance=None):
         """(masked input, masked target, mask_reg_loss or None); sets `last_masks` (in eager runs)."""
         if self.creative_agent is not None:
             masked_in, masked_tgt, reg = self.creative_agent.generate_creative_masks(encoded_input, encoded_target,
-                                                                                     hard)
+                                                                                     hard, balance)
             if keeps_state():
                 self.last_masks = self.creative_agent.last_masks
             return masked_in, masked_tgt, reg
@@ -115,9 +116,10 @@ class SimpleTransformer(nn.Module):
             return encoded_input, encoded_target, None
         return encoded_input * m_in, encoded_target * m_tgt, None
 
-    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False):
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None):
+        """`balance` (creative agent only): the wanted input share, a number or one per example [B] (default 0.5)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
-        masked_in, masked_tgt, reg_loss = self.masked_sources(encoded_input, encoded_target, hard)
+        masked_in, masked_tgt, reg_loss = self.masked_sources(encoded_input, encoded_target, hard, balance)
         x, y = masked_in.transpose(1, 2), masked_tgt.transpose(1, 2)  # [B, T, D]
         if len(self.stages) == 1:
             return (x + self.stages[0](x)).transpose(1, 2), reg_loss

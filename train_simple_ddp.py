@@ -55,6 +55,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--agent_gates", default="frame", choices=("frame", "cell"),
                    help="what the agent decides: which song each frame comes from (frame, default) or each "
                         "channel x frame cell (cell)")
+    g.add_argument("--balance_range", type=share_range, default=(0.2, 0.8), metavar="LO,HI",
+                   help="train the agent for any wanted input share: each example draws one from LO..HI, and "
+                        "arrange.py/evaluate.py --balance choose it later (default 0.2,0.8; 0.5,0.5: always even)")
+    g.add_argument("--agent_scales", type=frame_scales, default=(1,), metavar="S1,S2,...",
+                   help="time scales in frames at which the agent attends, fused by summation (default 1; for "
+                        "example 1,4,16 adds attention between means of 4 and of 16 frames)")
+    g.add_argument("--hard_masks", type=str2bool, default=False,
+                   help="train the agent's decisions with Gumbel noise, straight-through 0/1 (default false)")
+    g.add_argument("--gumbel_tau_start", type=float, default=1.0, help="Gumbel temperature at the first step (1.0)")
+    g.add_argument("--gumbel_tau_end", type=float, default=0.1,
+                   help="Gumbel temperature at the last step, reached geometrically (default 0.1)")
     g.add_argument("--mask_type", default="none", choices=MASK_TYPES, help="fixed mask when the agent is off")
     g.add_argument("--temporal_segment_frames", type=int, default=32, help="frames per temporal-mask segment")
     g.add_argument("--frequency_split", type=float, default=0.5, help="share of channels the input keeps")
@@ -120,6 +131,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.cache_latents = args.cache_latents or args.prepare_only
     args.compile = args.compile or args.cuda_graphs
     return args
+
+
+def share_range(text: str) -> tuple[float, float]:
+    """'LO,HI' with 0 < LO <= HI < 1 -> (LO, HI)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI such as 0.2,0.8, got {text!r}") from None
+    if not 0 < lo <= hi < 1:
+        raise argparse.ArgumentTypeError(f"expected 0 < LO <= HI < 1, got {text!r}")
+    return lo, hi
+
+
+def frame_scales(text: str) -> tuple[int, ...]:
+    """'1,4,16' -> (1, 4, 16): distinct positive frame counts, 1 among them."""
+    try:
+        scales = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected frame counts such as 1,4,16, got {text!r}") from None
+    if 1 not in scales or min(scales) < 1 or len(set(scales)) != len(scales):
+        raise argparse.ArgumentTypeError(f"expected distinct positive frame counts including 1, got {text!r}")
+    return scales
 
 
 def environment_ranks() -> tuple[int, int, int] | None:

@@ -31,6 +31,7 @@ from checkpoints import (
     load_model_state,
     loss_weights,
     save_checkpoint,
+    setting,
 )
 from creative_agent import StyleDiscriminator
 from distributed import StopFlag, all_reduce_sum, cpus_per_rank, gather_rng_states, is_main, requeue_slurm_job
@@ -218,9 +219,10 @@ class Trainer:
             z_in, z_tgt = (self.norm.normalize(z) for z in cached)
         else:
             z_in, z_tgt = self.encode(inp), self.encode(tgt)
+        balance = self.draw_balance(inp.shape[0]) if training else None
         with self.amp:
-            z_out, reg = (self.forward if training else self.model)(z_in, z_tgt)
-        out, loss, terms = (self.compiled_decode_loss if training else self.decode_loss)(z_out, inp, tgt)
+            z_out, reg = (self.forward if training else self.model)(z_in, z_tgt, balance=balance)
+        out, loss, terms = (self.compiled_decode_loss if training else self.decode_loss)(z_out, inp, tgt, balance)
         terms["recon_loss"] = loss.detach()
         if reg is not None:
             loss = loss + self.args.mask_reg_weight * reg
@@ -231,11 +233,25 @@ class Trainer:
             terms["rms_in"], terms["rms_tgt"] = rms_loss(out, inp), rms_loss(out, tgt)
         return loss, terms, (out.detach(), inp, tgt)
 
-    def decode_loss(self, z_out: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor):
+    def decode_loss(self, z_out: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor, balance=None):
         """Decode the output latents and score the waveform against both songs: (output, loss, terms)."""
         out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : inp.shape[-1]]
-        loss, terms = reconstruction_loss(out, inp, tgt, self.args.sample_rate, loss_weights(self.config))
+        loss, terms = reconstruction_loss(out, inp, tgt, self.args.sample_rate, loss_weights(self.config), balance)
         return out, loss, terms
+
+    def draw_balance(self, batch: int) -> torch.Tensor | None:
+        """The agent's wanted input share for each training example, uniform in --balance_range (None: even)."""
+        lo, hi = self.args.balance_range
+        if not self.args.use_creative_agent or lo == hi == 0.5:
+            return None
+        return torch.empty(batch, device=self.device).uniform_(lo, hi)
+
+    def anneal_gumbel(self) -> None:
+        """--hard_masks: the Gumbel temperature of this step, geometric from --gumbel_tau_start to --gumbel_tau_end."""
+        a = self.args
+        progress = min(1.0, self.step / max(1, a.num_epochs * len(self.train_loader) - 1))
+        self.model.creative_agent.mask_generator.tau.fill_(a.gumbel_tau_start * (a.gumbel_tau_end
+                                                                                 / a.gumbel_tau_start) ** progress)
 
     def generator_loss(self, fake: torch.Tensor, real: torch.Tensor, terms: dict) -> torch.Tensor:
         """The discriminator's verdict on the output latents as a loss for the model (the discriminator is frozen
@@ -265,6 +281,8 @@ class Trainer:
         self.ddp.train()
         if self.args.cuda_graphs:  # the outputs of the last step are dead: CUDA graphs may reuse their memory
             torch.compiler.cudagraph_mark_step_begin()
+        if self.args.hard_masks and self.args.use_creative_agent:
+            self.anneal_gumbel()
         loss, terms, _ = self.compute_loss(batch, training=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # a non-finite loss on any rank makes the all-reduced gradients non-finite on all ranks
@@ -378,8 +396,8 @@ class Trainer:
     def restore(self, path: str) -> None:
         state = load_checkpoint(path)
         saved = state["config"]
-        changed = [f"{k}={saved.get(k)!r} (now {self.config.get(k)!r})" for k in MODEL_KEYS
-                   if saved.get(k) != self.config.get(k)]
+        changed = [f"{k}={setting(saved, k)!r} (now {self.config.get(k)!r})" for k in MODEL_KEYS
+                   if setting(saved, k) != self.config.get(k)]
         if changed:
             raise CheckpointError(f"checkpoint {path} was trained with another configuration: {', '.join(changed)}")
         load_model_state(self.model, state["model"], path)

@@ -1,0 +1,184 @@
+"""Issue 11: agent controls: the balance knob, Gumbel hard masks, multi-scale attention, and checkpoints that say
+which controls they honour."""
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import SR, tiny_args
+
+import arrange
+import evaluate
+from checkpoints import build_model, load_checkpoint, load_model_state
+from creative_agent import AttentionMaskGenerator
+from losses import lsd_per_example, reconstruction_loss
+from make_pairs import synth_song
+from train_simple_worker import Trainer, run
+
+
+def latents(batch=2, dim=16, frames=300, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(batch, dim, frames), torch.randn(batch, dim, frames)
+
+
+def test_balance_sets_each_examples_share_of_the_frames():
+    x, y = latents()
+    gen = AttentionMaskGenerator(16, hidden_dim=16).eval()
+    areas = {}
+    for b in (0.2, 0.5, 0.8):
+        m_in, m_tgt, _ = gen(x, y, balance=b)
+        assert torch.equal(m_in + m_tgt, torch.ones_like(m_in))
+        areas[b] = m_in.mean(dim=(1, 2))
+        assert areas[b].sub(b).abs().max() < 0.12  # the split weighs frames by how different the songs sound there
+    assert (areas[0.2] < areas[0.5]).all() and (areas[0.5] < areas[0.8]).all()
+    m_in, _, _ = gen(x, y, balance=torch.tensor([0.25, 0.75]))  # one wanted share per example
+    assert m_in[0].mean() < 0.4 < 0.6 < m_in[1].mean()
+
+
+def test_balance_and_share_terms_vanish_at_the_wanted_share():
+    gen = AttentionMaskGenerator(4, hidden_dim=8)
+    quarter = torch.zeros(1, 4, 64)
+    quarter[..., :16] = 1.0
+    gen.regularization(quarter, 1 - quarter, share=torch.full((1, 1, 1), 0.25))
+    assert gen.last_terms["balance"].item() == pytest.approx(0.0, abs=1e-12)
+    assert gen.last_terms["share"].item() == pytest.approx(0.0, abs=1e-12)
+    gen.regularization(quarter, 1 - quarter)  # the default aims at one half
+    assert gen.last_terms["balance"].item() == pytest.approx(0.25)
+
+
+def test_far_lsd_follows_the_wanted_share():
+    a, b = (torch.from_numpy(synth_song(seed, 1.0, SR)).float()[None, None] for seed in (3, 8))
+    apart = lsd_per_example(a, b).item()
+    only_far = dict(wave_input=0, wave_target=0, stft_input=0, stft_target=0, far_lsd=1)
+    even, _ = reconstruction_loss(a, a, b, SR, only_far)
+    assert even.item() == pytest.approx(apart, rel=1e-4)  # a copy of the input is as far as the songs are apart
+    mostly_input, _ = reconstruction_loss(a, a, b, SR, only_far, balance=torch.tensor([0.75]))
+    assert mostly_input.item() == pytest.approx(0.5 * apart, rel=1e-4)  # the target's distance counts half
+    mostly_target, _ = reconstruction_loss(a, a, b, SR, only_far, balance=torch.tensor([0.25]))
+    assert mostly_target.item() == pytest.approx(1.5 * apart, rel=1e-4)
+
+
+@pytest.mark.parametrize("gates", ["cell", "frame"])
+def test_gumbel_hard_masks_are_decided_and_still_learn(gates):
+    x, y = latents()
+    gen = AttentionMaskGenerator(16, hidden_dim=16, gates=gates, hard_masks=True)
+    gen.tau.fill_(0.5)
+    m_in, m_tgt, reg = gen(x, y)
+    assert set(m_in.unique().tolist()) <= {0.0, 1.0} and torch.equal(m_in + m_tgt, torch.ones_like(m_in))
+    (m_in * x).square().mean().add(reg).backward()
+    assert gen.input_head.weight.grad.abs().sum() > 0  # straight-through: the soft mask's gradient
+    again, _, _ = gen(x, y)
+    assert not torch.equal(again, m_in)  # Gumbel noise: the decisions explore during training
+    gen.eval()
+    assert torch.equal(gen(x, y)[0], gen(x, y)[0])  # no noise at inference
+
+
+def test_multi_scale_attention_reaches_every_scale():
+    x, y = latents(frames=37)  # not a multiple of the scales
+    gen = AttentionMaskGenerator(16, hidden_dim=16, scales=(1, 4, 16))
+    assert sorted(gen.coarse_attention) == ["16", "4"]
+    m_in, _, reg = gen(x, y)
+    assert m_in.shape == x.shape
+    (m_in * x).square().mean().add(reg).backward()
+    for scale in ("4", "16"):
+        assert gen.coarse_attention[scale].q.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="distinct positive"):
+        AttentionMaskGenerator(16, hidden_dim=16, scales=(1, 0))
+
+
+def test_checkpoints_without_the_new_options_still_load(tmp_path, pairs_dir):
+    """A run from before the controls existed has no agent_scales, balance_range or hard_masks in its config."""
+    config = vars(tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--agent_gates", "cell"))
+    config["codec_dim"] = 32
+    weights = build_model(config, 32).state_dict()
+    for key in ("agent_scales", "balance_range", "hard_masks"):
+        del config[key]
+    model = build_model(config, 32)
+    load_model_state(model, weights, "old.pt")
+    assert model.creative_agent.mask_generator.scales == (1,)
+
+
+@pytest.fixture(scope="module")
+def balance_checkpoints(tmp_path_factory, pairs_dir):
+    """An agent trained for any share (the default), one trained always even, and a fixed-mask run."""
+    paths = {}
+    for name, extra in (("any", []), ("even", ["--balance_range", "0.5,0.5"])):
+        tmp = tmp_path_factory.mktemp(name)
+        assert run(0, 1, 0, tiny_args(tmp, pairs_dir, "--use_creative_agent", "true", *extra)) == 0
+        paths[name] = str(tmp / "ckpt" / "run" / "checkpoint_last.pt")
+    tmp = tmp_path_factory.mktemp("temporal")
+    assert run(0, 1, 0, tiny_args(tmp, pairs_dir, "--mask_type", "temporal")) == 0
+    paths["temporal"] = str(tmp / "ckpt" / "run" / "checkpoint_last.pt")
+    return paths
+
+
+def songs(tmp_path):
+    paths = []
+    for seed in (5, 6):
+        path = str(tmp_path / f"song_{seed}.wav")
+        sf.write(path, synth_song(seed, 2.0, SR), SR)
+        paths.append(path)
+    return paths
+
+
+def test_arrange_balance_is_recorded_asked_and_achieved(tmp_path, balance_checkpoints, capsys):
+    assert load_checkpoint(balance_checkpoints["any"])["config"]["balance_range"] == (0.2, 0.8)
+    a, b = songs(tmp_path)
+    shares = {}
+    for balance in ("0.25", "0.75"):
+        out = tmp_path / f"out_{balance}.wav"
+        assert arrange.main(["--checkpoint", balance_checkpoints["any"], "--input", a, "--target", b,
+                             "--output", str(out), "--balance", balance]) == 0
+        line = capsys.readouterr().out
+        shares[balance] = float(re.search(rf"input share (\d\.\d\d) \(asked {balance}\)", line).group(1))
+        wave, _ = sf.read(out)
+        assert np.isfinite(wave).all() and np.abs(wave).max() <= 1.0
+    assert shares["0.25"] < shares["0.75"]
+
+
+@pytest.mark.parametrize("name,balance,message", [
+    ("even", "0.3", "trained without the balance conditioning"),
+    ("temporal", "0.3", "needs a creative-agent checkpoint"),
+    ("any", "0.9", r"outside the range this checkpoint was trained for \(0.2..0.8\)"),
+])
+def test_a_balance_the_checkpoint_cannot_honour_is_refused(tmp_path, balance_checkpoints, capsys, name, balance,
+                                                            message):
+    a, b = songs(tmp_path)
+    out = tmp_path / "out.wav"
+    assert arrange.main(["--checkpoint", balance_checkpoints[name], "--input", a, "--target", b,
+                         "--output", str(out), "--balance", balance]) == 2
+    assert re.search(message, capsys.readouterr().err) and not out.exists()
+
+
+def test_evaluate_balance_applies_to_agents_and_refuses_the_untrained(tmp_path, balance_checkpoints, pairs_dir,
+                                                                      capsys):
+    args = ["--dataset_folder", pairs_dir, "--num_examples", "1", "--balance", "0.3"]
+    assert evaluate.main(["--checkpoints", f"any={balance_checkpoints['any']}",
+                          f"temporal={balance_checkpoints['temporal']}", "--out", str(tmp_path / "ok"), *args]) == 0
+    assert evaluate.main(["--checkpoints", f"even={balance_checkpoints['even']}", "--out", str(tmp_path / "no"),
+                          *args]) == 2
+    assert "trained without the balance conditioning" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
+def test_training_with_hard_masks_and_scales_records_them(tmp_path, pairs_dir):
+    args = tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--agent_gates", "cell",
+                     "--hard_masks", "true", "--agent_scales", "1,4", "--num_epochs", "2")
+    assert run(0, 1, 0, args) == 0
+    config = load_checkpoint(str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt"))["config"]
+    assert config["hard_masks"] is True and config["agent_scales"] == (1, 4)
+    assert (config["gumbel_tau_start"], config["gumbel_tau_end"]) == (1.0, 0.1)
+
+
+def test_gumbel_temperature_anneals_from_start_to_end(tmp_path, pairs_dir):
+    args = tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--hard_masks", "true",
+                     "--gumbel_tau_start", "2.0", "--gumbel_tau_end", "0.5", "--num_epochs", "2")
+    trainer = Trainer(0, 1, 0, args)
+    tau = trainer.model.creative_agent.mask_generator.tau
+    last = 2 * len(trainer.train_loader) - 1
+    for step, want in ((0, 2.0), (last // 2, 2.0 * 0.25 ** ((last // 2) / last)), (last, 0.5)):
+        trainer.step = step
+        trainer.anneal_gumbel()
+        assert tau.item() == pytest.approx(want)
+    trainer.stop.close()
