@@ -180,6 +180,20 @@ class AttentionMaskGenerator(nn.Module):
         example [B] (default 0.5)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
+        d = encoded_input.shape[1]
+        input_mask = self.decisions(encoded_input, encoded_target, share).expand(-1, d, -1)  # frame gates: all
+        target_mask = 1.0 - input_mask  # channels alike
+        change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
+        energy = (encoded_input.detach().float().square(), encoded_target.detach().float().square())
+        return input_mask, target_mask, self.regularization(input_mask, target_mask, change, energy, share)
+
+    def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
+        """Frame gates: the channels' scores [B, D, T] as one score per frame [B, 1, T]."""
+        return score.sum(dim=1, keepdim=True) / math.sqrt(score.shape[1])  # unit scale for independent channels
+
+    def decisions(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, share: torch.Tensor):
+        """The input's gates [B, rows, T] in [0, 1] (the target's are 1 minus them): rows are the channels for
+        cell gates, one for frame gates."""
         f_in = F.gelu(self.input_features(encoded_input)).transpose(1, 2)  # [B, T, H]
         f_tgt = F.gelu(self.target_features(encoded_target)).transpose(1, 2)
         # no position codes: a decision can only come from the music, never from where in the segment it is
@@ -188,16 +202,15 @@ class AttentionMaskGenerator(nn.Module):
         a_tgt, _ = self.attend(f_tgt, f_in)
         if keeps_state():
             self.last_attention = weights.detach() if weights is not None else None
-        d = encoded_input.shape[1]
         score = (self._score(self.input_head, self.norm_input, f_in, a_in)
                  - self._score(self.target_head, self.norm_target, f_tgt, a_tgt)).float()
         if self.gates == "frame":  # one decision per frame for all channels, smoothed over `gate_frames` frames
-            score = score.sum(dim=1, keepdim=True) / math.sqrt(d)  # unit scale for independent channel scores
+            score = self.frame_scores(score)
             k = self.gate_frames | 1  # odd: centred
             score = F.avg_pool1d(score, k, stride=1, padding=k // 2, count_include_pad=False)
             distance = F.avg_pool1d(frame_distance(encoded_input, encoded_target)[:, None], k, stride=1,
                                     padding=k // 2, count_include_pad=False)
-            score = score - split_at(score, distance, share)  # [B, 1, T]
+            score = score - split_at(score, distance.expand_as(score), share)  # [B, rows, T]
         else:  # cells: the wanted share moves every cell's odds
             score = score + torch.logit(share.clamp(1e-3, 1 - 1e-3))
         hard = self.gates == "frame"
@@ -208,11 +221,7 @@ class AttentionMaskGenerator(nn.Module):
         input_mask = torch.sigmoid(score)  # = softmax over the two sources' scores
         if hard:  # decided frames or cells, with the soft mask's gradient
             input_mask = input_mask + ((input_mask > 0.5).to(input_mask.dtype) - input_mask).detach()
-        input_mask = input_mask.expand(-1, d, -1)  # frame gates: the same decision for every channel
-        target_mask = 1.0 - input_mask
-        change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
-        energy = (encoded_input.detach().float().square(), encoded_target.detach().float().square())
-        return input_mask, target_mask, self.regularization(input_mask, target_mask, change, energy, share)
+        return input_mask
 
     def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor,
                        change: torch.Tensor | None = None, energy: tuple | None = None,
@@ -243,6 +252,61 @@ class AttentionMaskGenerator(nn.Module):
         return sum(self.weights[name] * value for name, value in terms.items())
 
 
+def smoothing_analyser(channels: int, frames: int) -> nn.Conv1d:
+    """A learned depthwise filter over time that starts as the mean of `frames` frames."""
+    conv = nn.Conv1d(channels, channels, frames, padding=frames // 2, groups=channels, bias=False)
+    nn.init.constant_(conv.weight, 1.0 / frames)
+    return conv
+
+
+class CompositionalMaskGenerator(AttentionMaskGenerator):
+    """The compositional agent: each song is split into components, and each component of the arrangement comes
+    from one song or the other, frame by frame, so it can take the rhythm of one song with the harmony of the other.
+
+    Two learned depthwise analysers over time, medium (9 frames) and large (27 frames), split a latent z into
+    rhythm = z - medium(z) (what changes within a few frames: onsets), harmony = medium(z) - large(z) (notes and
+    chords) and timbre = large(z) (the slow spectral envelope). The three always sum to z. The attention decides a
+    gate per component and frame, with the same rules as the frame gates, the wanted share included.
+    """
+
+    COMPONENTS = ("rhythm", "harmony", "timbre")
+
+    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gate_frames: int = 16,
+                 scales: tuple[int, ...] = (1,), hard_masks: bool = False, **term_weights: float):
+        super().__init__(encoding_dim, hidden_dim, num_heads, "frame", gate_frames, scales, hard_masks, **term_weights)
+        rows = len(self.COMPONENTS)
+        self.input_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)
+        self.target_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)
+        self.harmony_analyser = smoothing_analyser(encoding_dim, 9)
+        self.timbre_analyser = smoothing_analyser(encoding_dim, 27)
+
+    def components(self, latent: torch.Tensor) -> torch.Tensor:
+        """[B, D, T] -> rhythm, harmony, timbre [B, 3, D, T], which sum to the latent."""
+        medium, large = self.harmony_analyser(latent), self.timbre_analyser(latent)
+        return torch.stack([latent - medium, medium - large, large], dim=1)
+
+    def compose(self, latent: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The latent's components weighted by its gates [B, 3, T], summed: what this song gives the arrangement."""
+        return (self.components(latent) * gates[:, :, None]).sum(dim=1)
+
+    def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
+        return score  # the heads give one score per component already
+
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None):
+        """(input gates, target gates) [B, 3, T] per component and the regularisation loss."""
+        check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
+        share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
+        input_gates = self.decisions(encoded_input, encoded_target, share)
+        change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
+        with torch.no_grad():
+            energy = tuple(self.components(z).float().square().sum(dim=2) for z in (encoded_input, encoded_target))
+        return input_gates, 1.0 - input_gates, self.regularization(input_gates, 1.0 - input_gates, change, energy,
+                                                                  share)
+
+
+AGENTS = {"attention": AttentionMaskGenerator, "compositional": CompositionalMaskGenerator}
+
+
 class StyleDiscriminator(nn.Module):
     """Strided Conv1d encoder of a latent pattern [B, D, T] -> (real/fake logit [B, 1], style score [B, 1])."""
 
@@ -271,9 +335,13 @@ class CreativeAgent(nn.Module):
     """Mask generator (+ optional style discriminator): decides which parts of each song the arrangement uses."""
 
     def __init__(self, encoding_dim: int, use_discriminator: bool = True, hidden_dim: int = 256,
-                 num_heads: int = 4, **generator_options):
+                 num_heads: int = 4, agent: str = "attention", **generator_options):
         super().__init__()
-        self.mask_generator = AttentionMaskGenerator(encoding_dim, hidden_dim, num_heads, **generator_options)
+        if agent not in AGENTS:
+            raise ValueError(f"unknown agent {agent!r}: expected one of {', '.join(AGENTS)}")
+        if agent == "compositional":
+            generator_options.pop("gates", None)  # it always decides per component and frame
+        self.mask_generator = AGENTS[agent](encoding_dim, hidden_dim, num_heads, **generator_options)
         self.discriminator = StyleDiscriminator(encoding_dim, hidden_dim) if use_discriminator else None
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -281,13 +349,21 @@ class CreativeAgent(nn.Module):
                                 balance=None):
         """Masked input, masked target and the mask regularisation loss; `hard`: 0/1 complementary masks;
         `balance`: the wanted input share (a number or [B], default 0.5)."""
-        input_mask, target_mask, reg_loss = self.mask_generator(encoded_input, encoded_target, balance)
+        generator = self.mask_generator
+        input_mask, target_mask, reg_loss = generator(encoded_input, encoded_target, balance)
         if hard:
             input_mask = (input_mask >= target_mask).to(input_mask.dtype)
             target_mask = 1.0 - input_mask
+        if isinstance(generator, CompositionalMaskGenerator):
+            masked = generator.compose(encoded_input, input_mask), generator.compose(encoded_target, target_mask)
+            # for metrics and pictures: the input's share of the components in each frame
+            input_mask = input_mask.mean(dim=1, keepdim=True).expand_as(encoded_input)
+            target_mask = 1.0 - input_mask
+        else:
+            masked = encoded_input * input_mask, encoded_target * target_mask
         if keeps_state():
             self.last_masks = (input_mask.detach(), target_mask.detach())
-        return encoded_input * input_mask, encoded_target * target_mask, reg_loss
+        return *masked, reg_loss
 
     def _need_discriminator(self) -> StyleDiscriminator:
         if self.discriminator is None:

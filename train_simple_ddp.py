@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra weight on the agent's balance term (default 0: already in the regularisation)")
     g.add_argument("--adversarial_weight", type=float, default=0.0,
                    help="weight of a style discriminator's verdict on the output (default 0: off)")
+    g.add_argument("--agent", default="attention", choices=("attention", "compositional"),
+                   help="attention (default): the agent masks each song; compositional: it splits each song into "
+                        "rhythm, harmony and timbre and takes each component from one song or the other")
     g.add_argument("--agent_gates", default="frame", choices=("frame", "cell"),
                    help="what the agent decides: which song each frame comes from (frame, default) or each "
                         "channel x frame cell (cell)")

@@ -11,7 +11,7 @@ from conftest import SR, tiny_args
 import arrange
 import evaluate
 from checkpoints import build_model, load_checkpoint, load_model_state
-from creative_agent import AttentionMaskGenerator
+from creative_agent import AttentionMaskGenerator, CreativeAgent
 from losses import lsd_per_example, reconstruction_loss
 from make_pairs import synth_song
 from train_simple_worker import Trainer, run
@@ -182,3 +182,36 @@ def test_gumbel_temperature_anneals_from_start_to_end(tmp_path, pairs_dir):
         trainer.anneal_gumbel()
         assert tau.item() == pytest.approx(want)
     trainer.stop.close()
+
+
+def test_compositional_components_sum_to_the_song_and_are_chosen_per_component():
+    x, y = latents(frames=120)
+    agent = CreativeAgent(16, use_discriminator=False, hidden_dim=16, agent="compositional")
+    gen = agent.mask_generator
+    parts = gen.components(x)
+    assert parts.shape == (2, 3, 16, 120) and torch.allclose(parts.sum(dim=1), x, atol=1e-5)
+    slow = parts[:, 2].diff(dim=-1).abs().mean()
+    assert slow < parts[:, 0].diff(dim=-1).abs().mean()  # timbre moves slowly, rhythm fast
+    gates_in, gates_tgt, reg = gen(x, y)
+    assert gates_in.shape == (2, 3, 120) and set(gates_in.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(gates_in + gates_tgt, torch.ones_like(gates_in))
+    masked_in, masked_tgt, reg = agent.generate_creative_masks(x, y)
+    assert torch.allclose(masked_in, gen.compose(x, gates_in), atol=1e-6)
+    mixed = (gates_in[:, 0] != gates_in[:, 1]).float().mean()  # rhythm of one song with harmony of the other
+    assert mixed > 0
+    (masked_in + masked_tgt).square().mean().add(reg).backward()
+    assert gen.harmony_analyser.weight.grad.abs().sum() > 0 and gen.input_head.weight.grad.abs().sum() > 0
+    shown, _ = agent.last_masks
+    assert shown.shape == x.shape and torch.allclose(shown[:, 0], gates_in.mean(dim=1))
+
+
+def test_compositional_agent_trains_and_arranges(tmp_path, pairs_dir, capsys):
+    args = tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--agent", "compositional")
+    assert run(0, 1, 0, args) == 0
+    checkpoint = str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt")
+    assert load_checkpoint(checkpoint)["config"]["agent"] == "compositional"
+    a, b = songs(tmp_path)
+    out = tmp_path / "out.wav"
+    assert arrange.main(["--checkpoint", checkpoint, "--input", a, "--target", b, "--output", str(out),
+                         "--balance", "0.3"]) == 0
+    assert "input share" in capsys.readouterr().out and np.isfinite(sf.read(out)[0]).all()
