@@ -69,15 +69,16 @@ def peak_limit(wave: torch.Tensor, ceiling: float = 0.99) -> torch.Tensor:
 
 @torch.no_grad()
 def arrange_latents(model, codec, norm, inp: torch.Tensor, tgt: torch.Tensor, hard: bool = False,
-                    keep_attention: bool = False, balance: float | None = None):
+                    keep_attention: bool = False, balance: float | None = None, style: torch.Tensor | None = None):
     """One window: waveforms [B, 1, S] -> (output [B, 1, S], (input mask, target mask) [B, D, T], attention).
-    `balance`: the input share the agent should aim at (default 0.5)."""
+    `balance`: the input share the agent should aim at (default 0.5); `style`: a style reference's normalised
+    latent [1, D, T'] (models trained with --style_weight)."""
     agent = model.creative_agent.mask_generator if model.use_creative_agent else None
     if agent is not None:
         agent.keep_attention = keep_attention
     try:
         z_out, _ = model(norm.normalize(codec.encode(inp)), norm.normalize(codec.encode(tgt)), hard=hard,
-                         balance=balance)
+                         balance=balance, style_reference=None if style is None else style.expand(len(inp), -1, -1))
     finally:
         if agent is not None:
             agent.keep_attention = False
@@ -111,7 +112,7 @@ def crossfade_weights(window: int, overlap: int) -> torch.Tensor:
 @torch.no_grad()
 def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, window: int, hard: bool = False,
                  overlap_fraction: float = 0.25, batch_size: int = 4, keep_attention: bool = False,
-                 balance: float | None = None):
+                 balance: float | None = None, style: torch.Tensor | None = None):
     """Whole songs [S_in], [S_tgt] -> (output [S_in], masks [D, frames] each, attention of the first window).
 
     The target is looped or cut to the input's length; windows of `window` samples overlap by
@@ -134,7 +135,7 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
         inp = torch.stack([song[s : s + window] for s in batch])[:, None]
         tgt = torch.stack([other[s : s + window] for s in batch])[:, None]
         y, (m_in, m_tgt), att = arrange_latents(model, codec, norm, inp, tgt, hard, keep_attention and i == 0,
-                                                balance)
+                                                balance, style)
         attention = att[0].cpu() if att is not None else attention
         for j, s in enumerate(batch):
             out[s : s + window] += fade * y[j, 0].float().cpu()
@@ -203,6 +204,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--balance", type=float, default=0.5,
                    help="the input's wanted share of the arrangement, 0..1 (default 0.5; creative agent trained "
                         "with --balance_range)")
+    p.add_argument("--style_reference", default=None, metavar="SONG",
+                   help="a third song whose style the arrangement takes (checkpoints trained with --style_weight)")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--silence_db", type=float, default=SILENCE_DB,
                    help=f"refuse a song whose RMS level is below this (default {SILENCE_DB:g} dBFS)")
@@ -218,6 +221,13 @@ def main(argv=None) -> int:
         model, codec, norm = model_from_checkpoint(state, args.checkpoint)
         sr = state["config"]["sample_rate"]
         song, other = load_audio(args.input, sr, args.silence_db), load_audio(args.target, sr, args.silence_db)
+        style = None
+        if args.style_reference:
+            if model.style_encoder is None:
+                raise CheckpointError(f"{args.checkpoint}: --style_reference needs a checkpoint trained with "
+                                      f"--style_weight > 0")
+            with torch.no_grad():
+                style = norm.normalize(codec.encode(load_audio(args.style_reference, sr, args.silence_db)[None, None]))
         if os.path.isdir(args.output):
             raise AudioInputError(f"{args.output}: is a folder, but the output is a file to write")
     except (CheckpointError, AudioInputError, CodecUnavailable) as err:
@@ -226,7 +236,7 @@ def main(argv=None) -> int:
     window = state["config"]["segment_samples"]
     out, masks, attention = arrange_song(model, codec, norm, song, other, window, args.hard,
                                          batch_size=args.batch_size, keep_attention=args.mask_plot is not None,
-                                         balance=args.balance)
+                                         balance=args.balance, style=style)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_wave(args.output, out, sr)
     if args.mask_plot:

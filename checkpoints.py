@@ -17,10 +17,11 @@ from pairs_dataset import path_problem
 PROJECT = "creative_agent"
 MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_transformer_layers", "num_layers", "nhead", "dropout",
               "anti_cheating", "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split",
-              "agent_gates", "agent_scales", "agent")
+              "agent_gates", "agent_scales", "agent", "style_weight")
 # what a setting meant in runs made before it existed
 LEGACY_SETTINGS = {"agent_gates": "cell", "agent_scales": (1,), "balance_range": (0.5, 0.5), "hard_masks": False,
-                   "agent": "attention"}
+                   "agent": "attention", "style_weight": 0.0}
+STYLE_DIM = 64  # the style vector of models trained with --style_weight > 0
 
 
 def setting(config: dict, key: str):
@@ -41,7 +42,8 @@ def build_model(config: dict, codec_dim: int) -> SimpleTransformer:
         mask_type=config["mask_type"], temporal_segment_frames=config.get("temporal_segment_frames", 32),
         frequency_split=config.get("frequency_split", 0.5), use_sdpa=config.get("sdpa", True),
         gates=setting(config, "agent_gates"), scales=tuple(setting(config, "agent_scales")),
-        hard_masks=setting(config, "hard_masks"), agent=setting(config, "agent"), **extra_balance(config))
+        hard_masks=setting(config, "hard_masks"), agent=setting(config, "agent"),
+        style_dim=STYLE_DIM if setting(config, "style_weight") > 0 else 0, **extra_balance(config))
 
 
 def balance_problem(config: dict, balance: float) -> str | None:

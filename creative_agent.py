@@ -175,13 +175,14 @@ class AttentionMaskGenerator(nn.Module):
             attended = attended + unpool_frames(coarse, int(s), query.shape[1])
         return attended, weights
 
-    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None):
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None,
+                shift: torch.Tensor | None = None):
         """(input mask, target mask, regularisation loss); `balance`: the wanted input share, a number or one per
-        example [B] (default 0.5)."""
+        example [B] (default 0.5); `shift` [B, hidden]: added to both songs' features (a style reference)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
         d = encoded_input.shape[1]
-        input_mask = self.decisions(encoded_input, encoded_target, share).expand(-1, d, -1)  # frame gates: all
+        input_mask = self.decisions(encoded_input, encoded_target, share, shift).expand(-1, d, -1)  # frame gates: all
         target_mask = 1.0 - input_mask  # channels alike
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         energy = (encoded_input.detach().float().square(), encoded_target.detach().float().square())
@@ -191,11 +192,14 @@ class AttentionMaskGenerator(nn.Module):
         """Frame gates: the channels' scores [B, D, T] as one score per frame [B, 1, T]."""
         return score.sum(dim=1, keepdim=True) / math.sqrt(score.shape[1])  # unit scale for independent channels
 
-    def decisions(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, share: torch.Tensor):
+    def decisions(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, share: torch.Tensor,
+                  shift: torch.Tensor | None = None):
         """The input's gates [B, rows, T] in [0, 1] (the target's are 1 minus them): rows are the channels for
         cell gates, one for frame gates."""
         f_in = F.gelu(self.input_features(encoded_input)).transpose(1, 2)  # [B, T, H]
         f_tgt = F.gelu(self.target_features(encoded_target)).transpose(1, 2)
+        if shift is not None:
+            f_in, f_tgt = f_in + shift[:, None].to(f_in.dtype), f_tgt + shift[:, None].to(f_tgt.dtype)
         # no position codes: a decision can only come from the music, never from where in the segment it is
         # (with positions the agent learns one fixed pattern, "first half input, then target", for every pair)
         a_in, weights = self.attend(f_in, f_tgt, keep=self.keep_attention)
@@ -292,11 +296,12 @@ class CompositionalMaskGenerator(AttentionMaskGenerator):
     def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
         return score  # the heads give one score per component already
 
-    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None):
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None,
+                shift: torch.Tensor | None = None):
         """(input gates, target gates) [B, 3, T] per component and the regularisation loss."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
-        input_gates = self.decisions(encoded_input, encoded_target, share)
+        input_gates = self.decisions(encoded_input, encoded_target, share, shift)
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         with torch.no_grad():
             energy = tuple(self.components(z).float().square().sum(dim=2) for z in (encoded_input, encoded_target))
@@ -335,22 +340,25 @@ class CreativeAgent(nn.Module):
     """Mask generator (+ optional style discriminator): decides which parts of each song the arrangement uses."""
 
     def __init__(self, encoding_dim: int, use_discriminator: bool = True, hidden_dim: int = 256,
-                 num_heads: int = 4, agent: str = "attention", **generator_options):
+                 num_heads: int = 4, agent: str = "attention", style_dim: int = 0, **generator_options):
         super().__init__()
         if agent not in AGENTS:
             raise ValueError(f"unknown agent {agent!r}: expected one of {', '.join(AGENTS)}")
         if agent == "compositional":
             generator_options.pop("gates", None)  # it always decides per component and frame
         self.mask_generator = AGENTS[agent](encoding_dim, hidden_dim, num_heads, **generator_options)
+        # a style reference's vector shifts the features that both songs are judged by (bias-free: none, no shift)
+        self.style = nn.Linear(style_dim, hidden_dim, bias=False) if style_dim else None
         self.discriminator = StyleDiscriminator(encoding_dim, hidden_dim) if use_discriminator else None
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def generate_creative_masks(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
-                                balance=None):
+                                balance=None, style: torch.Tensor | None = None):
         """Masked input, masked target and the mask regularisation loss; `hard`: 0/1 complementary masks;
-        `balance`: the wanted input share (a number or [B], default 0.5)."""
+        `balance`: the wanted input share (a number or [B], default 0.5); `style`: a reference's style vector."""
         generator = self.mask_generator
-        input_mask, target_mask, reg_loss = generator(encoded_input, encoded_target, balance)
+        shift = self.style(style) if style is not None and self.style is not None else None
+        input_mask, target_mask, reg_loss = generator(encoded_input, encoded_target, balance, shift)
         if hard:
             input_mask = (input_mask >= target_mask).to(input_mask.dtype)
             target_mask = 1.0 - input_mask

@@ -44,22 +44,50 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+class StyleEncoder(nn.Module):
+    """A song's style as a vector [B, style_dim]: its latent's per-channel mean and spread over time, mapped by a
+    small bias-free MLP. An all-zero latent (no reference) gives the zero vector, which changes nothing."""
+
+    def __init__(self, encoding_dim: int, style_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * encoding_dim, style_dim, bias=False), nn.GELU(),
+                                 nn.Linear(style_dim, style_dim, bias=False))
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat(style_statistics(latent), dim=-1))
+
+
+def style_statistics(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, standard deviation) over time of each channel of [B, D, T]: the level and movement of each band."""
+    latent = latent.float()
+    return latent.mean(dim=-1), latent.std(dim=-1, unbiased=False)
+
+
+def style_distance(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """[B]: mean absolute difference of the two latents' style statistics (per-channel mean and spread)."""
+    (m_out, s_out), (m_ref, s_ref) = style_statistics(output), style_statistics(reference)
+    return (m_out - m_ref).abs().mean(dim=-1) + (s_out - s_ref).abs().mean(dim=-1)
+
+
 class Stage(nn.Module):
     """One cascade stage: [B, T, in_channels] -> correction [B, T, out_channels] (zero at initialisation)."""
 
     def __init__(self, in_channels: int, width: int, out_channels: int, num_layers: int, nhead: int,
-                 dropout: float, use_sdpa: bool = True):
+                 dropout: float, use_sdpa: bool = True, style_dim: int = 0):
         super().__init__()
         self.proj_in = nn.Linear(in_channels, width)
+        self.style = nn.Linear(style_dim, width, bias=False) if style_dim else None
         self.blocks = nn.ModuleList(Block(width, nhead, dropout, use_sdpa) for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, out_channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
         h = self.proj_in(x)
         h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device, h.dtype)
+        if style is not None and self.style is not None:
+            h = h + self.style(style.to(h.dtype))[:, None]
         for block in self.blocks:
             h = block(h)
         return self.proj_out(self.norm(h))
@@ -76,7 +104,7 @@ class SimpleTransformer(nn.Module):
                  dropout: float = 0.1, anti_cheating: float = 0.0, use_creative_agent: bool = False,
                  mask_type: str = "none", stage_widths: list[int] | None = None, agent_hidden_dim: int = 256,
                  agent_heads: int = 4, use_discriminator: bool = False, temporal_segment_frames: int = 32,
-                 frequency_split: float = 0.5, use_sdpa: bool = True, **agent_options):
+                 frequency_split: float = 0.5, use_sdpa: bool = True, style_dim: int = 0, **agent_options):
         super().__init__()
         if mask_type not in MASK_TYPES:
             raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
@@ -89,10 +117,12 @@ class SimpleTransformer(nn.Module):
             raise ValueError(f"stage_widths needs {num_transformer_layers} entries, got {len(widths)}")
         self.encoding_dim, self.anti_cheating, self.mask_type = d, anti_cheating, mask_type
         self.temporal_segment_frames, self.frequency_split = temporal_segment_frames, frequency_split
-        self.stages = nn.ModuleList(Stage(c, w, d, num_layers, nhead, dropout, use_sdpa)
+        self.stages = nn.ModuleList(Stage(c, w, d, num_layers, nhead, dropout, use_sdpa, style_dim)
                                     for c, w in zip(in_channels, widths, strict=True))
-        self.creative_agent = (CreativeAgent(d, use_discriminator, agent_hidden_dim, agent_heads, **agent_options)
-                               if use_creative_agent else None)
+        self.creative_agent = (CreativeAgent(d, use_discriminator, agent_hidden_dim, agent_heads,
+                                             style_dim=style_dim, **agent_options) if use_creative_agent else None)
+        # a style reference conditions every stage and the agent (style_dim > 0)
+        self.style_encoder = StyleEncoder(d, style_dim) if style_dim else None
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -100,11 +130,11 @@ class SimpleTransformer(nn.Module):
         return self.creative_agent is not None
 
     def masked_sources(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
-                       balance=None):
+                       balance=None, style: torch.Tensor | None = None):
         """(masked input, masked target, mask_reg_loss or None); sets `last_masks` (in eager runs)."""
         if self.creative_agent is not None:
             masked_in, masked_tgt, reg = self.creative_agent.generate_creative_masks(encoded_input, encoded_target,
-                                                                                     hard, balance)
+                                                                                     hard, balance, style)
             if keeps_state():
                 self.last_masks = self.creative_agent.last_masks
             return masked_in, masked_tgt, reg
@@ -116,17 +146,25 @@ class SimpleTransformer(nn.Module):
             return encoded_input, encoded_target, None
         return encoded_input * m_in, encoded_target * m_tgt, None
 
-    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None):
-        """`balance` (creative agent only): the wanted input share, a number or one per example [B] (default 0.5)."""
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None,
+                style_reference: torch.Tensor | None = None):
+        """`balance` (creative agent only): the wanted input share, a number or one per example [B] (default 0.5).
+        `style_reference` (models built with style_dim > 0): the latent [B, D, T'] of a song whose style the
+        arrangement should take, any length; all zeros, or None, means no reference."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
-        masked_in, masked_tgt, reg_loss = self.masked_sources(encoded_input, encoded_target, hard, balance)
+        style = None
+        if style_reference is not None:
+            if self.style_encoder is None:
+                raise ValueError("this model was built without style conditioning (style_dim=0)")
+            style = self.style_encoder(style_reference)
+        masked_in, masked_tgt, reg_loss = self.masked_sources(encoded_input, encoded_target, hard, balance, style)
         x, y = masked_in.transpose(1, 2), masked_tgt.transpose(1, 2)  # [B, T, D]
         if len(self.stages) == 1:
-            return (x + self.stages[0](x)).transpose(1, 2), reg_loss
-        out = x + y + self.stages[0](torch.cat([x, y], dim=-1))
+            return (x + self.stages[0](x, style)).transpose(1, 2), reg_loss
+        out = x + y + self.stages[0](torch.cat([x, y], dim=-1), style)
         for stage in self.stages[1:]:
             seen = y
             if self.training and self.anti_cheating > 0:
                 seen = y + self.anti_cheating * y.detach().std() * torch.randn_like(y)
-            out = out + stage(torch.cat([x, out, seen], dim=-1))
+            out = out + stage(torch.cat([x, out, seen], dim=-1), style)
         return out.transpose(1, 2), reg_loss

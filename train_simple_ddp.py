@@ -69,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gumbel_tau_start", type=float, default=1.0, help="Gumbel temperature at the first step (1.0)")
     g.add_argument("--gumbel_tau_end", type=float, default=0.1,
                    help="Gumbel temperature at the last step, reached geometrically (default 0.1)")
+    g.add_argument("--style_weight", type=float, default=0.0,
+                   help="W > 0: a style reference conditions the agent and the cascade (arrange.py "
+                        "--style_reference); trained on the target of another pair in half of the examples, with "
+                        "W x the distance between the output's and the reference's per-channel level and spread "
+                        "(default 0: off)")
     g.add_argument("--mask_type", default="none", choices=MASK_TYPES, help="fixed mask when the agent is off")
     g.add_argument("--temporal_segment_frames", type=int, default=32, help="frames per temporal-mask segment")
     g.add_argument("--frequency_split", type=float, default=0.5, help="share of channels the input keeps")

@@ -42,6 +42,7 @@ from losses import (
     rms_loss,
     temporal_variation,
 )
+from model_simple_transformer import style_distance
 from pairs_dataset import (
     BadDataError,
     CachedLatents,
@@ -220,10 +221,19 @@ class Trainer:
         else:
             z_in, z_tgt = self.encode(inp), self.encode(tgt)
         balance = self.draw_balance(inp.shape[0]) if training else None
+        source = reference = None
+        if training and self.args.style_weight > 0:  # the target of the batch's previous pair, for half of them
+            source, present = z_tgt.roll(1, dims=0), self.draw_presence(z_tgt.shape[0])
+            reference = source * present[:, None, None]  # all zeros: no reference
         with self.amp:
-            z_out, reg = (self.forward if training else self.model)(z_in, z_tgt, balance=balance)
+            z_out, reg = (self.forward if training else self.model)(z_in, z_tgt, balance=balance,
+                                                                    style_reference=reference)
         out, loss, terms = (self.compiled_decode_loss if training else self.decode_loss)(z_out, inp, tgt, balance)
         terms["recon_loss"] = loss.detach()
+        if source is not None:  # examples without a reference add nothing
+            style = (style_distance(z_out.float(), source) * present).mean()
+            loss = loss + self.args.style_weight * style
+            terms["style_loss"] = style.detach()
         if reg is not None:
             loss = loss + self.args.mask_reg_weight * reg
             terms["mask_reg_loss"] = reg.detach()
@@ -238,6 +248,10 @@ class Trainer:
         out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : inp.shape[-1]]
         loss, terms = reconstruction_loss(out, inp, tgt, self.args.sample_rate, loss_weights(self.config), balance)
         return out, loss, terms
+
+    def draw_presence(self, batch: int) -> torch.Tensor:
+        """--style_weight: which training examples get a style reference (1) and which none (0), half and half."""
+        return (torch.rand(batch, device=self.device) < 0.5).float()
 
     def draw_balance(self, batch: int) -> torch.Tensor | None:
         """The agent's wanted input share for each training example, uniform in --balance_range (None: even)."""
@@ -509,7 +523,7 @@ class Trainer:
                           lsd_in_db=val["lsd_in_db"], lsd_tgt_db=val["lsd_tgt_db"],
                           lr=self.scheduler.get_last_lr()[0], seconds=time.time() - start,
                           skipped_steps=train["skipped_steps"])
-            record.update({k: train[k] for k in ("adv_gen_loss", "adv_disc_loss") if k in train})
+            record.update({k: train[k] for k in ("adv_gen_loss", "adv_disc_loss", "style_loss") if k in train})
             best = val["loss"] < self.best_val
             self.best_val = min(self.best_val, val["loss"])
             names = ["checkpoint_last.pt"] + (["checkpoint_best.pt"] if best else [])

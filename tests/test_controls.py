@@ -1,5 +1,6 @@
-"""Issue 11: agent controls: the balance knob, Gumbel hard masks, multi-scale attention, and checkpoints that say
-which controls they honour."""
+"""Issue 11: agent controls: the balance knob, Gumbel hard masks, multi-scale attention, the compositional agent,
+the style reference, and checkpoints that say which controls they honour."""
+import json
 import re
 
 import numpy as np
@@ -14,6 +15,7 @@ from checkpoints import build_model, load_checkpoint, load_model_state
 from creative_agent import AttentionMaskGenerator, CreativeAgent
 from losses import lsd_per_example, reconstruction_loss
 from make_pairs import synth_song
+from model_simple_transformer import SimpleTransformer, style_distance
 from train_simple_worker import Trainer, run
 
 
@@ -215,3 +217,46 @@ def test_compositional_agent_trains_and_arranges(tmp_path, pairs_dir, capsys):
     assert arrange.main(["--checkpoint", checkpoint, "--input", a, "--target", b, "--output", str(out),
                          "--balance", "0.3"]) == 0
     assert "input share" in capsys.readouterr().out and np.isfinite(sf.read(out)[0]).all()
+
+
+def test_style_reference_changes_the_output_and_none_changes_nothing():
+    torch.manual_seed(0)
+    model = SimpleTransformer(encoding_dim=16, nhead=2, num_layers=1, use_creative_agent=True, agent_hidden_dim=16,
+                              style_dim=8).eval()
+    for stage in model.stages:  # a trained cascade: corrections that are not zero
+        torch.nn.init.normal_(stage.proj_out.weight, std=0.1)
+    x, y = latents(batch=1, frames=50)
+    reference = torch.randn(1, 16, 80) * 3 + 1  # another length, another level
+    plain, _ = model(x, y)
+    assert torch.equal(model.style_encoder(torch.zeros(1, 16, 80)), torch.zeros(1, 8))
+    none, _ = model(x, y, style_reference=torch.zeros(1, 16, 80))
+    assert torch.allclose(none, plain, atol=1e-6)
+    styled, _ = model(x, y, style_reference=reference)
+    assert torch.isfinite(styled).all() and (styled - plain).abs().max() > 1e-3
+    assert style_distance(reference, reference).item() == 0 and style_distance(plain, reference).item() > 0
+    without = SimpleTransformer(encoding_dim=16, nhead=2, num_layers=1)
+    with pytest.raises(ValueError, match="without style conditioning"):
+        without(x, y, style_reference=reference)
+
+
+def test_training_with_style_references_and_arranging_with_one(tmp_path, pairs_dir, balance_checkpoints, capsys):
+    args = tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--style_weight", "0.5")
+    assert run(0, 1, 0, args) == 0
+    with open(tmp_path / "logs" / "run" / "metrics.jsonl") as f:
+        assert "style_loss" in json.loads(f.readline())
+    checkpoint = str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt")
+    a, b = songs(tmp_path)
+    c = str(tmp_path / "style.wav")
+    sf.write(c, 0.5 * synth_song(42, 3.0, SR), SR)
+    outputs = {}
+    for name, extra in (("plain", []), ("styled", ["--style_reference", c])):
+        out = tmp_path / f"{name}.wav"
+        assert arrange.main(["--checkpoint", checkpoint, "--input", a, "--target", b, "--output", str(out),
+                             *extra]) == 0
+        outputs[name] = sf.read(out)[0]
+        assert np.isfinite(outputs[name]).all() and np.abs(outputs[name]).max() <= 1.0
+    assert np.abs(outputs["styled"] - outputs["plain"]).max() > 1e-4
+    capsys.readouterr()
+    assert arrange.main(["--checkpoint", balance_checkpoints["any"], "--input", a, "--target", b,
+                         "--output", str(tmp_path / "no.wav"), "--style_reference", c]) == 2
+    assert "--style_reference needs a checkpoint trained with --style_weight > 0" in capsys.readouterr().err
