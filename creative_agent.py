@@ -85,7 +85,9 @@ def split_by_energy(score: torch.Tensor, energy_in: torch.Tensor, energy_tgt: to
     taken_in = energy_in.gather(-1, order).cumsum(dim=-1)  # input energy if the first k frames are the input's
     left_tgt = energy_tgt.sum(dim=-1, keepdim=True) - energy_tgt.gather(-1, order).cumsum(dim=-1)
     held = taken_in / (taken_in + left_tgt).clamp_min(1e-8)  # grows with k
-    count = (held < share).sum(dim=-1, keepdim=True).clamp(max=score.shape[-1] - 1)
+    before = F.pad(held[..., :-1], (1, 0))  # the share without frame k
+    # frame k goes to the input if the share is still below the wanted one half-way through taking it
+    count = ((before + held) / 2 < share).sum(dim=-1, keepdim=True).clamp(max=score.shape[-1] - 1)
     return score.detach().gather(-1, order).gather(-1, count)
 
 
