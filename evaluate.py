@@ -68,11 +68,12 @@ def parse_named(items: list[str]) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def evaluate_one(state: dict, path: str, dataset: WavPairsDataset, num_examples: int, batch_size: int = 4,
-                 balance: float = 0.5):
+                 balance: float = 0.5, hard: bool = False):
     """Metrics of one checkpoint over the validation pairs, and the example outputs and masks. A creative agent
-    aims at the input share `balance`; the baselines have no such setting."""
+    aims at the input share `balance` and, with `hard`, decides 0/1; the baselines have no such settings."""
     model, codec, norm = model_from_checkpoint(state, path)
     balance = balance if model.use_creative_agent else None
+    hard = hard and model.use_creative_agent
     config = state["config"]
     sr, segment = config["sample_rate"], config["segment_samples"]
     sums, count, seconds, patterns, examples = {}, 0, 0.0, [], []
@@ -80,7 +81,7 @@ def evaluate_one(state: dict, path: str, dataset: WavPairsDataset, num_examples:
         batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         inp, tgt = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
         begin = time.perf_counter()
-        out, masks, attention = arrange_latents(model, codec, norm, inp, tgt, balance=balance,
+        out, masks, attention = arrange_latents(model, codec, norm, inp, tgt, hard=hard, balance=balance,
                                                 keep_attention=model.use_creative_agent and start == 0)
         seconds += time.perf_counter() - begin
         loss, _ = reconstruction_loss(out, inp, tgt, sr, loss_weights(config))
@@ -204,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--balance", type=float, default=0.5,
                    help="the input share each creative agent aims at, 0..1 (default 0.5); the fixed-mask and "
                         "unmasked baselines have no such setting and are evaluated as they are")
+    p.add_argument("--hard", action="store_true", help="creative agents decide 0/1 (exactly complementary masks)")
     args = p.parse_args(argv)
     if not 0.0 <= args.balance <= 1.0:
         p.error(f"--balance must lie in 0..1, got {args.balance:g}")
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
                 datasets[key] = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key,
                                                 silence_db=args.silence_db)
             results[name] = evaluate_one(states[name], path, datasets[key], args.num_examples,
-                                         balance=args.balance)
+                                         balance=args.balance, hard=args.hard)
     except (ValueError, CheckpointError, BadDataError, FileNotFoundError, CodecUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

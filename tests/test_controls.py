@@ -1,5 +1,6 @@
 """Issue 11: agent controls: the balance knob, Gumbel hard masks, multi-scale attention, the compositional agent,
 the style reference, and checkpoints that say which controls they honour."""
+import csv
 import json
 import re
 
@@ -157,7 +158,12 @@ def test_evaluate_balance_applies_to_agents_and_refuses_the_untrained(tmp_path, 
                                                                       capsys):
     args = ["--dataset_folder", pairs_dir, "--num_examples", "1", "--balance", "0.3"]
     assert evaluate.main(["--checkpoints", f"any={balance_checkpoints['any']}",
-                          f"temporal={balance_checkpoints['temporal']}", "--out", str(tmp_path / "ok"), *args]) == 0
+                          f"temporal={balance_checkpoints['temporal']}", "--out", str(tmp_path / "ok"), *args,
+                          "--hard"]) == 0
+    with open(tmp_path / "ok" / "metrics.csv") as f:
+        rows = {row["approach"]: row for row in csv.DictReader(f)}
+    assert float(rows["any"]["complementarity"]) == pytest.approx(100.0)
+    assert float(rows["any"]["coverage"]) == pytest.approx(100.0)
     assert evaluate.main(["--checkpoints", f"even={balance_checkpoints['even']}", "--out", str(tmp_path / "no"),
                           *args]) == 2
     assert "trained without the balance conditioning" in capsys.readouterr().err
