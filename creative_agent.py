@@ -76,17 +76,24 @@ def novelty(latent: torch.Tensor, smooth_frames: int = 9) -> torch.Tensor:
     return flux / flux.amax(dim=-1, keepdim=True).clamp_min(1e-8)
 
 
-def split_by_energy(score: torch.Tensor, energy_in: torch.Tensor, energy_tgt: torch.Tensor,
-                    share: torch.Tensor) -> torch.Tensor:
-    """Per example and row, the threshold [B, rows, 1] on `score` [B, rows, T] such that, with the frames above it
-    from the input and the others from the target, the input holds the fraction `share` [B, 1, 1] of the energy
-    kept (`energy_in`, `energy_tgt` [B, rows, T]): what is heard, not what is counted."""
+def frame_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """How different two latents [B, D, T] sound at each frame [B, T]: the RMS over channels of the difference of
+    their log magnitudes (a log-spectral distance in the codec's domain)."""
+    diff = torch.log(x.detach().float().abs() + 1e-3) - torch.log(y.detach().float().abs() + 1e-3)
+    return diff.square().mean(dim=1).sqrt()
+
+
+def split_at(score: torch.Tensor, weight: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """Per example and row, the threshold [B, rows, 1] on `score` [B, rows, T] such that the frames above it, the
+    input's, hold the fraction `share` [B, 1, 1] of the total `weight` [B, rows, T] (a frame is the input's if the
+    fraction is still below `share` half-way through it). With the songs' frame distance as the weight and share
+    0.5, the frames taken from the target are as far from the input as the frames taken from the input are from
+    the target: the arrangement is as close to one song as to the other (in log-spectral distance), while the
+    score decides which frames go where."""
     order = score.detach().argsort(dim=-1, descending=True)
-    taken_in = energy_in.gather(-1, order).cumsum(dim=-1)  # input energy if the first k frames are the input's
-    left_tgt = energy_tgt.sum(dim=-1, keepdim=True) - energy_tgt.gather(-1, order).cumsum(dim=-1)
-    held = taken_in / (taken_in + left_tgt).clamp_min(1e-8)  # grows with k
-    before = F.pad(held[..., :-1], (1, 0))  # the share without frame k
-    # frame k goes to the input if the share is still below the wanted one half-way through taking it
+    cumulative = weight.gather(-1, order).cumsum(dim=-1)
+    held = cumulative / cumulative[..., -1:].clamp_min(1e-8)  # the input's share with the first k + 1 frames
+    before = F.pad(held[..., :-1], (1, 0))
     count = ((before + held) / 2 < share).sum(dim=-1, keepdim=True).clamp(max=score.shape[-1] - 1)
     return score.detach().gather(-1, order).gather(-1, count)
 
@@ -208,10 +215,9 @@ class AttentionMaskGenerator(nn.Module):
             score = self.frame_scores(score)
             k = self.gate_frames | 1  # odd: centred
             score = F.avg_pool1d(score, k, stride=1, padding=k // 2, count_include_pad=False)
-            energy = (F.avg_pool1d(z.detach().float().square().mean(dim=1, keepdim=True), k, stride=1,
-                                   padding=k // 2, count_include_pad=False).expand_as(score)
-                      for z in (encoded_input, encoded_target))
-            score = score - split_by_energy(score, *energy, share)  # [B, rows, T]
+            distance = F.avg_pool1d(frame_distance(encoded_input, encoded_target)[:, None], k, stride=1,
+                                    padding=k // 2, count_include_pad=False)
+            score = score - split_at(score, distance.expand_as(score), share)  # [B, rows, T]
         else:  # cells: the wanted share moves every cell's odds
             score = score + torch.logit(share.clamp(1e-3, 1 - 1e-3))
         hard = self.gates == "frame"

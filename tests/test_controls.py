@@ -13,7 +13,7 @@ from conftest import SR, tiny_args
 import arrange
 import evaluate
 from checkpoints import build_model, load_checkpoint, load_model_state
-from creative_agent import AttentionMaskGenerator, CreativeAgent, split_by_energy
+from creative_agent import AttentionMaskGenerator, CreativeAgent, split_at
 from losses import lsd_per_example, reconstruction_loss
 from make_pairs import synth_song
 from model_simple_transformer import SimpleTransformer, style_distance
@@ -268,15 +268,10 @@ def test_training_with_style_references_and_arranging_with_one(tmp_path, pairs_d
     assert "--style_reference needs a checkpoint trained with --style_weight > 0" in capsys.readouterr().err
 
 
-def test_the_split_follows_the_energy_heard_not_the_frame_count():
+def test_the_split_weighs_frames_by_how_different_the_songs_sound():
     score = torch.tensor([[[3.0, 2.0, 1.0, 0.0]]])
-    loud_first, flat = torch.tensor([[[4.0, 4.0, 1.0, 1.0]]]), torch.ones(1, 1, 4)
     half = torch.full((1, 1, 1), 0.5)
-    threshold = split_by_energy(score, loud_first, flat, half)
-    assert (score > threshold).tolist() == [[[True, False, False, False]]]  # one loud frame holds 4 / 7 of it
-    assert (score > split_by_energy(score, flat, flat, half)).sum() == 2
-    x, y = latents()
-    gen = AttentionMaskGenerator(16, hidden_dim=16).eval()
-    even, _, _ = gen(x, y)
-    louder, _, _ = gen(3 * x, y)
-    assert louder.mean() < 0.3 < 0.4 < even.mean()  # a louder input needs fewer frames for the same share
+    apart_first = torch.tensor([[[4.0, 4.0, 1.0, 1.0]]])  # the songs differ most in the first two frames
+    assert (score > split_at(score, apart_first, half)).tolist() == [[[True, False, False, False]]]
+    assert (score > split_at(score, torch.ones(1, 1, 4), half)).sum() == 2
+    assert (score > split_at(score, torch.ones(1, 1, 4), torch.full((1, 1, 1), 0.75))).sum() == 3
