@@ -185,8 +185,9 @@ class AttentionMaskGenerator(nn.Module):
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
         d = encoded_input.shape[1]
-        input_mask = self.decisions(encoded_input, encoded_target, share, shift).expand(-1, d, -1)  # frame gates: all
-        target_mask = 1.0 - input_mask  # channels alike
+        # with frame gates one decision per frame [B, 1, T] serves every channel
+        input_mask = self.decisions(encoded_input, encoded_target, share, shift).expand(-1, d, -1)
+        target_mask = 1.0 - input_mask
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         energy = (encoded_input.detach().float().square(), encoded_target.detach().float().square())
         return input_mask, target_mask, self.regularization(input_mask, target_mask, change, energy, share)
