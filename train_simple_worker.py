@@ -249,16 +249,23 @@ class Trainer:
         loss, terms = reconstruction_loss(out, inp, tgt, self.args.sample_rate, loss_weights(self.config), balance)
         return out, loss, terms
 
+    def draws(self, batch: int, stream: int) -> torch.Tensor:
+        """`batch` uniform numbers in [0, 1) on the device, a function of (seed, rank, step, stream) alone: data
+        loading, compilation and resuming never change them."""
+        generator = torch.Generator().manual_seed(((self.args.seed * 4099 + self.rank) * 1_000_003 + self.step) * 7
+                                                  + stream)
+        return torch.rand(batch, generator=generator).to(self.device, non_blocking=True)
+
     def draw_presence(self, batch: int) -> torch.Tensor:
         """--style_weight: which training examples get a style reference (1) and which none (0), half and half."""
-        return (torch.rand(batch, device=self.device) < 0.5).float()
+        return (self.draws(batch, 1) < 0.5).float()
 
     def draw_balance(self, batch: int) -> torch.Tensor | None:
         """The agent's wanted input share for each training example, uniform in --balance_range (None: even)."""
         lo, hi = self.args.balance_range
         if not self.args.use_creative_agent or lo == hi == 0.5:
             return None
-        return torch.empty(batch, device=self.device).uniform_(lo, hi)
+        return lo + (hi - lo) * self.draws(batch, 0)
 
     def anneal_gumbel(self) -> None:
         """--hard_masks: the Gumbel temperature of this step, geometric from --gumbel_tau_start to --gumbel_tau_end."""

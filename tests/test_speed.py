@@ -38,10 +38,12 @@ def test_fast_path_switches_change_no_result(tmp_path, pairs_dir, reference, swi
 
 def test_compile_changes_no_result(tmp_path, pairs_dir):
     """--compile --cuda_graphs trains and validates alike (on a CPU, CUDA graphs compile as plain --compile does,
-    so this covers both). Batches of 3 divide the 9 training pairs, so dropping the last batch changes nothing."""
-    reference = train_losses(tmp_path / "eager", pairs_dir, "--batch_size", "3")
+    so this covers both). Batches of 3 divide the 9 training pairs, so dropping the last batch changes nothing; an
+    even balance keeps the farther-song term's max() from tipping on float noise."""
+    common = ["--batch_size", "3", "--balance_range", "0.5,0.5"]
+    reference = train_losses(tmp_path / "eager", pairs_dir, *common)
     try:
-        losses = train_losses(tmp_path / "compiled", pairs_dir, "--batch_size", "3", "--compile", "--cuda_graphs")
+        losses = train_losses(tmp_path / "compiled", pairs_dir, *common, "--compile", "--cuda_graphs")
     except Exception as err:  # no C++ toolchain for inductor on this machine
         pytest.skip(f"torch.compile is not usable here: {str(err).splitlines()[0][:200]}")
     for got, want in zip(losses, reference, strict=True):
@@ -65,7 +67,7 @@ def test_a_compiled_forward_keeps_no_graph_output():
     model = SimpleTransformer(encoding_dim=16, nhead=2, num_layers=1, use_creative_agent=True, agent_hidden_dim=16)
     x, y = torch.randn(2, 16, 24), torch.randn(2, 16, 24)
     try:
-        out, reg = torch.compile(model)(x, y)
+        out, reg = torch.compile(model, backend="aot_eager")(x, y)  # traced as inductor would be, without codegen
     except Exception as err:  # no C++ toolchain for inductor on this machine
         pytest.skip(f"torch.compile is not usable here: {str(err).splitlines()[0][:200]}")
     (out.square().mean() + reg).backward()
