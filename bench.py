@@ -113,10 +113,10 @@ class Bench:
                                        nhead=args.nhead, use_sdpa=args.sdpa).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.cuda_graphs = args.cuda_graphs
+        # as in training: the model, and the decoder with the loss
         self.forward = (torch.compile(self.model, mode="reduce-overhead" if args.cuda_graphs else None)
-                        if args.compile or args.cuda_graphs else self.model)
-        compiled = args.compile or args.cuda_graphs  # as in training: the model, and the decoder with the loss
-        self.decode_loss = torch.compile(self.eager_decode_loss) if compiled else self.eager_decode_loss
+                        if args.compile else self.model)
+        self.decode_loss = torch.compile(self.eager_decode_loss) if args.compile else self.eager_decode_loss
         self.amp = args.amp == "bf16" and self.device.type == "cuda"
         self.norm = LatentNorm(self.codec.dim).to(self.device)
         b = args.batch_size
@@ -279,7 +279,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use_creative_agent", type=str2bool, default=True, help="include the agent (default true)")
     p.add_argument("--nhead", type=int, default=8, help="attention heads per stage (default 8, as in training)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (FLOPs still counted eagerly)")
-    p.add_argument("--cuda_graphs", action="store_true", help="compile with CUDA graphs (mode reduce-overhead)")
+    p.add_argument("--cuda_graphs", action="store_true",
+                   help="compile with CUDA graphs (mode reduce-overhead; implies --compile)")
     p.add_argument("--amp", default="bf16", choices=("bf16", "none"), help="bf16 autocast on CUDA (default)")
     p.add_argument("--sdpa", type=str2bool, default=True, help="fused attention kernels (default true)")
     p.add_argument("--num_workers", type=int, default=None, help="loader workers (default 4 GPU, 0 CPU)")
@@ -294,6 +295,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    args.compile = args.compile or args.cuda_graphs
     args.batch_size = args.batch_size or (8 if gpu else 4)
     args.seconds = args.seconds or (16.0 if gpu else 2.0)
     args.num_workers = args.num_workers if args.num_workers is not None else (4 if gpu else 0)

@@ -86,7 +86,7 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
         h = self.proj_in(x)
         h = h + sinusoidal_positions(h.shape[1], h.shape[2], h.device, h.dtype)
-        if style is not None and self.style is not None:
+        if style is not None:  # only models built with style_dim > 0 compute one
             h = h + self.style(style.to(h.dtype))[:, None]
         for block in self.blocks:
             h = block(h)
