@@ -18,7 +18,7 @@ import torch
 
 from audio_codec import CodecUnavailable
 from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint
-from losses import input_share, mask_metrics, temporal_variation
+from losses import input_share, mask_metrics, temporal_variation, tone_distance_db
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
 
 
@@ -69,16 +69,18 @@ def peak_limit(wave: torch.Tensor, ceiling: float = 0.99) -> torch.Tensor:
 
 @torch.no_grad()
 def arrange_latents(model, codec, norm, inp: torch.Tensor, tgt: torch.Tensor, hard: bool = False,
-                    keep_attention: bool = False, balance: float | None = None, style: torch.Tensor | None = None):
+                    keep_attention: bool = False, balance: float | None = None, style: torch.Tensor | None = None,
+                    style_strength: float = 0.5):
     """One window: waveforms [B, 1, S] -> (output [B, 1, S], (input mask, target mask) [B, D, T], attention).
     `balance`: the input share the agent should aim at (default 0.5); `style`: a style reference's normalised
-    latent [1, D, T'] (models trained with --style_weight)."""
+    latent [1, D, T'] (models trained with --style_weight), whose statistics the output takes `style_strength` of."""
     agent = model.creative_agent.mask_generator if model.use_creative_agent else None
     if agent is not None:
         agent.keep_attention = keep_attention
     try:
         z_out, _ = model(norm.normalize(codec.encode(inp)), norm.normalize(codec.encode(tgt)), hard=hard,
-                         balance=balance, style_reference=None if style is None else style.expand(len(inp), -1, -1))
+                         balance=balance, style_reference=None if style is None else style.expand(len(inp), -1, -1),
+                         style_strength=style_strength)
     finally:
         if agent is not None:
             agent.keep_attention = False
@@ -112,7 +114,7 @@ def crossfade_weights(window: int, overlap: int) -> torch.Tensor:
 @torch.no_grad()
 def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, window: int, hard: bool = False,
                  overlap_fraction: float = 0.25, batch_size: int = 4, keep_attention: bool = False,
-                 balance: float | None = None, style: torch.Tensor | None = None):
+                 balance: float | None = None, style: torch.Tensor | None = None, style_strength: float = 0.5):
     """Whole songs [S_in], [S_tgt] -> (output [S_in], masks [D, frames] each, attention of the first window).
 
     The target is looped or cut to the input's length; windows of `window` samples overlap by
@@ -135,7 +137,7 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
         inp = torch.stack([song[s : s + window] for s in batch])[:, None]
         tgt = torch.stack([other[s : s + window] for s in batch])[:, None]
         y, (m_in, m_tgt), att = arrange_latents(model, codec, norm, inp, tgt, hard, keep_attention and i == 0,
-                                                balance, style)
+                                                balance, style, style_strength)
         attention = att[0].cpu() if att is not None else attention
         for j, s in enumerate(batch):
             out[s : s + window] += fade * y[j, 0].float().cpu()
@@ -206,10 +208,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with --balance_range)")
     p.add_argument("--style_reference", default=None, metavar="SONG",
                    help="a third song whose style the arrangement takes (checkpoints trained with --style_weight)")
+    p.add_argument("--style_strength", type=float, default=0.5,
+                   help="with --style_reference: how far the arrangement's band levels move towards the reference's, "
+                        "0 (only the learned conditioning) to 1 (all the way); default 0.5")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--silence_db", type=float, default=SILENCE_DB,
                    help=f"refuse a song whose RMS level is below this (default {SILENCE_DB:g} dBFS)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.style_strength <= 1.0:
+        p.error(f"--style_strength must be between 0 and 1, got {args.style_strength:g}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -221,13 +229,14 @@ def main(argv=None) -> int:
         model, codec, norm = model_from_checkpoint(state, args.checkpoint)
         sr = state["config"]["sample_rate"]
         song, other = load_audio(args.input, sr, args.silence_db), load_audio(args.target, sr, args.silence_db)
-        style = None
+        style = reference = None
         if args.style_reference:
             if model.style_encoder is None:
                 raise CheckpointError(f"{args.checkpoint}: --style_reference needs a checkpoint trained with "
                                       f"--style_weight > 0")
+            reference = load_audio(args.style_reference, sr, args.silence_db)[None, None]
             with torch.no_grad():
-                style = norm.normalize(codec.encode(load_audio(args.style_reference, sr, args.silence_db)[None, None]))
+                style = norm.normalize(codec.encode(reference))
         if os.path.isdir(args.output):
             raise AudioInputError(f"{args.output}: is a folder, but the output is a file to write")
     except (CheckpointError, AudioInputError, CodecUnavailable) as err:
@@ -236,7 +245,7 @@ def main(argv=None) -> int:
     window = state["config"]["segment_samples"]
     out, masks, attention = arrange_song(model, codec, norm, song, other, window, args.hard,
                                          batch_size=args.batch_size, keep_attention=args.mask_plot is not None,
-                                         balance=args.balance, style=style)
+                                         balance=args.balance, style=style, style_strength=args.style_strength)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_wave(args.output, out, sr)
     if args.mask_plot:
@@ -249,6 +258,10 @@ def main(argv=None) -> int:
     print(f"{args.output}: {len(out) / sr:.1f} s at {sr} Hz | input share {share:.2f}{asked}, temporal variation "
           f"{change:.2f} | complementarity {metrics['complementarity']:.1f}%, coverage {metrics['coverage']:.1f}%, "
           f"balance {metrics['balance']:.2f}")
+    if reference is not None:
+        tone = [tone_distance_db(w[None, None], reference, sr).item() for w in (out, song, other)]
+        print(f"tone distance to the style reference: arrangement {tone[0]:.1f} dB (input {tone[1]:.1f} dB, "
+              f"target {tone[2]:.1f} dB)")
     return 0
 
 

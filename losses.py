@@ -204,6 +204,17 @@ def heard(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Ten
 
 
 @torch.no_grad()
+def tone_distance_db(wave: torch.Tensor, reference: torch.Tensor, sample_rate: int, n_fft: int = 2048,
+                     hop: int = 512, n_mels: int = 40) -> torch.Tensor:
+    """How different the spectral balance of two recordings [B, 1, S] and [B, 1, S'] is, per example [B] (dB): the
+    RMS over mel bands of the difference of their long-term average power per band. What is played when does not
+    count, only how loud each band is on average: the tone that a --style_reference asks an arrangement to take."""
+    fb = mel_filterbank(sample_rate, n_fft, n_mels, wave.device)
+    tone = [10 * torch.log10(magnitude(w, n_fft, hop).square().mean(dim=-1) @ fb.T + 1e-10) for w in (wave, reference)]
+    return (tone[0] - tone[1]).square().mean(dim=-1).sqrt()
+
+
+@torch.no_grad()
 def temporal_variation(input_mask: torch.Tensor) -> torch.Tensor:
     """Per example [B]: the mean over channels of the standard deviation over time of the input mask [B, D, T].
     0 for a mask that never changes over time, 0.5 for an even 0/1 alternation (the temporal baseline)."""

@@ -63,6 +63,22 @@ def style_statistics(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return latent.mean(dim=-1), latent.std(dim=-1, unbiased=False)
 
 
+MAX_STYLE_GAIN = 10.0  # restyle raises a channel by at most 20 dB: a band that is silent here stays silent
+
+
+def restyle(latent: torch.Tensor, reference: torch.Tensor, strength: float) -> torch.Tensor:
+    """`latent` [B, D, T] moved by `strength` (0: unchanged, 1: all the way) towards the per-channel level and spread
+    of `reference` [B, D, T']: adaptive instance normalisation (AdaIN, Huang and Belongie 2017) with its
+    content-style trade-off. In a spectral codec's latent the spread of a channel is the loudness of its band, so
+    the arrangement keeps what is played when and takes the reference's spectral balance. An all-zero reference
+    (no reference) moves nothing."""
+    (m, s), (m_ref, s_ref) = style_statistics(latent), style_statistics(reference)
+    gain = (s_ref / s.clamp_min(1e-8)).clamp(max=MAX_STYLE_GAIN)
+    styled = (latent.float() - m[..., None]) * gain[..., None] + m_ref[..., None]
+    present = (s_ref.amax(dim=-1) > 0).float()[:, None, None]
+    return latent + (strength * present * (styled - latent.float())).to(latent.dtype)
+
+
 def style_distance(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """[B]: mean absolute difference of the two latents' style statistics (per-channel mean and spread)."""
     (m_out, s_out), (m_ref, s_ref) = style_statistics(output), style_statistics(reference)
@@ -147,10 +163,11 @@ class SimpleTransformer(nn.Module):
         return encoded_input * m_in, encoded_target * m_tgt, None
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None,
-                style_reference: torch.Tensor | None = None):
+                style_reference: torch.Tensor | None = None, style_strength: float = 0.0):
         """`balance` (creative agent only): the wanted input share, a number or one per example [B] (default 0.5).
         `style_reference` (models built with style_dim > 0): the latent [B, D, T'] of a song whose style the
-        arrangement should take, any length; all zeros, or None, means no reference."""
+        arrangement should take, any length; all zeros, or None, means no reference. It conditions the agent and
+        every stage, and `style_strength` > 0 also moves the output that far towards its statistics (restyle)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         style = None
         if style_reference is not None:
@@ -160,11 +177,15 @@ class SimpleTransformer(nn.Module):
         masked_in, masked_tgt, reg_loss = self.masked_sources(encoded_input, encoded_target, hard, balance, style)
         x, y = masked_in.transpose(1, 2), masked_tgt.transpose(1, 2)  # [B, T, D]
         if len(self.stages) == 1:
-            return (x + self.stages[0](x, style)).transpose(1, 2), reg_loss
-        out = x + y + self.stages[0](torch.cat([x, y], dim=-1), style)
+            out = x + self.stages[0](x, style)
+        else:
+            out = x + y + self.stages[0](torch.cat([x, y], dim=-1), style)
         for stage in self.stages[1:]:
             seen = y
             if self.training and self.anti_cheating > 0:
                 seen = y + self.anti_cheating * y.detach().std() * torch.randn_like(y)
             out = out + stage(torch.cat([x, out, seen], dim=-1), style)
-        return out.transpose(1, 2), reg_loss
+        out = out.transpose(1, 2)
+        if style is not None and style_strength > 0:
+            out = restyle(out, style_reference, style_strength)
+        return out, reg_loss

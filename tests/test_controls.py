@@ -14,9 +14,9 @@ import arrange
 import evaluate
 from checkpoints import build_model, load_checkpoint, load_model_state
 from creative_agent import AttentionMaskGenerator, CreativeAgent, split_at
-from losses import lsd_per_example, reconstruction_loss
+from losses import lsd_per_example, reconstruction_loss, tone_distance_db
 from make_pairs import synth_song
-from model_simple_transformer import SimpleTransformer, style_distance
+from model_simple_transformer import SimpleTransformer, restyle, style_distance
 from train_simple_worker import Trainer, run
 
 
@@ -240,9 +240,24 @@ def test_style_reference_changes_the_output_and_none_changes_nothing():
     styled, _ = model(x, y, style_reference=reference)
     assert torch.isfinite(styled).all() and (styled - plain).abs().max() > 1e-3
     assert style_distance(reference, reference).item() == 0 and style_distance(plain, reference).item() > 0
+    restyled, _ = model(x, y, style_reference=reference, style_strength=0.5)
+    assert style_distance(restyled, reference) < 0.6 * style_distance(styled, reference)
+    none, _ = model(x, y, style_reference=torch.zeros(1, 16, 80), style_strength=1.0)
+    assert torch.allclose(none, plain, atol=1e-6)
     without = SimpleTransformer(encoding_dim=16, nhead=2, num_layers=1)
     with pytest.raises(ValueError, match="without style conditioning"):
         without(x, y, style_reference=reference)
+
+
+def test_restyle_takes_the_references_statistics_by_the_strength():
+    x, reference = torch.randn(2, 16, 50), torch.randn(2, 16, 80) * 3 + 1
+    assert torch.equal(restyle(x, reference, 0.0), x)
+    assert torch.equal(restyle(x, torch.zeros(2, 16, 80), 1.0), x)  # no reference
+    assert style_distance(restyle(x, reference, 1.0), reference).max() < 1e-4
+    half = style_distance(restyle(x, reference, 0.5), reference)
+    assert torch.allclose(half, 0.5 * style_distance(x, reference), rtol=1e-4)
+    quiet = torch.randn(2, 16, 50) * 1e-3  # a band far quieter than the reference's is raised by at most 20 dB
+    assert restyle(quiet, reference, 1.0).std(dim=-1).max() < 10 * quiet.std(dim=-1).max() * 1.01
 
 
 def test_training_with_style_references_and_arranging_with_one(tmp_path, pairs_dir, balance_checkpoints, capsys):
@@ -262,7 +277,13 @@ def test_training_with_style_references_and_arranging_with_one(tmp_path, pairs_d
         outputs[name] = sf.read(out)[0]
         assert np.isfinite(outputs[name]).all() and np.abs(outputs[name]).max() <= 1.0
     assert np.abs(outputs["styled"] - outputs["plain"]).max() > 1e-4
-    capsys.readouterr()
+    assert "tone distance to the style reference: arrangement" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        arrange.parse_args(["--checkpoint", checkpoint, "--input", a, "--target", b, "--output", "x.wav",
+                            "--style_strength", "1.5"])
+    tone = {name: tone_distance_db(torch.from_numpy(o).float()[None, None], torch.from_numpy(sf.read(c)[0]).float()[
+        None, None], SR).item() for name, o in outputs.items()}
+    assert tone["styled"] < tone["plain"]  # the reference's tone, taken in part
     assert arrange.main(["--checkpoint", balance_checkpoints["any"], "--input", a, "--target", b,
                          "--output", str(tmp_path / "no.wav"), "--style_reference", c]) == 2
     assert "--style_reference needs a checkpoint trained with --style_weight > 0" in capsys.readouterr().err
