@@ -17,10 +17,10 @@ from pairs_dataset import path_problem
 PROJECT = "creative_agent"
 MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_transformer_layers", "num_layers", "nhead", "dropout",
               "anti_cheating", "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split",
-              "agent_gates", "agent_scales", "agent", "style_weight")
+              "agent_gates", "agent_scales", "agent", "style_weight", "agent_block_frames")
 # what a setting meant in runs made before it existed
 LEGACY_SETTINGS = {"agent_gates": "cell", "agent_scales": (1,), "balance_range": (0.5, 0.5), "hard_masks": False,
-                   "agent": "attention", "style_weight": 0.0}
+                   "agent": "attention", "style_weight": 0.0, "agent_block_frames": 0}
 STYLE_DIM = 64  # the style vector of models trained with --style_weight > 0
 
 
@@ -43,6 +43,7 @@ def build_model(config: dict, codec_dim: int) -> SimpleTransformer:
         frequency_split=config.get("frequency_split", 0.5), use_sdpa=config.get("sdpa", True),
         gates=setting(config, "agent_gates"), scales=tuple(setting(config, "agent_scales")),
         hard_masks=setting(config, "hard_masks"), agent=setting(config, "agent"),
+        block_frames=setting(config, "agent_block_frames"),
         style_dim=STYLE_DIM if setting(config, "style_weight") > 0 else 0, **extra_balance(config))
 
 

@@ -118,6 +118,9 @@ def unpool_frames(x: torch.Tensor, scale: int, length: int) -> torch.Tensor:
 
 
 GATES = ("frame", "cell")
+# Frame gates decide once per block of this many frames (0.17 s with the MDCT codec at 24 kHz). Every switch
+# between the songs costs the decoded audio a transition, so fewer, longer sections sound cleaner.
+BLOCK_FRAMES = 32
 # Weights of the regularisation terms. The masks are pushed to be decided (complementarity), to give each song half
 # of every example (balance by area, share by energy), to keep the loud parts rather than the gaps (presence), to
 # change over time (diversity) and to switch where the music changes rather than anywhere (switching). Together
@@ -133,15 +136,19 @@ class AttentionMaskGenerator(nn.Module):
     and a softmax over the two scores gives the masks: each cell is shared out between the songs (the masks sum
     to 1), and how decided each share is, is what complementarity measures. `gates="frame"` (default) averages
     the scores over channels, so each frame is taken from one song or the other (an arrangement in time);
-    `gates="cell"` decides every channel x frame cell on its own.
+    `gates="cell"` decides every channel x frame cell on its own. With frame gates, `block_frames` > 0 decides
+    once per block of that many frames (a switch only at a block's edge); 0 decides every frame from scores
+    smoothed over `gate_frames` frames (checkpoints from before blocks).
     """
 
     def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gates: str = "frame",
                  gate_frames: int = 16, scales: tuple[int, ...] = (1,), hard_masks: bool = False,
-                 **term_weights: float):
+                 block_frames: int = BLOCK_FRAMES, **term_weights: float):
         super().__init__()
         if gates not in GATES:
             raise ValueError(f"unknown gates {gates!r}: expected one of {', '.join(GATES)}")
+        if block_frames < 0:
+            raise ValueError(f"block_frames must be >= 0, got {block_frames}")
         if not scales or len(set(scales)) != len(scales) or min(scales) < 1:
             raise ValueError(f"scales must be distinct positive frame counts, got {scales}")
         unknown = set(term_weights) - {f"{name}_weight" for name in TERM_WEIGHTS}
@@ -149,7 +156,7 @@ class AttentionMaskGenerator(nn.Module):
             raise ValueError(f"unknown term weights {sorted(unknown)}: expected NAME_weight for NAME in "
                              f"{', '.join(TERM_WEIGHTS)}")
         self.encoding_dim, self.gates, self.gate_frames = encoding_dim, gates, gate_frames
-        self.scales, self.hard_masks = tuple(scales), hard_masks
+        self.scales, self.hard_masks, self.block_frames = tuple(scales), hard_masks, block_frames
         self.weights = {name: term_weights.get(f"{name}_weight", w) for name, w in TERM_WEIGHTS.items()}
         self.input_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         self.target_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
@@ -212,13 +219,18 @@ class AttentionMaskGenerator(nn.Module):
             self.last_attention = weights.detach() if weights is not None else None
         score = (self._score(self.input_head, self.norm_input, f_in, a_in)
                  - self._score(self.target_head, self.norm_target, f_tgt, a_tgt)).float()
-        if self.gates == "frame":  # one decision per frame for all channels, smoothed over `gate_frames` frames
-            score = self.frame_scores(score)
-            k = self.gate_frames | 1  # odd: centred
-            score = F.avg_pool1d(score, k, stride=1, padding=k // 2, count_include_pad=False)
-            distance = F.avg_pool1d(frame_distance(encoded_input, encoded_target)[:, None], k, stride=1,
-                                    padding=k // 2, count_include_pad=False)
-            score = score - split_at(score, distance.expand_as(score), share)  # [B, rows, T]
+        frames, blocks = score.shape[-1], self.gates == "frame" and self.block_frames > 0
+        if self.gates == "frame":  # one decision per block (or smoothed frame) for all channels
+            score, distance = self.frame_scores(score), frame_distance(encoded_input, encoded_target)[:, None]
+            if blocks:  # the block's mean score; its weight in the split is its frames' summed distance
+                n = self.block_frames
+                score = F.avg_pool1d(score, n, ceil_mode=True)
+                distance = n * F.avg_pool1d(F.pad(distance, (0, -frames % n)), n)
+            else:
+                k = self.gate_frames | 1  # odd: centred
+                score, distance = (F.avg_pool1d(v, k, stride=1, padding=k // 2, count_include_pad=False)
+                                   for v in (score, distance))
+            score = score - split_at(score, distance.expand_as(score), share)  # [B, rows, T or blocks]
         else:  # cells: the wanted share moves every cell's odds
             score = score + torch.logit(share.clamp(1e-3, 1 - 1e-3))
         hard = self.gates == "frame"
@@ -229,6 +241,8 @@ class AttentionMaskGenerator(nn.Module):
         input_mask = torch.sigmoid(score)  # = softmax over the two sources' scores
         if hard:  # decided frames or cells, with the soft mask's gradient
             input_mask = input_mask + ((input_mask > 0.5).to(input_mask.dtype) - input_mask).detach()
+        if blocks:
+            input_mask = input_mask.repeat_interleave(self.block_frames, dim=-1)[..., :frames]
         return input_mask
 
     def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor,
@@ -280,8 +294,10 @@ class CompositionalMaskGenerator(AttentionMaskGenerator):
     COMPONENTS = ("rhythm", "harmony", "timbre")
 
     def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gate_frames: int = 16,
-                 scales: tuple[int, ...] = (1,), hard_masks: bool = False, **term_weights: float):
-        super().__init__(encoding_dim, hidden_dim, num_heads, "frame", gate_frames, scales, hard_masks, **term_weights)
+                 scales: tuple[int, ...] = (1,), hard_masks: bool = False, block_frames: int = BLOCK_FRAMES,
+                 **term_weights: float):
+        super().__init__(encoding_dim, hidden_dim, num_heads, "frame", gate_frames, scales, hard_masks, block_frames,
+                         **term_weights)
         rows = len(self.COMPONENTS)
         self.input_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)
         self.target_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)

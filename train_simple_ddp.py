@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--agent_gates", default="frame", choices=("frame", "cell"),
                    help="what the agent decides: which song each frame comes from (frame, default) or each "
                         "channel x frame cell (cell)")
+    g.add_argument("--agent_block_frames", type=block_frames, default=32, metavar="N",
+                   help="with frame gates, decide once per block of N frames, so the songs switch only at block "
+                        "edges (default 32; 0: every frame, from scores smoothed over 16 frames)")
     g.add_argument("--balance_range", type=share_range, default=(0.2, 0.8), metavar="LO,HI",
                    help="train the agent for any wanted input share: each example draws one from LO..HI, and "
                         "arrange.py/evaluate.py --balance choose it later (default 0.2,0.8; 0.5,0.5: always even)")
@@ -161,6 +164,13 @@ def frame_scales(text: str) -> tuple[int, ...]:
     if 1 not in scales or min(scales) < 1 or len(set(scales)) != len(scales):
         raise argparse.ArgumentTypeError(f"expected distinct positive frame counts including 1, got {text!r}")
     return scales
+
+
+def block_frames(text: str) -> int:
+    """A frame count >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a frame count >= 0 such as 32, got {text!r}")
+    return int(text)
 
 
 def environment_ranks() -> tuple[int, int, int] | None:

@@ -8,10 +8,12 @@ import pytest
 import torch
 from conftest import SR, tiny_args
 
+from checkpoints import build_model
 from creative_agent import AttentionMaskGenerator, novelty
 from fixed_masks import make_fixed_masks
 from losses import farther_song_loss, input_share, lsd_per_example, mask_variability, temporal_variation
 from make_pairs import synth_song
+from train_simple_ddp import parse_args
 from train_simple_worker import run
 
 
@@ -61,16 +63,36 @@ def test_copying_one_song_is_the_farthest_from_the_other():
     assert farther_song_loss(turns, a, b).item() < farther_song_loss(every_sample_mixed, a, b).item() + 0.2
 
 
-def test_decisions_come_from_the_music_not_from_the_position():
+@pytest.mark.parametrize("block_frames, shift", [(32, 64), (0, 37)])  # blocks: a shift by whole blocks
+def test_decisions_come_from_the_music_not_from_the_position(block_frames, shift):
     torch.manual_seed(0)
-    gen = AttentionMaskGenerator(32, hidden_dim=32).eval()
-    x, y = torch.randn(1, 32, 200), torch.randn(1, 32, 200)
-    shift = 37
+    gen = AttentionMaskGenerator(32, hidden_dim=32, block_frames=block_frames).eval()
+    x, y = torch.randn(1, 32, 256), torch.randn(1, 32, 256)
     m, _, _ = gen(x, y)
     m_shifted, _, _ = gen(torch.roll(x, shift, -1), torch.roll(y, shift, -1))
-    interior = slice(shift + 20, 180)  # away from the edges, where padding differs
+    interior = slice(shift + 32, 224)  # away from the edges, where padding and the wrapped block differ
     same = m_shifted[..., interior] == m[..., interior.start - shift: interior.stop - shift]
     assert same.float().mean() > 0.95  # the same music, the same decisions (a frame may tip at the threshold)
+
+
+def test_frame_gates_decide_whole_blocks_and_switch_only_at_their_edges():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 16, 200), torch.randn(2, 16, 200)  # 6 whole blocks of 32 frames and one of 8
+    m, _, _ = AttentionMaskGenerator(16, hidden_dim=16, block_frames=32).eval()(x, y)
+    switches = (m[:, 0, 1:] != m[:, 0, :-1]).nonzero()[:, 1] + 1
+    assert len(switches) > 0 and (switches % 32 == 0).all()
+    per_frame, _, _ = AttentionMaskGenerator(16, hidden_dim=16, block_frames=0).eval()(x, y)
+    assert not ((per_frame[:, 0, 1:] != per_frame[:, 0, :-1]).nonzero()[:, 1] + 1).remainder(32).eq(0).all()
+    with pytest.raises(SystemExit):
+        parse_args(["--agent_block_frames", "-1"])
+
+
+def test_checkpoints_from_before_blocks_decide_every_frame(tmp_path, pairs_dir):
+    config = vars(tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true"))
+    config["codec_dim"] = 32
+    assert build_model(config, 32).creative_agent.mask_generator.block_frames == 32
+    del config["agent_block_frames"]
+    assert build_model(config, 32).creative_agent.mask_generator.block_frames == 0
 
 
 def test_regularisation_prefers_decided_balanced_loud_switches_at_changes():
