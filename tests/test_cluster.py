@@ -38,7 +38,13 @@ def test_two_torchrun_nodes_train_like_one_node_with_two_processes(tmp_path, pai
                                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
                                *cli(pairs_dir, tmp_path / "nodes")], env=one_cpu_each(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    except subprocess.TimeoutExpired:  # a stuck rendezvous: stop both and show what each node printed
+        for node in nodes:
+            node.kill()
+        outputs = [node.communicate()[0] for node in nodes]
+        pytest.fail("the two nodes did not finish in 180 s:\n" + "\n".join(o[-3000:] for o in outputs))
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     single = subprocess.run([sys.executable, *cli(pairs_dir, tmp_path / "single", "--world_size", "2")],
                             env=one_cpu_each(), capture_output=True, text=True, timeout=300)
