@@ -281,8 +281,9 @@ def test_training_with_style_references_and_arranging_with_one(tmp_path, pairs_d
     with pytest.raises(SystemExit):
         arrange.parse_args(["--checkpoint", checkpoint, "--input", a, "--target", b, "--output", "x.wav",
                             "--style_strength", "1.5"])
-    tone = {name: tone_distance_db(torch.from_numpy(o).float()[None, None], torch.from_numpy(sf.read(c)[0]).float()[
-        None, None], SR).item() for name, o in outputs.items()}
+    reference = torch.from_numpy(sf.read(c)[0]).float()[None, None]
+    tone = {name: tone_distance_db(torch.from_numpy(wave).float()[None, None], reference, SR).item()
+            for name, wave in outputs.items()}
     assert tone["styled"] < tone["plain"]  # the reference's tone, taken in part
     assert arrange.main(["--checkpoint", balance_checkpoints["any"], "--input", a, "--target", b,
                          "--output", str(tmp_path / "no.wav"), "--style_reference", c]) == 2
