@@ -85,7 +85,8 @@ def reconstruction_loss(output: torch.Tensor, input_wave: torch.Tensor, target_w
     share `balance` [B], far_lsd weighs the distance to the input by 2 x balance and to the target by
     2 x (1 - balance), so that the output stays nearer the song it should hold more of.
 
-    Returns (total, terms) where terms maps each weighted term's name to its unweighted, detached value.
+    Returns (total, terms) where terms maps each weighted term's name to its unweighted, detached value. The songs
+    are data: no gradient flows into `input_wave` or `target_wave`.
     """
     weights = {**DEFAULT_LOSS_WEIGHTS, **(weights or {})}
     unknown = set(weights) - set(LOSS_WEIGHT_NAMES)
@@ -93,12 +94,15 @@ def reconstruction_loss(output: torch.Tensor, input_wave: torch.Tensor, target_w
         raise ValueError(f"unknown loss weights {sorted(unknown)}: expected names from {LOSS_WEIGHT_NAMES}")
     for reference in (input_wave, target_wave):
         _check_pair(output, reference)
-    # one STFT per resolution for output, input and target together; every spectral term reads from it
+    # one STFT per resolution for the output and one for both songs; every spectral term reads from them. The songs
+    # are data: without a graph their backward pass (2/3 of a stacked STFT's) is never run
     resolutions = set(STFT_RESOLUTIONS) if weights["stft_input"] or weights["stft_target"] else set()
     if weights["far_lsd"] or weights["mel_input"] or weights["mel_target"]:
         resolutions.add((1024, 256))
-    stacked = torch.cat([output, input_wave, target_wave])
-    mags = {res: magnitude(stacked, *res).chunk(3) for res in sorted(resolutions)}
+    with torch.no_grad():
+        songs = torch.cat([input_wave, target_wave])
+        song_mags = {res: magnitude(songs, *res).chunk(2) for res in resolutions}
+    mags = {res: (magnitude(output, *res), *song_mags[res]) for res in sorted(resolutions)}
 
     def term(name: str) -> torch.Tensor:
         if name == "far_lsd":

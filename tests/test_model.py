@@ -10,7 +10,8 @@ from conftest import ROOT
 from audio_codec import CodecUnavailable, LatentNorm, MDCTCodec, build_codec, latent_sums
 from creative_agent import AttentionMaskGenerator, CreativeAgent, count_parameters
 from fixed_masks import make_fixed_masks
-from losses import log_mel_loss, mask_metrics, multi_resolution_stft_loss, reconstruction_loss, rms_loss, stft_loss
+from losses import (farther_song_loss, log_mel_loss, mask_metrics, multi_resolution_stft_loss, reconstruction_loss,
+                    rms_loss, stft_loss)
 from model_simple_transformer import SimpleTransformer
 
 D, T = 32, 40
@@ -260,6 +261,21 @@ def test_reconstruction_loss_weights_against_input_and_target():
     assert total.item() == pytest.approx(2 * rms_loss(x, y).item(), rel=1e-5)
     with pytest.raises(ValueError, match="unknown loss weights"):
         reconstruction_loss(x, x, y, 8000, dict(wave=1))
+
+
+def test_reconstruction_loss_shares_its_spectra_without_changing_value_or_gradient():
+    """The combined loss takes each STFT once (the songs' without a graph): its value and its gradient are those of
+    the separate loss functions summed."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 1, 8192), torch.randn(2, 1, 8192)
+    out = (0.5 * x + 0.5 * y).requires_grad_(True)
+    total, _ = reconstruction_loss(out, x, y, 8000, dict(mel_input=1.0, mel_target=1.0))
+    grad, = torch.autograd.grad(total, out)
+    separate = sum(rms_loss(out, s) + multi_resolution_stft_loss(out, s) + log_mel_loss(out, s, 8000) for s in (x, y))
+    separate = separate + farther_song_loss(out, x, y)
+    expected, = torch.autograd.grad(separate, out)
+    assert total.item() == pytest.approx(separate.item(), rel=1e-5)
+    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_mask_metrics_definitions():
