@@ -8,6 +8,7 @@ and whether the data loader keeps up.
 Model step: forward + backward + AdamW step of SimpleTransformer at the default configuration on random latents at
 the codec's frame rate, median over timed steps after warm-up; FLOPs counted by torch's FlopCounterMode.
 Peak: on CPU the fp32 throughput of a large matmul measured in this run; on GPU the datasheet's dense bf16 figure.
+End-to-end: the trainer's step from waveforms (codec, model, decoder, losses); decoder + loss: that part alone.
 """
 from __future__ import annotations
 
@@ -142,6 +143,11 @@ class Bench:
         out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : self.samples]
         return reconstruction_loss(out, inp, tgt, self.codec.sample_rate)[0]
 
+    def decoder_and_loss(self) -> None:
+        """Forward and backward of the decoder with the reconstruction loss alone: most of what end-to-end adds."""
+        z_out = self.z[0].detach().requires_grad_(True)
+        self.decode_loss(z_out, *self.waves).backward()
+
     def step(self, loss_fn) -> None:
         """The trainer's step: backward, gradient clipping, and an AdamW step skipped on the device if non-finite."""
         if self.cuda_graphs:
@@ -237,6 +243,7 @@ def run(args) -> dict:
     flops = bench.model_flops()
     step_s = time_steps(lambda: bench.step(bench.model_loss), device, args.warmup, args.steps)
     e2e_s = time_steps(lambda: bench.step(bench.e2e_loss), device, args.warmup, args.steps)
+    loss_s = time_steps(bench.decoder_and_loss, device, args.warmup, args.steps)
     achieved = flops / step_s / 1e12
     if args.profile:
         print(profile_table(bench), file=sys.stderr)
@@ -249,7 +256,8 @@ def run(args) -> dict:
                             amp=args.amp if device.type == "cuda" else "none", compile=args.compile,
                             cuda_graphs=args.cuda_graphs, sdpa=args.sdpa, num_workers=args.num_workers,
                             parameters=sum(p.numel() for p in bench.model.parameters())),
-                step_ms=step_s * 1e3, e2e_step_ms=e2e_s * 1e3, frames_per_s=args.batch_size * bench.frames / step_s,
+                step_ms=step_s * 1e3, e2e_step_ms=e2e_s * 1e3, decoder_loss_ms=loss_s * 1e3,
+                frames_per_s=args.batch_size * bench.frames / step_s,
                 model_tflop_per_step=flops / 1e12, achieved_tflops=achieved, peak_tflops=peak,
                 peak_source=peak_source, mfu=achieved / peak, e2e_over_model=step_s / e2e_s,
                 loader_pairs_per_s=loader, step_pairs_per_s=step_pairs, peak_mem_mb=peak_memory_mb(device))
@@ -321,6 +329,7 @@ def main(argv=None) -> int:
     print("config: " + ", ".join(f"{k}={v}" for k, v in result["config"].items()))
     rows = [("model step", f"{result['step_ms']:.1f} ms"), ("end-to-end step", f"{result['e2e_step_ms']:.1f} ms"),
             ("end-to-end / model throughput", f"{result['e2e_over_model']:.2f}"),
+            ("decoder + loss, fwd + bwd", f"{result['decoder_loss_ms']:.1f} ms"),
             ("frames per second", f"{result['frames_per_s']:,.0f}"),
             ("model TFLOP per step", f"{result['model_tflop_per_step']:.3f}"),
             ("achieved TFLOP/s", f"{result['achieved_tflops']:.3f}"),

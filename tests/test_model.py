@@ -10,8 +10,15 @@ from conftest import ROOT
 from audio_codec import CodecUnavailable, LatentNorm, MDCTCodec, build_codec, latent_sums
 from creative_agent import AttentionMaskGenerator, CreativeAgent, count_parameters
 from fixed_masks import make_fixed_masks
-from losses import (farther_song_loss, log_mel_loss, mask_metrics, multi_resolution_stft_loss, reconstruction_loss,
-                    rms_loss, stft_loss)
+from losses import (
+    farther_song_loss,
+    log_mel_loss,
+    mask_metrics,
+    multi_resolution_stft_loss,
+    reconstruction_loss,
+    rms_loss,
+    stft_loss,
+)
 from model_simple_transformer import SimpleTransformer
 
 D, T = 32, 40

@@ -39,15 +39,18 @@ def test_fast_path_switches_change_no_result(tmp_path, pairs_dir, reference, swi
 def test_compile_changes_no_result(tmp_path, pairs_dir):
     """--compile --cuda_graphs trains and validates alike (on a CPU, CUDA graphs compile as plain --compile does,
     so this covers both). Batches of 3 divide the 9 training pairs, so dropping the last batch changes nothing; an
-    even balance keeps the farther-song term's max() from tipping on float noise."""
+    even balance keeps the farther-song term's max() from tipping on float noise. The first epoch's loss agrees to
+    1e-5; AdamW's first steps normalise tiny gradients to whole steps and so amplify rounding (eager against eager
+    with the loss's STFTs batched differently drifts 6e-4 in 6 steps), hence the looser bound after it."""
     common = ["--batch_size", "3", "--balance_range", "0.5,0.5"]
     reference = train_losses(tmp_path / "eager", pairs_dir, *common)
     try:
         losses = train_losses(tmp_path / "compiled", pairs_dir, *common, "--compile", "--cuda_graphs")
     except Exception as err:  # no C++ toolchain for inductor on this machine
         pytest.skip(f"torch.compile is not usable here: {str(err).splitlines()[0][:200]}")
+    assert losses[0][0] == pytest.approx(reference[0][0], rel=1e-4)
     for got, want in zip(losses, reference, strict=True):
-        assert got == pytest.approx(want, rel=1e-3, abs=1e-4)
+        assert got == pytest.approx(want, rel=3e-3, abs=1e-4)
 
 
 def test_compiled_training_drops_the_last_smaller_batch(tmp_path, pairs_dir):
@@ -122,7 +125,8 @@ def test_bench_json_report():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in ("device", "config", "step_ms", "e2e_step_ms", "frames_per_s", "model_tflop_per_step",
+    for key in ("device", "config", "step_ms", "e2e_step_ms", "decoder_loss_ms", "frames_per_s", "model_tflop_per_step",
                 "achieved_tflops", "peak_tflops", "mfu", "loader_pairs_per_s", "step_pairs_per_s", "peak_mem_mb"):
         assert key in report
     assert report["model_tflop_per_step"] > 0 and 0 < report["mfu"] < 1.5
+    assert 0 < report["decoder_loss_ms"] < report["e2e_step_ms"]
