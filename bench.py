@@ -238,12 +238,14 @@ def run(args) -> dict:
         peak, peak_source = gpu_peak(torch.cuda.get_device_name(device))
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
-        peak, peak_source = cpu_peak(), "measured fp32 matmul 2048x2048"
+        peak, peak_source = cpu_peak(), "measured fp32 matmul 2048x2048, best of before and after the steps"
     bench = Bench(args, args.seconds)
     flops = bench.model_flops()
     step_s = time_steps(lambda: bench.step(bench.model_loss), device, args.warmup, args.steps)
     e2e_s = time_steps(lambda: bench.step(bench.e2e_loss), device, args.warmup, args.steps)
     loss_s = time_steps(bench.decoder_and_loss, device, args.warmup, args.steps)
+    if device.type == "cpu":  # a shared VM's speed drifts: a peak measured while it was slow would overstate MFU
+        peak = max(peak, cpu_peak())
     achieved = flops / step_s / 1e12
     if args.profile:
         print(profile_table(bench), file=sys.stderr)
@@ -285,7 +287,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--codec", default="mdct", choices=("mdct", "encodec"),
                    help="mdct, or encodec with random weights (same speed as the real ones)")
     p.add_argument("--use_creative_agent", type=str2bool, default=True, help="include the agent (default true)")
-    p.add_argument("--nhead", type=int, default=8, help="attention heads per stage (default 8, as in training)")
+    p.add_argument("--nhead", type=int, default=4, help="attention heads per stage (default 4, as in training)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (FLOPs still counted eagerly)")
     p.add_argument("--cuda_graphs", action="store_true",
                    help="compile with CUDA graphs (mode reduce-overhead; implies --compile)")

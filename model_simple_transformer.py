@@ -116,7 +116,7 @@ class SimpleTransformer(nn.Module):
     last eager forward, detached, for metrics and pictures; a compiled forward keeps nothing (CUDA-graph safe).
     """
 
-    def __init__(self, encoding_dim: int = 128, nhead: int = 8, num_layers: int = 6, num_transformer_layers: int = 2,
+    def __init__(self, encoding_dim: int = 128, nhead: int = 4, num_layers: int = 6, num_transformer_layers: int = 2,
                  dropout: float = 0.1, anti_cheating: float = 0.0, use_creative_agent: bool = False,
                  mask_type: str = "none", stage_widths: list[int] | None = None, agent_hidden_dim: int = 256,
                  agent_heads: int = 4, use_discriminator: bool = False, temporal_segment_frames: int = 32,
