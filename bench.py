@@ -7,7 +7,8 @@ and whether the data loader keeps up.
 
 Model step: forward + backward + AdamW step of SimpleTransformer at the default configuration on random latents at
 the codec's frame rate, median over timed steps after warm-up; FLOPs counted by torch's FlopCounterMode.
-Peak: on CPU the fp32 throughput of a large matmul measured in this run; on GPU the datasheet's dense bf16 figure.
+Peak: on CPU the fp32 throughput of a large matmul, the best of one measurement before and one after the timed
+steps; on GPU the datasheet's dense bf16 figure.
 End-to-end: the trainer's step from waveforms (codec, model, decoder, losses); decoder + loss: that part alone.
 """
 from __future__ import annotations

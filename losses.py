@@ -86,7 +86,7 @@ def reconstruction_loss(output: torch.Tensor, input_wave: torch.Tensor, target_w
     2 x (1 - balance), so that the output stays nearer the song it should hold more of.
 
     Returns (total, terms) where terms maps each weighted term's name to its unweighted, detached value. The songs
-    are data: no gradient flows into `input_wave` or `target_wave`.
+    are data: their spectra are taken without a graph, so no gradient flows into them through the spectral terms.
     """
     weights = {**DEFAULT_LOSS_WEIGHTS, **(weights or {})}
     unknown = set(weights) - set(LOSS_WEIGHT_NAMES)
