@@ -94,15 +94,14 @@ def reconstruction_loss(output: torch.Tensor, input_wave: torch.Tensor, target_w
         raise ValueError(f"unknown loss weights {sorted(unknown)}: expected names from {LOSS_WEIGHT_NAMES}")
     for reference in (input_wave, target_wave):
         _check_pair(output, reference)
-    # one STFT per resolution for the output and one for both songs; every spectral term reads from them. The songs
-    # are data: without a graph their backward pass (2/3 of a stacked STFT's) is never run
+    # one STFT per resolution for the output and one, without a graph, for both songs; every spectral term reads them
     resolutions = set(STFT_RESOLUTIONS) if weights["stft_input"] or weights["stft_target"] else set()
     if weights["far_lsd"] or weights["mel_input"] or weights["mel_target"]:
         resolutions.add((1024, 256))
     with torch.no_grad():
         songs = torch.cat([input_wave, target_wave])
         song_mags = {res: magnitude(songs, *res).chunk(2) for res in resolutions}
-    mags = {res: (magnitude(output, *res), *song_mags[res]) for res in sorted(resolutions)}
+    mags = {res: (magnitude(output, *res), *song_mags[res]) for res in resolutions}
 
     def term(name: str) -> torch.Tensor:
         if name == "far_lsd":
