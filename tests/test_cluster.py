@@ -1,4 +1,5 @@
 """Issue 12: several nodes (torchrun on 127.0.0.1, Gloo), self-requeue under SLURM, CPU allocation, pre-encoding."""
+import multiprocessing
 import os
 import shutil
 import signal
@@ -117,6 +118,14 @@ def test_loader_workers_never_exceed_the_allocation(tmp_path, pairs_dir, monkeyp
     assert "1 data-loader worker(s)" in out
     assert run(0, 1, 0, tiny_args(tmp_path / "b", pairs_dir)) == 0
     assert "0 data-loader worker(s)" in capsys.readouterr().out  # on CPU the cores compute
+
+
+def test_a_finished_run_leaves_no_loader_worker_behind(tmp_path, pairs_dir, monkeypatch):
+    """Workers left to the interpreter's exit can hold a GPU run for minutes (pytorch/pytorch#81794)."""
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    before = set(multiprocessing.active_children())
+    assert run(0, 1, 0, tiny_args(tmp_path, pairs_dir, "--num_workers", "2")) == 0
+    assert set(multiprocessing.active_children()) <= before
 
 
 def test_prepare_only_fills_both_caches_on_two_processes(tmp_path):
