@@ -184,15 +184,15 @@ def loader_pairs_per_s(batch_size: int, seconds: float, num_workers: int, sample
         return pairs / (time.perf_counter() - start)
 
 
-def profile_table(bench: Bench, steps: int = 3, rows: int = 15) -> str:
-    """The kernels that take the most device time (CPU time on CPU) over `steps` model steps, as torch.profiler's
-    table."""
+def profile_table(bench: Bench, loss_fn, steps: int = 3, rows: int = 15) -> str:
+    """The kernels that take the most device time (CPU time on CPU) over `steps` steps of `loss_fn`, as
+    torch.profiler's table."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            bench.step(bench.model_loss)
+            bench.step(loss_fn)
         sync(bench.device)
     key = "self_cuda_time_total" if bench.device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
@@ -209,7 +209,9 @@ def attention_backends(args) -> list[dict]:
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
     rows = []
     for width in (256, 384):
-        for nhead in (8, 4, 2):
+        for nhead in (8, 4, 3, 2):
+            if width % nhead:
+                continue
             shape = (args.batch_size, nhead, frames, width // nhead)
             q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             flops = 3 * 4 * args.batch_size * frames**2 * width  # forward 4 B T^2 C, backward twice that
@@ -249,7 +251,8 @@ def run(args) -> dict:
         peak = max(peak, cpu_peak())
     achieved = flops / step_s / 1e12
     if args.profile:
-        print(profile_table(bench), file=sys.stderr)
+        for name, loss_fn in (("model step", bench.model_loss), ("end-to-end step", bench.e2e_loss)):
+            print(f"{name}:\n{profile_table(bench, loss_fn)}", file=sys.stderr)
     step_pairs = args.batch_size / e2e_s
     loader = loader_pairs_per_s(args.batch_size, min(args.seconds, 4.0), args.num_workers)
     return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores,"
@@ -300,7 +303,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scan", action="store_true", help="step time and peak memory over 2-32 s segments")
     p.add_argument("--attention", action="store_true",
                    help="only time self-attention (forward + backward) per stage width, head count and backend")
-    p.add_argument("--profile", action="store_true", help="print the kernels that take the most time (to stderr)")
+    p.add_argument("--profile", action="store_true",
+                   help="print the kernels that take the most time in the model and end-to-end steps (to stderr)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
