@@ -184,7 +184,7 @@ def loader_pairs_per_s(batch_size: int, seconds: float, num_workers: int, sample
         return pairs / (time.perf_counter() - start)
 
 
-def profile_table(bench: Bench, loss_fn, steps: int = 3, rows: int = 15) -> str:
+def profile_table(bench: Bench, loss_fn, steps: int = 3, rows: int = 25) -> str:
     """The kernels that take the most device time (CPU time on CPU) over `steps` steps of `loss_fn`, as
     torch.profiler's table."""
     from torch.profiler import ProfilerActivity, profile
@@ -291,7 +291,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--codec", default="mdct", choices=("mdct", "encodec"),
                    help="mdct, or encodec with random weights (same speed as the real ones)")
     p.add_argument("--use_creative_agent", type=str2bool, default=True, help="include the agent (default true)")
-    p.add_argument("--nhead", type=int, default=4, help="attention heads per stage (default 4, as in training)")
+    p.add_argument("--nhead", type=int, nargs="+", default=[4], metavar="N",
+                   help="attention heads, for every stage or one count per stage (default 4, as in training)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (FLOPs still counted eagerly)")
     p.add_argument("--cuda_graphs", action="store_true",
                    help="compile with CUDA graphs (mode reduce-overhead; implies --compile)")
@@ -311,6 +312,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     args.compile = args.compile or args.cuda_graphs
+    args.nhead = args.nhead[0] if len(args.nhead) == 1 else args.nhead
     args.batch_size = args.batch_size or (8 if gpu else 4)
     args.seconds = args.seconds or (16.0 if gpu else 2.0)
     args.num_workers = args.num_workers if args.num_workers is not None else (4 if gpu else 0)

@@ -114,13 +114,15 @@ class SimpleTransformer(nn.Module):
 
     `mask_reg_loss` is None without the creative agent. `last_masks` holds the (input, target) masks of the
     last eager forward, detached, for metrics and pictures; a compiled forward keeps nothing (CUDA-graph safe).
+    `nhead` is one head count for every stage or one per stage.
     """
 
-    def __init__(self, encoding_dim: int = 128, nhead: int = 4, num_layers: int = 6, num_transformer_layers: int = 2,
-                 dropout: float = 0.1, anti_cheating: float = 0.0, use_creative_agent: bool = False,
-                 mask_type: str = "none", stage_widths: list[int] | None = None, agent_hidden_dim: int = 256,
-                 agent_heads: int = 4, use_discriminator: bool = False, temporal_segment_frames: int = 32,
-                 frequency_split: float = 0.5, use_sdpa: bool = True, style_dim: int = 0, **agent_options):
+    def __init__(self, encoding_dim: int = 128, nhead: int | list[int] = 4, num_layers: int = 6,
+                 num_transformer_layers: int = 2, dropout: float = 0.1, anti_cheating: float = 0.0,
+                 use_creative_agent: bool = False, mask_type: str = "none", stage_widths: list[int] | None = None,
+                 agent_hidden_dim: int = 256, agent_heads: int = 4, use_discriminator: bool = False,
+                 temporal_segment_frames: int = 32, frequency_split: float = 0.5, use_sdpa: bool = True,
+                 style_dim: int = 0, **agent_options):
         super().__init__()
         if mask_type not in MASK_TYPES:
             raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
@@ -131,10 +133,13 @@ class SimpleTransformer(nn.Module):
         widths = stage_widths or in_channels
         if len(widths) != num_transformer_layers:
             raise ValueError(f"stage_widths needs {num_transformer_layers} entries, got {len(widths)}")
+        heads = [nhead] * num_transformer_layers if isinstance(nhead, int) else list(nhead)
+        if len(heads) != num_transformer_layers:
+            raise ValueError(f"nhead needs 1 or {num_transformer_layers} entries, got {len(heads)}")
         self.encoding_dim, self.anti_cheating, self.mask_type = d, anti_cheating, mask_type
         self.temporal_segment_frames, self.frequency_split = temporal_segment_frames, frequency_split
-        self.stages = nn.ModuleList(Stage(c, w, d, num_layers, nhead, dropout, use_sdpa, style_dim)
-                                    for c, w in zip(in_channels, widths, strict=True))
+        self.stages = nn.ModuleList(Stage(c, w, d, num_layers, h, dropout, use_sdpa, style_dim)
+                                    for c, w, h in zip(in_channels, widths, heads, strict=True))
         self.creative_agent = (CreativeAgent(d, use_discriminator, agent_hidden_dim, agent_heads,
                                              style_dim=style_dim, **agent_options) if use_creative_agent else None)
         # a style reference conditions every stage and the agent (style_dim > 0)

@@ -86,8 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--codec_dim", type=int, default=128, help="MDCT bins D (default 128, as EnCodec)")
     g.add_argument("--num_transformer_layers", type=int, default=2, help="cascade stages (default 2)")
     g.add_argument("--num_layers", type=int, default=6, help="transformer layers per stage (default 6)")
-    g.add_argument("--nhead", type=int, default=4,
-                   help="attention heads (default 4: head dims 64 and 96 at the default widths, fast on GPUs)")
+    g.add_argument("--nhead", type=int, nargs="+", default=[4], metavar="N",
+                   help="attention heads, for every stage or one count per stage (default 4: head dims 64 and 96 "
+                        "at the default widths, fast on GPUs)")
     g.add_argument("--dropout", type=float, default=0.1)
     g.add_argument("--anti_cheating", type=float, default=0.0, help="relative noise on the target of later stages")
     g = p.add_argument_group("loss weights (against input and target)")
@@ -136,6 +137,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint; auto: this run's (or the newest run's) checkpoint_last.pt")
     args = p.parse_args(argv)
+    if len(args.nhead) not in (1, args.num_transformer_layers):
+        p.error(f"--nhead takes 1 or {args.num_transformer_layers} counts (one per stage), got {len(args.nhead)}")
+    args.nhead = args.nhead[0] if len(args.nhead) == 1 else args.nhead
     args.run_name_given = args.run_name
     mode = "agent" if args.use_creative_agent else args.mask_type
     args.run_name = args.run_name or f"{mode}_{time.strftime('%Y%m%d_%H%M%S')}"

@@ -10,8 +10,10 @@ import torch
 from conftest import ROOT, SR, tiny_args
 
 from audio_codec import MDCTCodec
+from checkpoints import build_model, load_checkpoint
 from model_simple_transformer import SimpleTransformer
 from pairs_dataset import CachedLatents, WavPairsDataset
+from train_simple_ddp import parse_args
 from train_simple_worker import Trainer, run
 
 
@@ -78,6 +80,16 @@ def test_a_compiled_forward_keeps_no_graph_output():
     assert model.last_masks is None and model.creative_agent.last_masks is None and generator.last_terms == {}
     model(x, y)  # an eager forward keeps them for metrics and pictures
     assert model.last_masks[0].shape == (2, 16, 24) and "balance" in generator.last_terms
+
+
+def test_head_counts_per_stage_train_and_come_back_from_the_checkpoint(tmp_path, pairs_dir, capsys):
+    assert run(0, 1, 0, tiny_args(tmp_path, pairs_dir, "--nhead", "2", "3")) == 0  # head dim 32 in both stages
+    config = load_checkpoint(str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt"))["config"]
+    assert [stage.blocks[0].nhead for stage in build_model(config, 32).stages] == [2, 3]
+    assert parse_args([]).nhead == 4
+    with pytest.raises(SystemExit):
+        parse_args(["--nhead", "2", "3", "4"])
+    assert "--nhead takes 1 or 2 counts (one per stage), got 3" in capsys.readouterr().err
 
 
 def test_latent_cache_hit_and_misses(tmp_path, pairs_dir):
