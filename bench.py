@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from audio_codec import LatentNorm, MDCTCodec
 from losses import reconstruction_loss
 from model_simple_transformer import SimpleTransformer
-from train_simple_ddp import str2bool
+from train_simple_ddp import head_counts, str2bool
 from train_simple_worker import step_if_finite
 
 # dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (without sparsity)
@@ -311,7 +311,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     args.compile = args.compile or args.cuda_graphs
-    args.nhead = args.nhead[0] if len(args.nhead) == 1 else args.nhead
+    args.nhead = head_counts(args.nhead)
     args.batch_size = args.batch_size or (8 if gpu else 4)
     args.seconds = args.seconds or (16.0 if gpu else 2.0)
     args.num_workers = args.num_workers if args.num_workers is not None else (4 if gpu else 0)

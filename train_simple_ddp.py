@@ -31,6 +31,12 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def head_counts(counts: list[int]) -> int | list[int]:
+    """--nhead as the model and the checkpoints take it: one count as an int (as checkpoints have always stored
+    it), one count per stage as a list."""
+    return counts[0] if len(counts) == 1 else counts
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
@@ -139,7 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if len(args.nhead) not in (1, args.num_transformer_layers):
         p.error(f"--nhead takes 1 or {args.num_transformer_layers} counts (one per stage), got {len(args.nhead)}")
-    args.nhead = args.nhead[0] if len(args.nhead) == 1 else args.nhead
+    args.nhead = head_counts(args.nhead)
     args.run_name_given = args.run_name
     mode = "agent" if args.use_creative_agent else args.mask_type
     args.run_name = args.run_name or f"{mode}_{time.strftime('%Y%m%d_%H%M%S')}"
