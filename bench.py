@@ -116,9 +116,9 @@ class Bench:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.cuda_graphs = args.cuda_graphs
         # as in training: the model, and the decoder with the loss
-        self.forward = (torch.compile(self.model, mode="reduce-overhead" if args.cuda_graphs else None)
-                        if args.compile else self.model)
-        self.decode_loss = torch.compile(self.eager_decode_loss) if args.compile else self.eager_decode_loss
+        mode = "reduce-overhead" if args.cuda_graphs else None
+        self.forward = torch.compile(self.model, mode=mode) if args.compile else self.model
+        self.decode_loss = torch.compile(self.eager_decode_loss, mode=mode) if args.compile else self.eager_decode_loss
         self.amp = args.amp == "bf16" and self.device.type == "cuda"
         self.norm = LatentNorm(self.codec.dim).to(self.device)
         b = args.batch_size
@@ -146,6 +146,8 @@ class Bench:
 
     def decoder_and_loss(self) -> None:
         """Forward and backward of the decoder with the reconstruction loss alone: most of what end-to-end adds."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         z_out = self.z[0].detach().requires_grad_(True)
         self.decode_loss(z_out, *self.waves).backward()
 

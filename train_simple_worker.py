@@ -85,9 +85,9 @@ class Trainer:
         self.ddp = (DDP(self.model, device_ids=[self.device.index] if use_cuda else None,
                         gradient_as_bucket_view=True, find_unused_parameters=False)
                     if world_size > 1 else self.model)
-        self.forward = (torch.compile(self.ddp, mode="reduce-overhead" if args.cuda_graphs else None)
-                        if args.compile else self.ddp)
-        self.compiled_decode_loss = torch.compile(self.decode_loss) if args.compile else self.decode_loss
+        mode = "reduce-overhead" if args.cuda_graphs else None  # the model, and the decoder with the loss
+        self.forward = torch.compile(self.ddp, mode=mode) if args.compile else self.ddp
+        self.compiled_decode_loss = torch.compile(self.decode_loss, mode=mode) if args.compile else self.decode_loss
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            fused=True)
         if self.disc is not None:  # trained by its own step on detached latents (see discriminator_step)
