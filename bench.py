@@ -30,7 +30,7 @@ from audio_codec import LatentNorm, MDCTCodec
 from losses import reconstruction_loss
 from model_simple_transformer import SimpleTransformer
 from train_simple_ddp import head_counts, str2bool
-from train_simple_worker import step_if_finite
+from train_simple_worker import keep_freed_memory, step_if_finite
 
 # dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (without sparsity)
 GPU_PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -322,6 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # as every training process does
     if args.attention:
         rows = attention_backends(args)
         for row in rows:

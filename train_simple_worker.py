@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import json
 import math
@@ -602,8 +604,21 @@ def ensure_dataset(args, rank: int) -> None:
         print(make_demo(args.dataset_folder, args.sample_rate, args.seed).report())
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep the memory of freed tensors for the next ones, instead of handing every block over
+    128 KiB back to the kernel at once: a CPU step then no longer faults in the same few hundred MB again (about
+    8 % of the default CPU step). Blocks over 32 MiB are still handed back. False where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, TypeError, AttributeError):  # no C library found, or one without mallopt (macOS, musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def run(rank: int, world_size: int, local_rank: int, args) -> int:
     """Train on this process; returns the exit code (2 for bad data or a bad checkpoint)."""
+    keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
         if backend == "nccl":
