@@ -30,7 +30,7 @@ from audio_codec import LatentNorm, MDCTCodec
 from losses import reconstruction_loss
 from model_simple_transformer import SimpleTransformer
 from train_simple_ddp import head_counts, str2bool
-from train_simple_worker import keep_freed_memory, step_if_finite
+from train_simple_worker import compiled, keep_freed_memory, step_if_finite
 
 # dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (without sparsity)
 GPU_PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -116,9 +116,7 @@ class Bench:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.cuda_graphs = args.cuda_graphs
         # as in training: the model, and the decoder with the loss
-        mode = "reduce-overhead" if args.cuda_graphs else None
-        self.forward = torch.compile(self.model, mode=mode) if args.compile else self.model
-        self.decode_loss = torch.compile(self.eager_decode_loss, mode=mode) if args.compile else self.eager_decode_loss
+        self.forward, self.decode_loss = compiled(self.model, args), compiled(self.eager_decode_loss, args)
         self.amp = args.amp == "bf16" and self.device.type == "cuda"
         self.norm = LatentNorm(self.codec.dim).to(self.device)
         b = args.batch_size

@@ -87,9 +87,7 @@ class Trainer:
         self.ddp = (DDP(self.model, device_ids=[self.device.index] if use_cuda else None,
                         gradient_as_bucket_view=True, find_unused_parameters=False)
                     if world_size > 1 else self.model)
-        mode = "reduce-overhead" if args.cuda_graphs else None  # the model, and the decoder with the loss
-        self.forward = torch.compile(self.ddp, mode=mode) if args.compile else self.ddp
-        self.compiled_decode_loss = torch.compile(self.decode_loss, mode=mode) if args.compile else self.decode_loss
+        self.forward, self.compiled_decode_loss = compiled(self.ddp, args), compiled(self.decode_loss, args)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            fused=True)
         if self.disc is not None:  # trained by its own step on detached latents (see discriminator_step)
@@ -560,6 +558,12 @@ class Trainer:
             self.example()
             self.log(f"✅ Done. Checkpoints: {self.ckpt_dir}  Logs, curves and an example arrangement: {self.log_dir}")
         return 0
+
+
+def compiled(fn, args):
+    """`fn` as training runs it: compiled with --compile, and with CUDA graphs (mode reduce-overhead) with
+    --cuda_graphs; bench.py times the same."""
+    return torch.compile(fn, mode="reduce-overhead" if args.cuda_graphs else None) if args.compile else fn
 
 
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
