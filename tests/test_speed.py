@@ -138,9 +138,13 @@ def test_bench_json_report():
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("device", "config", "step_ms", "e2e_step_ms", "decoder_loss_ms", "frames_per_s", "model_tflop_per_step",
-                "achieved_tflops", "peak_tflops", "mfu", "loader_pairs_per_s", "step_pairs_per_s", "peak_mem_mb"):
+                "achieved_tflops", "peak_tflops", "mfu", "best_peak_tflops", "mfu_vs_best_peak", "loader_pairs_per_s",
+                "step_pairs_per_s", "peak_mem_mb"):
         assert key in report
     assert report["model_tflop_per_step"] > 0 and 0 < report["mfu"] < 1.5
+    # the MFU against the peak sampled around each step, and never below the one against the run's best sample
+    assert report["best_peak_tflops"] >= report["peak_tflops"] > 0
+    assert 0 < report["mfu_vs_best_peak"] <= report["mfu"]
     assert 0 < report["decoder_loss_ms"] < report["e2e_step_ms"]
 
 
