@@ -64,7 +64,7 @@ def gpu_peak(name: str) -> tuple[float, str]:
     return float("nan"), f"unknown GPU {name!r}: no datasheet peak"
 
 
-def cpu_peak(n: int = 2048, seconds: float = 2.0) -> float:
+def cpu_peak(n: int = 2048, seconds: float = 0.3) -> float:
     """Measured fp32 matmul throughput of this CPU in TFLOP/s (best of repeated n x n products)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -82,12 +82,12 @@ def time_cpu_steps(step, warmup: int, steps: int) -> tuple[list[float], list[flo
     meanwhile."""
     for _ in range(warmup):
         step()
-    samples, times = [cpu_peak(seconds=0.3)], []
+    samples, times = [cpu_peak()], []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-        samples.append(cpu_peak(seconds=0.3))
+        samples.append(cpu_peak())
     return times, samples
 
 
