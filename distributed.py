@@ -1,7 +1,10 @@
-"""Process-group helpers of the trainer: sums across ranks, every rank's RNG state, the CPUs a rank may use, and
-the stop flag that SLURM's warning signals set, with the job's self-requeue. Standard torch.distributed only."""
+"""Process-group helpers of the trainer: the group's start and end, sums across ranks, every rank's RNG state, the
+CPUs a rank may use, and the stop flag that SLURM's warning signals set, with the job's self-requeue. Standard
+torch.distributed only."""
 from __future__ import annotations
 
+import datetime
+import gc
 import os
 import shutil
 import signal
@@ -13,6 +16,24 @@ import torch.distributed as dist
 
 def is_main(rank: int) -> bool:
     return rank == 0
+
+
+def start_process_group(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
+    """`init_process_group`, with torch.distributed.nn imported first. DDP imports that module on first use, and
+    its functions take the default group as an argument's default value: imported once the group exists, they keep
+    it for the life of the process (torch 2.13), so that `destroy_process_group()` cannot free it."""
+    import torch.distributed.nn  # noqa: F401
+
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def end_process_group() -> None:
+    """Free the process group before the interpreter exits: collect what may still hold it (a finished trainer's DDP
+    model, in a reference cycle), then destroy it, which joins Gloo's threads. A Gloo thread still alive when the
+    interpreter exits can abort a finished process ("terminate called without an active exception") as it drops
+    the tensors of the last collective, so that torchrun reports the job failed and other nodes wait for it."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import datetime
 import json
 import math
 import os
@@ -36,7 +35,16 @@ from checkpoints import (
     setting,
 )
 from creative_agent import StyleDiscriminator
-from distributed import StopFlag, all_reduce_sum, cpus_per_rank, gather_rng_states, is_main, requeue_slurm_job
+from distributed import (
+    StopFlag,
+    all_reduce_sum,
+    cpus_per_rank,
+    end_process_group,
+    gather_rng_states,
+    is_main,
+    requeue_slurm_job,
+    start_process_group,
+)
 from losses import (
     heard,
     mask_metrics,
@@ -628,8 +636,7 @@ def run(rank: int, world_size: int, local_rank: int, args) -> int:
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=args.collective_timeout))
+        start_process_group(backend, rank, world_size, args.collective_timeout)
     trainer = None
     try:
         ensure_dataset(args, rank)
@@ -648,5 +655,6 @@ def run(rank: int, world_size: int, local_rank: int, args) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        trainer = None  # its DDP model holds the process group
         if dist.is_initialized():
-            dist.destroy_process_group()
+            end_process_group()

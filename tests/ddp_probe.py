@@ -1,4 +1,5 @@
-"""Helper of test_training: train 2 Gloo processes, then each rank saves its final weights as weights_rankN.pt."""
+"""Helper of test_training: train 2 Gloo processes, then each rank saves its final weights as weights_rankN.pt and,
+on Linux, the names of its threads still running once `run()` has returned as threads_rankN.txt."""
 import os
 import sys
 
@@ -23,6 +24,10 @@ def probe(rank, world_size, argv, out):
 
     train_simple_worker.Trainer.fit = fit_and_save
     train_simple_worker.run(rank, world_size, rank, args)
+    if os.path.isdir("/proc/self/task"):
+        names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+        with open(os.path.join(out, f"threads_rank{rank}.txt"), "w") as f:
+            f.write("\n".join(names))
 
 
 if __name__ == "__main__":

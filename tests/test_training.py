@@ -154,7 +154,7 @@ def test_default_dataset_is_generated(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "dataset_wav_pairs" / "train" / "pair_0000_input.wav").is_file()
 
 
-def test_two_processes_end_with_identical_weights(tmp_path, pairs_dir):
+def test_two_processes_end_with_identical_weights_and_free_their_group(tmp_path, pairs_dir):
     argv = ["--dataset_folder", pairs_dir, "--sample_rate", str(SR), "--codec_dim", "32", "--num_layers", "1",
             "--nhead", "2", "--batch_size", "2", "--num_epochs", "1", "--checkpoint_dir", str(tmp_path / "c"),
             "--log_dir", str(tmp_path / "l"), "--run_name", "ddp", "--use_creative_agent", "true", "--device", "cpu"]
@@ -166,6 +166,11 @@ def test_two_processes_end_with_identical_weights(tmp_path, pairs_dir):
         assert torch.equal(w0[key], w1[key]), key
     saved = torch.load(tmp_path / "c" / "ddp" / "checkpoint_last.pt", weights_only=True)["model"]
     assert all(torch.equal(saved[k], w0[k]) for k in w0)  # the checkpoint holds the final weights
+    # the process group is gone when run() returns: no Gloo thread is left to abort the interpreter's exit
+    for rank in (0, 1):
+        if (tmp_path / f"threads_rank{rank}.txt").exists():
+            threads = (tmp_path / f"threads_rank{rank}.txt").read_text().split()
+            assert not [name for name in threads if "gloo" in name or "tcpstore" in name], threads
 
 
 def fake_srun(bin_dir):
