@@ -1,5 +1,5 @@
 """Helper of test_training: train 2 Gloo processes, then each rank saves its final weights as weights_rankN.pt and,
-on Linux, the names of its threads still running once `run()` has returned as threads_rankN.txt."""
+on Linux, writes the names of the threads it still runs after `run()` returns to threads_rankN.txt."""
 import os
 import sys
 
