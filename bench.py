@@ -30,9 +30,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from audio_codec import LatentNorm, MDCTCodec
+from checkpoints import str2bool
 from losses import reconstruction_loss
 from model_simple_transformer import SimpleTransformer
-from train_simple_ddp import head_counts, str2bool
+from train_simple_ddp import head_counts
 from train_simple_worker import compiled, keep_freed_memory, step_if_finite
 
 # dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (without sparsity)
@@ -198,7 +199,7 @@ def loader_pairs_per_s(batch_size: int, seconds: float, num_workers: int, sample
         for _ in loader:  # one untimed epoch starts the workers
             pass
         start = time.perf_counter()
-        pairs = sum(inp.shape[0] for epoch in range(2) for inp, _ in loader)
+        pairs = sum(batch[0].shape[0] for epoch in range(2) for batch in loader)
         return pairs / (time.perf_counter() - start)
 
 

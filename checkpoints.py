@@ -4,6 +4,7 @@ Imported by the trainer, arrange.py and evaluate.py; it imports only the model, 
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 
@@ -17,11 +18,22 @@ from pairs_dataset import path_problem
 PROJECT = "creative_agent"
 MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_transformer_layers", "num_layers", "nhead", "dropout",
               "anti_cheating", "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split",
-              "agent_gates", "agent_scales", "agent", "style_weight", "agent_block_frames")
+              "agent_gates", "agent_scales", "agent", "style_weight", "agent_block_frames", "section_beats",
+              "fade_frames")
 # what a setting meant in runs made before it existed
 LEGACY_SETTINGS = {"agent_gates": "cell", "agent_scales": (1,), "balance_range": (0.5, 0.5), "hard_masks": False,
-                   "agent": "attention", "style_weight": 0.0, "agent_block_frames": 0}
+                   "agent": "attention", "style_weight": 0.0, "agent_block_frames": 0, "section_beats": 0,
+                   "fade_frames": 0}
 STYLE_DIM = 64  # the style vector of models trained with --style_weight > 0
+
+
+def str2bool(value: str) -> bool:
+    """A command line's true/false (also 1/0, yes/no, on/off): how every CLI spells a switch."""
+    if value.lower() in ("true", "1", "yes", "y", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def setting(config: dict, key: str):
@@ -35,7 +47,7 @@ class CheckpointError(RuntimeError):
 
 def build_model(config: dict, codec_dim: int) -> SimpleTransformer:
     """The SimpleTransformer that `config` (the training arguments as a dict) describes."""
-    return SimpleTransformer(
+    model = SimpleTransformer(
         encoding_dim=codec_dim, nhead=config["nhead"], num_layers=config["num_layers"],
         num_transformer_layers=config["num_transformer_layers"], dropout=config["dropout"],
         anti_cheating=config["anti_cheating"], use_creative_agent=config["use_creative_agent"],
@@ -44,7 +56,10 @@ def build_model(config: dict, codec_dim: int) -> SimpleTransformer:
         gates=setting(config, "agent_gates"), scales=tuple(setting(config, "agent_scales")),
         hard_masks=setting(config, "hard_masks"), agent=setting(config, "agent"),
         block_frames=setting(config, "agent_block_frames"),
-        style_dim=STYLE_DIM if setting(config, "style_weight") > 0 else 0, **extra_balance(config))
+        style_dim=STYLE_DIM if setting(config, "style_weight") > 0 else 0, fade_frames=setting(config, "fade_frames"),
+        **extra_balance(config))
+    model.section_beats = setting(config, "section_beats")
+    return model
 
 
 def balance_problem(config: dict, balance: float) -> str | None:

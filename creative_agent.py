@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fixed_masks import fade_switches
+
 
 def check_latent_pair(encoded_input: torch.Tensor, encoded_target: torch.Tensor, dim: int) -> None:
     """Raise one clear ValueError unless both latents are [B, dim, T] with the same shape."""
@@ -117,6 +119,17 @@ def unpool_frames(x: torch.Tensor, scale: int, length: int) -> torch.Tensor:
     return x.repeat_interleave(scale, dim=1)[:, :length] if scale > 1 else x
 
 
+def pool_sections(score: torch.Tensor, distance: torch.Tensor, sections: torch.Tensor):
+    """Per section of the music: the mean of `score` [B, rows, T], the sum of `distance` [B, 1, T] and whether the
+    section has any frame, each [B, rows or 1, T] (section s in column s; `sections` [B, T] gives each frame's
+    section). Sized by the frames, so its shapes never depend on the data (one compiled graph serves every batch)."""
+    index = sections[:, None]
+    counts = torch.zeros_like(distance).scatter_add_(-1, index, torch.ones_like(distance))
+    summed = torch.zeros_like(score).scatter_add(-1, index.expand_as(score), score)
+    distance = torch.zeros_like(distance).scatter_add_(-1, index, distance)
+    return summed / counts.clamp_min(1), distance, counts > 0
+
+
 GATES = ("frame", "cell")
 # Frame gates decide once per block of this many frames (0.17 s with the MDCT codec at 24 kHz). Every switch
 # between the songs costs the decoded audio a transition, so fewer, longer sections sound cleaner.
@@ -143,7 +156,7 @@ class AttentionMaskGenerator(nn.Module):
 
     def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gates: str = "frame",
                  gate_frames: int = 16, scales: tuple[int, ...] = (1,), hard_masks: bool = False,
-                 block_frames: int = BLOCK_FRAMES, **term_weights: float):
+                 block_frames: int = BLOCK_FRAMES, fade_frames: int = 0, **term_weights: float):
         super().__init__()
         if gates not in GATES:
             raise ValueError(f"unknown gates {gates!r}: expected one of {', '.join(GATES)}")
@@ -157,6 +170,7 @@ class AttentionMaskGenerator(nn.Module):
                              f"{', '.join(TERM_WEIGHTS)}")
         self.encoding_dim, self.gates, self.gate_frames = encoding_dim, gates, gate_frames
         self.scales, self.hard_masks, self.block_frames = tuple(scales), hard_masks, block_frames
+        self.fade_frames = fade_frames
         self.weights = {name: term_weights.get(f"{name}_weight", w) for name, w in TERM_WEIGHTS.items()}
         self.input_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         self.target_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
@@ -186,14 +200,15 @@ class AttentionMaskGenerator(nn.Module):
         return attended, weights
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None,
-                shift: torch.Tensor | None = None):
+                shift: torch.Tensor | None = None, sections: torch.Tensor | None = None):
         """(input mask, target mask, regularisation loss); `balance`: the wanted input share, a number or one per
-        example [B] (default 0.5); `shift` [B, hidden]: added to both songs' features (a style reference)."""
+        example [B] (default 0.5); `shift` [B, hidden]: added to both songs' features (a style reference);
+        `sections` [B, T]: the section of the beat grid each frame belongs to (frame gates decide per section)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
         d = encoded_input.shape[1]
         # with frame gates one decision per frame [B, 1, T] serves every channel
-        input_mask = self.decisions(encoded_input, encoded_target, share, shift).expand(-1, d, -1)
+        input_mask = self.decisions(encoded_input, encoded_target, share, shift, sections).expand(-1, d, -1)
         target_mask = 1.0 - input_mask
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         energy = (encoded_input.detach().float().square(), encoded_target.detach().float().square())
@@ -204,9 +219,10 @@ class AttentionMaskGenerator(nn.Module):
         return score.sum(dim=1, keepdim=True) / math.sqrt(score.shape[1])  # unit scale for independent channels
 
     def decisions(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, share: torch.Tensor,
-                  shift: torch.Tensor | None = None):
+                  shift: torch.Tensor | None = None, sections: torch.Tensor | None = None):
         """The input's gates [B, rows, T] in [0, 1] (the target's are 1 minus them): rows are the channels for
-        cell gates, one for frame gates."""
+        cell gates, one for frame gates. `sections` [B, T] (frame gates): which section of the music each frame
+        belongs to (0, 1, ... in time order, from the beat grid); one decision per section, else per block."""
         f_in = F.gelu(self.input_features(encoded_input)).transpose(1, 2)  # [B, T, H]
         f_tgt = F.gelu(self.target_features(encoded_target)).transpose(1, 2)
         if shift is not None:
@@ -219,18 +235,20 @@ class AttentionMaskGenerator(nn.Module):
             self.last_attention = weights.detach() if weights is not None else None
         score = (self._score(self.input_head, self.norm_input, f_in, a_in)
                  - self._score(self.target_head, self.norm_target, f_tgt, a_tgt)).float()
-        frames, blocks = score.shape[-1], self.gates == "frame" and self.block_frames > 0
-        if self.gates == "frame":  # one decision per block (or smoothed frame) for all channels
+        frames = score.shape[-1]
+        sectioned = self.gates == "frame" and (sections is not None or self.block_frames > 0)
+        if self.gates == "frame":  # one decision per section (or smoothed frame) for all channels
             score, distance = self.frame_scores(score), frame_distance(encoded_input, encoded_target)[:, None]
-            if blocks:  # the block's mean score; its weight in the split is its frames' summed distance
-                n = self.block_frames
-                score = F.avg_pool1d(score, n, ceil_mode=True)
-                distance = n * F.avg_pool1d(F.pad(distance, (0, -frames % n)), n)
+            if sectioned:  # the section's mean score; its weight in the split is its frames' summed distance
+                if sections is None:  # fixed blocks of frames
+                    sections = (torch.arange(frames, device=score.device) // self.block_frames).expand(len(score), -1)
+                score, distance, present = pool_sections(score, distance, sections)
+                score = score.masked_fill(~present, -1e4)  # sections that do not exist sort last in the split
             else:
                 k = self.gate_frames | 1  # odd: centred
                 score, distance = (F.avg_pool1d(v, k, stride=1, padding=k // 2, count_include_pad=False)
                                    for v in (score, distance))
-            score = score - split_at(score, distance.expand_as(score), share)  # [B, rows, T or blocks]
+            score = score - split_at(score, distance.expand_as(score), share)  # [B, rows, T or sections]
         else:  # cells: the wanted share moves every cell's odds
             score = score + torch.logit(share.clamp(1e-3, 1 - 1e-3))
         hard = self.gates == "frame"
@@ -241,8 +259,9 @@ class AttentionMaskGenerator(nn.Module):
         input_mask = torch.sigmoid(score)  # = softmax over the two sources' scores
         if hard:  # decided frames or cells, with the soft mask's gradient
             input_mask = input_mask + ((input_mask > 0.5).to(input_mask.dtype) - input_mask).detach()
-        if blocks:
-            input_mask = input_mask.repeat_interleave(self.block_frames, dim=-1)[..., :frames]
+        if sectioned:  # every frame takes its section's decision, and a switch fades over a few frames
+            input_mask = input_mask.gather(-1, sections[:, None].expand(-1, input_mask.shape[1], -1))
+            input_mask = fade_switches(input_mask, self.fade_frames)
         return input_mask
 
     def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor,
@@ -295,9 +314,9 @@ class CompositionalMaskGenerator(AttentionMaskGenerator):
 
     def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gate_frames: int = 16,
                  scales: tuple[int, ...] = (1,), hard_masks: bool = False, block_frames: int = BLOCK_FRAMES,
-                 **term_weights: float):
+                 fade_frames: int = 0, **term_weights: float):
         super().__init__(encoding_dim, hidden_dim, num_heads, "frame", gate_frames, scales, hard_masks, block_frames,
-                         **term_weights)
+                         fade_frames, **term_weights)
         rows = len(self.COMPONENTS)
         self.input_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)
         self.target_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)
@@ -317,11 +336,11 @@ class CompositionalMaskGenerator(AttentionMaskGenerator):
         return score  # the heads give one score per component already
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None,
-                shift: torch.Tensor | None = None):
+                shift: torch.Tensor | None = None, sections: torch.Tensor | None = None):
         """(input gates, target gates) [B, 3, T] per component and the regularisation loss."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
-        input_gates = self.decisions(encoded_input, encoded_target, share, shift)
+        input_gates = self.decisions(encoded_input, encoded_target, share, shift, sections)
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         with torch.no_grad():
             energy = tuple(self.components(z).float().square().sum(dim=2) for z in (encoded_input, encoded_target))
@@ -373,12 +392,14 @@ class CreativeAgent(nn.Module):
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def generate_creative_masks(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
-                                balance=None, style: torch.Tensor | None = None):
+                                balance=None, style: torch.Tensor | None = None,
+                                sections: torch.Tensor | None = None):
         """Masked input, masked target and the mask regularisation loss; `hard`: 0/1 complementary masks;
-        `balance`: the wanted input share (a number or [B], default 0.5); `style`: a reference's style vector."""
+        `balance`: the wanted input share (a number or [B], default 0.5); `style`: a reference's style vector;
+        `sections` [B, T]: each frame's section of the beat grid."""
         generator = self.mask_generator
         shift = self.style(style) if style is not None and self.style is not None else None
-        input_mask, target_mask, reg_loss = generator(encoded_input, encoded_target, balance, shift)
+        input_mask, target_mask, reg_loss = generator(encoded_input, encoded_target, balance, shift, sections)
         if hard:
             input_mask = (input_mask >= target_mask).to(input_mask.dtype)
             target_mask = 1.0 - input_mask

@@ -20,33 +20,37 @@ import tempfile
 import time
 from urllib.parse import quote
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from arrange import arrange_latents, plot_masks, save_wave
 from audio_codec import CodecUnavailable
+from beats import align
 from checkpoints import CheckpointError, balance_problem, load_checkpoint, loss_weights, model_from_checkpoint
-from losses import (
-    heard,
-    mask_metrics,
-    mask_variability,
-    reconstruction_loss,
-    rms_loss,
-    temporal_variation,
-)
-from pairs_dataset import SILENCE_DB, BadDataError, WavPairsDataset
+from listening import distances_and_share, in_time, mean_in_time
+from losses import mask_metrics, mask_variability, reconstruction_loss, rms_loss, temporal_variation
+from pairs_dataset import SILENCE_DB, BadDataError, WavPairsDataset, pair_name
 
 # column, how to pick the best ("min", "max", or a value to be closest to), what it means
 METRICS = (
     ("input_share", 0.5, "the input's share of what is heard, from the output audio (0 = only the target)"),
     ("rms_ratio", 1.0, "RMS(output - input) / RMS(output - target): 1 is as far from one song as from the other"),
     ("lsd_max_db", "min", "log-spectral distance to the farther of the two songs (dB): closer to both at once"),
+    ("switches_per_s", "min", "how often the arrangement switches songs, from the audio (per second)"),
+    ("section_s", "max", "median section between two switches (s)"),
+    ("section_in_beats", "max", "median section in beats of the input"),
+    ("on_beat", "max", "share of switches within 70 ms of an input beat"),
+    ("on_beat_chance", "min", "the share random switch times would get (for scale)"),
+    ("loudness_jump_db", "min", "median level change across a switch, 0.2 s either side (dB)"),
+    ("tempo_ratio", 1.0, "tempo of the output / tempo of the input"),
     ("temporal_variation", "max", "how much the input mask changes over time (0: static, 0.5: even alternation)"),
     ("mask_variability", "max", "how much the masks differ from pair to pair (0: one pattern for all)"),
     ("val_loss", "min", "validation loss (the reconstruction objective, without mask regularisation)"),
-    ("wave_input", "min", "RMS of output - input"),
-    ("wave_target", "min", "RMS of output - target"),
-    ("lsd_input_db", "min", "log-spectral distance of the output to the input (dB)"),
-    ("lsd_target_db", "min", "log-spectral distance of the output to the target (dB)"),
+    ("rms_in", "min", "RMS of output - input"),
+    ("rms_tgt", "min", "RMS of output - target"),
+    ("lsd_in_db", "min", "log-spectral distance of the output to the input (dB)"),
+    ("lsd_tgt_db", "min", "log-spectral distance of the output to the target (dB)"),
     ("complementarity", "max", "complementarity of the masks (%)"),
     ("coverage", 100.0, "coverage of the masks (%, 100 is ideal)"),
     ("balance", 0.5, "share of the input in the mask area (0.5 is even)"),
@@ -66,47 +70,76 @@ def parse_named(items: list[str]) -> list[tuple[str, str]]:
     return named
 
 
+def manifest_songs(folder: str) -> dict[str, str]:
+    """Validation pair name -> its song, from the pairs folder's manifest.csv (empty without one)."""
+    path = os.path.join(folder, "manifest.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="") as f:
+        return {row["pair"]: row["song"] for row in csv.DictReader(f) if row.get("split") == "val"}
+
+
+def validation_examples(dataset: WavPairsDataset, cross_song: bool = False, songs: dict | None = None) -> list:
+    """(input, target, input's beats) of every validation pair. `cross_song`: each input with the output segment
+    of a pair from another song (`songs`: pair name -> song, from manifest.csv; without one, the pair half the set
+    away), laid on the input's grid (tempo, beats, key, loudness), as arrange.py lays two songs."""
+    examples = [dataset[i] for i in range(len(dataset))]
+    if not cross_song:
+        return examples
+    names = [pair_name(inp) for inp, _ in dataset.pairs]
+    crossed = []
+    for i, (inp, _, beats) in enumerate(tqdm(examples, desc="aligning cross-song pairs", unit="pair", leave=False)):
+        order = [(i + len(examples) // 2 + k) % len(examples) for k in range(len(examples))]
+        others = [j for j in order if songs and songs.get(names[j]) != songs.get(names[i])] or order[:1]
+        target = examples[others[0]][1][0].numpy()
+        aligned, _ = align(target, inp[0].numpy(), dataset.sample_rate)
+        crossed.append((inp, torch.from_numpy(aligned)[None], beats))
+    return crossed
+
+
 @torch.no_grad()
-def evaluate_one(state: dict, path: str, dataset: WavPairsDataset, num_examples: int, batch_size: int = 4,
+def evaluate_one(state: dict, path: str, examples: list, num_examples: int, batch_size: int = 4,
                  balance: float = 0.5, hard: bool = False):
-    """Metrics of one checkpoint over the validation pairs, and the example outputs and masks. A creative agent
-    aims at the input share `balance` and, with `hard`, decides 0/1; the baselines have no such settings."""
+    """Metrics of one checkpoint over the validation examples (input, target, beats), and the example outputs and
+    masks. A creative agent aims at the input share `balance` and, with `hard`, decides 0/1; the baselines have
+    no such settings."""
     model, codec, norm = model_from_checkpoint(state, path)
     balance = balance if model.use_creative_agent else None
     hard = hard and model.use_creative_agent
     config = state["config"]
     sr, segment = config["sample_rate"], config["segment_samples"]
-    sums, count, seconds, patterns, examples = {}, 0, 0.0, [], []
-    for start in range(0, len(dataset), batch_size):
-        batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        inp, tgt = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+    sums, count, seconds, patterns, shown, timing = {}, 0, 0.0, [], [], []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        inp, tgt, beats = (torch.stack([b[k] for b in batch]) for k in range(3))
+        sections = model.sections(beats, codec.num_frames(inp.shape[-1]), sr / codec.hop_length)
         begin = time.perf_counter()
         out, masks, attention = arrange_latents(model, codec, norm, inp, tgt, hard=hard, balance=balance,
-                                                keep_attention=model.use_creative_agent and start == 0)
+                                                keep_attention=model.use_creative_agent and start == 0,
+                                                sections=sections)
         seconds += time.perf_counter() - begin
         loss, _ = reconstruction_loss(out, inp, tgt, sr, loss_weights(config))
-        listened = heard(out, inp, tgt)
-        metrics = mask_metrics(*masks)
-        values = dict(val_loss=float(loss), wave_input=float(rms_loss(out, inp)), wave_target=float(rms_loss(out, tgt)),
-                      lsd_input_db=float(listened["lsd_in_db"].mean()),
-                      lsd_target_db=float(listened["lsd_tgt_db"].mean()),
-                      lsd_max_db=float(listened["lsd_max_db"].mean()),
-                      input_share=float(listened["input_share"].mean()),
-                      temporal_variation=float(temporal_variation(masks[0]).mean()), **metrics)
+        listened = distances_and_share(out, inp, tgt)
+        values = dict(val_loss=float(loss), rms_in=float(rms_loss(out, inp)), rms_tgt=float(rms_loss(out, tgt)),
+                      **{k: float(v.mean()) for k, v in listened.items()},
+                      temporal_variation=float(temporal_variation(masks[0]).mean()), **mask_metrics(*masks))
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value * len(batch)
         count += len(batch)
         patterns.append(masks[0].float())
         for j in range(len(batch)):
+            timing.append(in_time(out[j, 0].numpy(), inp[j, 0].numpy(), tgt[j, 0].numpy(), beats[j].numpy(), sr))
             if start + j < num_examples:
                 att = attention[j] if attention is not None else None
-                examples.append((start + j, inp[j, 0], tgt[j, 0], out[j, 0], (masks[0][j], masks[1][j]), att))
+                shown.append((start + j, inp[j, 0], tgt[j, 0], out[j, 0], (masks[0][j], masks[1][j]), att,
+                              beats[j].numpy(), None if sections is None else sections[j]))
     row = {key: value / count for key, value in sums.items()}
+    row.update(mean_in_time(timing))
     row["mask_variability"] = mask_variability(torch.cat(patterns))
-    row["rms_ratio"] = row["wave_input"] / max(row["wave_target"], 1e-12)
+    row["rms_ratio"] = row["rms_in"] / max(row["rms_tgt"], 1e-12)
     row["seconds_per_audio_minute"] = seconds / (count * segment / sr / 60)
     row["pairs"] = count
-    return row, examples, (sr, codec.hop_length)
+    return row, shown, (sr, codec.hop_length)
 
 
 def best_of(rows: dict[str, dict], key: str, goal) -> str:
@@ -134,9 +167,10 @@ def write_report(out: str, rows: dict[str, dict], dataset_folder: str, pairs: in
         f.write("\n".join(lines))
 
 
-def write_html(out: str, rows: dict[str, dict], examples: list[int], dataset_folder: str, pairs: int) -> None:
-    """report.html: the metrics table, then per example pair the input, the target and every approach's
-    arrangement as audio players beside its mask picture. Self-contained: relative links only, no scripts."""
+def write_html(out: str, rows: dict[str, dict], stems: list[str], dataset_folder: str, pairs: int) -> None:
+    """report.html: the metrics table, then per example pair (stem: pair_XXXX, or cross_XXXX for a cross-song one)
+    the input, the target and every approach's arrangement of it as audio players beside its mask picture.
+    Self-contained: relative links only, no scripts."""
     keys = [k for k, _, _ in METRICS]
     best = {key: best_of(rows, key, goal) for key, goal, _ in METRICS}
     head = "".join(f'<th title="{html.escape(meaning)}">{key}</th>' for key, _, meaning in METRICS)
@@ -150,11 +184,11 @@ def write_html(out: str, rows: dict[str, dict], examples: list[int], dataset_fol
                 f'<audio controls preload="none" src="audio/{quote(stem)}.wav"></audio></figure>')
 
     sections = []
-    for index in examples:
-        stem = f"pair_{index:04d}"
+    for stem in stems:
         cells = "".join(f'<div class="approach">{player(f"{stem}_{name}", name)}'
                         f'<a href="plots/{quote(f"{stem}_{name}_masks.png")}"><img alt="masks of {html.escape(name)}" '
-                        f'src="plots/{quote(f"{stem}_{name}_masks.png")}"></a></div>' for name in rows)
+                        f'src="plots/{quote(f"{stem}_{name}_masks.png")}"></a></div>' for name in rows
+                        if os.path.isfile(os.path.join(out, "audio", f"{stem}_{name}.wav")))
         sections.append(f'<section><h2>{stem}</h2><div class="sources">{player(f"{stem}_input", "input")}'
                         f'{player(f"{stem}_target", "target")}</div><div class="grid">{cells}</div></section>')
     page = f"""<!DOCTYPE html>
@@ -184,8 +218,8 @@ def plot_comparison(path: str, rows: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 7, figsize=(20, 6), constrained_layout=True)
-    for ax, (key, _, _) in zip(axes.flat, METRICS, strict=True):
+    fig, axes = plt.subplots(3, 7, figsize=(20, 9), constrained_layout=True)
+    for ax, (key, _, _) in zip(axes.flat, METRICS, strict=False):
         ax.bar(list(rows), [rows[n][key] for n in rows], color=[f"C{i}" for i in range(len(rows))])
         ax.set_title(key, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
@@ -206,6 +240,9 @@ def main(argv=None) -> int:
                    help="the input share each creative agent aims at, 0..1 (default 0.5); the fixed-mask and "
                         "unmasked baselines have no such setting and are evaluated as they are")
     p.add_argument("--hard", action="store_true", help="creative agents decide 0/1 (exactly complementary masks)")
+    p.add_argument("--cross_song", action="store_true",
+                   help="also arrange each validation input with a segment of another song, aligned to it (tempo, "
+                        "beats, key, loudness) as arrange.py does: rows NAME@cross beside the same-song rows")
     args = p.parse_args(argv)
     if not 0.0 <= args.balance <= 1.0:
         p.error(f"--balance must lie in 0..1, got {args.balance:g}")
@@ -219,15 +256,18 @@ def main(argv=None) -> int:
             if states[name]["config"]["use_creative_agent"] and (
                     problem := balance_problem(states[name]["config"], args.balance)):
                 raise CheckpointError(f"{name} ({path}): {problem}")
-        datasets = {}  # checked once per (sample rate, segment length), however many approaches share it
+        modes = [("pair", "", False)] + [("cross", "@cross", True)] * args.cross_song
+        examples = {}  # read (and aligned) once per (sample rate, segment length, mode), however many approaches
         results = {}
-        for name, path in named:
-            key = (states[name]["config"]["sample_rate"], states[name]["config"]["segment_samples"])
-            if key not in datasets:
-                datasets[key] = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key,
-                                                silence_db=args.silence_db)
-            results[name] = evaluate_one(states[name], path, datasets[key], args.num_examples,
-                                         balance=args.balance, hard=args.hard)
+        for prefix, suffix, cross in modes:
+            for name, path in named:
+                key = (states[name]["config"]["sample_rate"], states[name]["config"]["segment_samples"], cross)
+                if key not in examples:
+                    dataset = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key[:2],
+                                              silence_db=args.silence_db)
+                    examples[key] = validation_examples(dataset, cross, manifest_songs(args.dataset_folder))
+                results[name + suffix] = (*evaluate_one(states[name], path, examples[key], args.num_examples,
+                                                        balance=args.balance, hard=args.hard), prefix)
     except (ValueError, CheckpointError, BadDataError, FileNotFoundError, CodecUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -237,22 +277,22 @@ def main(argv=None) -> int:
     try:
         os.makedirs(os.path.join(work, "audio"))
         os.makedirs(os.path.join(work, "plots"))
-        for name, (_, examples, (sr, hop)) in results.items():
-            for index, inp, tgt, out, masks, attention in examples:
-                stem = f"pair_{index:04d}"
+        for name, (_, shown, (sr, hop), prefix) in results.items():
+            for index, inp, tgt, out, masks, attention, beats, sections in shown:
+                stem = f"{prefix}_{index:04d}"
                 for role, wave in (("input", inp), ("target", tgt)):
                     source = os.path.join(work, "audio", f"{stem}_{role}.wav")
                     if not os.path.exists(source):  # the same for every approach of this rate
                         save_wave(source, wave, sr)
                 save_wave(os.path.join(work, "audio", f"{stem}_{name}.wav"), out, sr)
                 plot_masks(os.path.join(work, "plots", f"{stem}_{name}_masks.png"), masks, inp, tgt, out, sr, hop,
-                           attention, title=f"{name}: {stem}")
+                           attention, title=f"{name}: {stem}", beats=beats[np.isfinite(beats)], sections=sections)
         rows = {name: result[0] for name, result in results.items()}
         plot_comparison(os.path.join(work, "plots", "comparison.png"), rows)
         pairs = results[named[0][0]][0]["pairs"]
         write_report(work, rows, args.dataset_folder, pairs)
-        shown = sorted({example[0] for _, examples, _ in results.values() for example in examples})
-        write_html(work, rows, shown, args.dataset_folder, pairs)
+        stems = sorted({f"{prefix}_{example[0]:04d}" for _, shown, _, prefix in results.values() for example in shown})
+        write_html(work, rows, stems, args.dataset_folder, pairs)
         if os.path.isdir(args.out):
             shutil.rmtree(args.out)  # an earlier evaluation (checked above)
         os.replace(work, args.out)

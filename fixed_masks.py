@@ -1,7 +1,8 @@
 """Rule-based masks, the baselines the creative agent must beat. Each returns (input_mask, target_mask), [B, D, T].
 
 - none:      both masks are 1 (the plain sum of both songs, no masking)
-- temporal:  alternating time segments of `segment_frames` frames: input, target, input, ...
+- temporal:  alternating time segments: input, target, input, ... of `segment_frames` frames, or the sections of
+             the beat grid where they are given (every N beats), each switch faded over `fade_frames` frames
 - frequency: channels below `split` * D from the input, the rest from the target
 - energy:    each cell goes to the source with more energy there, softly: m_in = e_in / (e_in + e_tgt)
 The complementary ones (all but none) sum to 1 everywhere.
@@ -9,14 +10,27 @@ The complementary ones (all but none) sum to 1 everywhere.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 MASK_TYPES = ("none", "temporal", "frequency", "energy")
 
 
-def temporal_masks(x: torch.Tensor, segment_frames: int = 32):
+def fade_switches(mask: torch.Tensor, frames: int) -> torch.Tensor:
+    """A 0/1 mask [B, rows, T] whose every switch ramps linearly over `frames` frames (an odd count, centred on the
+    switch): a cross-fade between the songs instead of a cut, with the masks still summing to 1. 0 or 1: no fade."""
+    if frames <= 1:
+        return mask
+    k = frames | 1
+    return F.avg_pool1d(mask, k, stride=1, padding=k // 2, count_include_pad=False)
+
+
+def temporal_masks(x: torch.Tensor, segment_frames: int = 32, sections: torch.Tensor | None = None,
+                   fade_frames: int = 0):
+    """Input in the even segments (or sections [B, T] of the beat grid), target in the odd ones."""
     b, d, t = x.shape
-    segment = (torch.arange(t, device=x.device) // max(1, segment_frames)) % 2
-    input_mask = (segment == 0).to(x.dtype).expand(b, d, t)
+    segment = sections if sections is not None else torch.arange(t, device=x.device) // max(1, segment_frames)
+    input_mask = fade_switches((segment % 2 == 0).to(x.dtype).view(-1, 1, t).expand(b, 1, t), fade_frames)
+    input_mask = input_mask.expand(b, d, t)
     return input_mask, 1.0 - input_mask
 
 
@@ -33,8 +47,10 @@ def energy_masks(encoded_input: torch.Tensor, encoded_target: torch.Tensor, eps:
 
 
 def make_fixed_masks(mask_type: str, encoded_input: torch.Tensor, encoded_target: torch.Tensor,
-                     segment_frames: int = 32, split: float = 0.5):
-    """The (input_mask, target_mask) of rule `mask_type` for latents [B, D, T]."""
+                     segment_frames: int = 32, split: float = 0.5, sections: torch.Tensor | None = None,
+                     fade_frames: int = 0):
+    """The (input_mask, target_mask) of rule `mask_type` for latents [B, D, T]; `sections` [B, T]: each frame's
+    section of the beat grid (the temporal rule alternates per section)."""
     if mask_type not in MASK_TYPES:
         raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
     if encoded_input.shape != encoded_target.shape or encoded_input.dim() != 3:
@@ -44,7 +60,7 @@ def make_fixed_masks(mask_type: str, encoded_input: torch.Tensor, encoded_target
         ones = torch.ones_like(encoded_input)
         return ones, ones
     if mask_type == "temporal":
-        return temporal_masks(encoded_input, segment_frames)
+        return temporal_masks(encoded_input, segment_frames, sections, fade_frames)
     if mask_type == "frequency":
         return frequency_masks(encoded_input, split)
     return energy_masks(encoded_input.detach(), encoded_target.detach())

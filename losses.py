@@ -1,4 +1,5 @@
-"""Waveform and spectral reconstruction losses, the combined loss against input and target, and mask metrics."""
+"""Waveform and spectral reconstruction losses, the combined loss against input and target, and mask metrics.
+(What a listener hears, measured from the output audio, is in listening.py.)"""
 from __future__ import annotations
 
 import math
@@ -167,54 +168,6 @@ def farther_song_loss(output: torch.Tensor, input_wave: torch.Tensor, target_wav
     it rewards decisions over time.
     """
     return torch.maximum(lsd_per_example(output, input_wave), lsd_per_example(output, target_wave)).mean()
-
-
-@torch.no_grad()
-def input_share(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Tensor,
-                n_fft: int = 1024, hop: int = 256) -> torch.Tensor:
-    """The input's share of what is heard, per example [B]: 0 = only the target, 1 = only the input.
-
-    The output's magnitude spectrogram O is fitted by a * |input| + b * |target| with a, b >= 0 (non-negative least
-    squares over all time-frequency cells, solved in closed form for two sources); the share is a / (a + b).
-    Symmetric: swapping the songs gives 1 - share. Measured on the audio, so it counts loudness, not mask area.
-    """
-    o, a, b = magnitude(torch.cat([output, input_wave, target_wave]), n_fft, hop).chunk(3)
-    return share_of_magnitudes(o, a, b)
-
-
-def share_of_magnitudes(o: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """input_share from the magnitude spectrograms [B, F, frames] of output, input and target."""
-    o, a, b = (m.double().flatten(1) for m in (o, a, b))
-    aa, bb, ab = (a * a).sum(1), (b * b).sum(1), (a * b).sum(1)
-    ao, bo = (a * o).sum(1), (b * o).sum(1)
-    det = (aa * bb - ab * ab).clamp_min(1e-30)
-    wa, wb = (bb * ao - ab * bo) / det, (aa * bo - ab * ao) / det
-    only_b, only_a = wa < 0, wb < 0  # the unconstrained optimum leaves the quadrant: one source alone
-    wa = torch.where(only_b, torch.zeros_like(wa), torch.where(only_a, (ao / aa.clamp_min(1e-30)).clamp_min(0), wa))
-    wb = torch.where(only_a, torch.zeros_like(wb), torch.where(only_b, (bo / bb.clamp_min(1e-30)).clamp_min(0), wb))
-    return (wa / (wa + wb).clamp_min(1e-30)).float()
-
-
-@torch.no_grad()
-def heard(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Tensor,
-          n_fft: int = 1024, hop: int = 256) -> dict[str, torch.Tensor]:
-    """What a listener hears, per example [B], from one STFT of output, input and target: the log-spectral distances
-    (dB) to each song and to the farther one, and the input's share (see input_share)."""
-    o, a, b = magnitude(torch.cat([output, input_wave, target_wave]), n_fft, hop).chunk(3)
-    lsd_in, lsd_tgt = (lsd_of_magnitudes(o, ref).view(output.shape[0], -1).mean(-1) * DB_PER_NEPER for ref in (a, b))
-    return dict(lsd_in_db=lsd_in, lsd_tgt_db=lsd_tgt, lsd_max_db=torch.maximum(lsd_in, lsd_tgt),
-                input_share=share_of_magnitudes(o, a, b))
-
-
-@torch.no_grad()
-def tone_distance_db(wave: torch.Tensor, reference: torch.Tensor, sample_rate: int, n_fft: int = 2048,
-                     hop: int = 512, n_mels: int = 40) -> torch.Tensor:
-    """How different the spectral balance of two recordings [B, 1, S] and [B, 1, S'] is, per example [B] (dB): the
-    RMS over mel bands of the difference of their long-term average power per band. What is played when does not
-    count, only how loud each band is on average: the tone that a --style_reference asks an arrangement to take."""
-    fb = mel_filterbank(sample_rate, n_fft, n_mels, wave.device)
-    tone = [10 * torch.log10(magnitude(w, n_fft, hop).square().mean(dim=-1) @ fb.T + 1e-10) for w in (wave, reference)]
-    return (tone[0] - tone[1]).square().mean(dim=-1).sqrt()
 
 
 @torch.no_grad()

@@ -4,12 +4,14 @@
   python make_pairs.py --from_folder ~/Music --out my_pairs           # your songs: wav, flac, ogg, mp3 ...
 
 Each song is cut into consecutive segments; pair k holds segment k (input) and segment k+1 (output, the
-continuation in the same song). Songs are split between train and val, so no song is in both.
+continuation in the same song). Songs are split between train and val, so no song is in both. The beats are tracked
+on each whole song (beats.py) and every input segment's beat times are kept in SPLIT/beats.json.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 from collections import Counter
@@ -19,7 +21,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from pairs_dataset import SILENCE_DB, path_problem, silence_problem
+from beats import track_beats
+from pairs_dataset import BEATS_FILE, SILENCE_DB, path_problem, silence_problem
 
 DEMO = dict(songs=8, seconds=16.0, segment_seconds=2.0, val_fraction=0.25)
 
@@ -110,12 +113,17 @@ class Summary:
     pairs: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     bad_files: list = field(default_factory=list)
+    no_pulse: list = field(default_factory=list)
+    beats: dict = field(default_factory=lambda: {"train": {}, "val": {}})  # split -> pair -> input's beat times
 
     def report(self) -> str:
         lines = [f"songs read: {self.songs_read}",
                  f"pairs written: train {self.pairs['train']}, val {self.pairs['val']}"]
         lines += [f"skipped: {count} {reason}" for reason, count in sorted(self.skipped.items())]
         lines += [f"  bad file {path}: {reason}" for path, reason in self.bad_files]
+        if self.no_pulse:
+            lines.append(f"songs without a beat grid (their sections are fixed blocks of frames): {len(self.no_pulse)}")
+            lines += [f"  {song}: {note}" for song, note in self.no_pulse]
         return "\n".join(lines)
 
 
@@ -128,11 +136,15 @@ def split_songs(names: list[str], val_fraction: float, seed: int) -> dict[str, s
 
 def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment: int, sample_rate: int,
                      summary: Summary, rows: list, silence_db: float = SILENCE_DB) -> None:
-    """Cut one song into consecutive segments and write each (k, k+1) pair that is not silent."""
+    """Cut one song into consecutive segments and write each (k, k+1) pair that is not silent, with the beat
+    times of its input segment, tracked on the whole song."""
     n_segments = len(audio) // segment
     if n_segments < 2:
         summary.skipped["songs too short for one pair"] += 1
         return
+    tempo, beats, note = track_beats(audio, sample_rate)
+    if note:
+        summary.no_pulse.append((song, note))
     pieces = [audio[k * segment : (k + 1) * segment] for k in range(n_segments)]
     loud = [silence_problem(p, silence_db) is None for p in pieces]
     for k in range(n_segments - 1):
@@ -143,8 +155,11 @@ def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment
         for role, piece in (("input", pieces[k]), ("output", pieces[k + 1])):
             sf.write(os.path.join(out, split, f"pair_{index:04d}_{role}.wav"), np.clip(piece, -1, 1), sample_rate,
                      subtype="PCM_16")
-        rows.append(dict(split=split, pair=f"pair_{index:04d}", song=song, input_offset_s=k * segment / sample_rate,
-                         output_offset_s=(k + 1) * segment / sample_rate))
+        start, end = k * segment / sample_rate, (k + 1) * segment / sample_rate
+        inside = beats[(beats >= start) & (beats < end)] - start
+        summary.beats[split][f"pair_{index:04d}"] = [round(float(t), 4) for t in inside]
+        rows.append(dict(split=split, pair=f"pair_{index:04d}", song=song, input_offset_s=start,
+                         output_offset_s=end, tempo_bpm=round(tempo, 2)))
         summary.pairs[split] += 1
 
 
@@ -165,8 +180,12 @@ def make_pairs(songs, out: str, segment_seconds: float, sample_rate: int, val_fr
             continue
         summary.songs_read += 1
         write_song_pairs(audio, name, splits[name], out, segment, sample_rate, summary, rows, silence_db)
+    for split, grids in summary.beats.items():
+        with open(os.path.join(out, split, BEATS_FILE), "w") as f:
+            json.dump(grids, f)
     with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["split", "pair", "song", "input_offset_s", "output_offset_s"])
+        writer = csv.DictWriter(f, fieldnames=["split", "pair", "song", "input_offset_s", "output_offset_s",
+                                               "tempo_bpm"])
         writer.writeheader()
         writer.writerows(rows)
     return summary

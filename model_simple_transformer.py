@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from beats import batch_section_ids
 from creative_agent import CreativeAgent, check_latent_pair, keeps_state, sinusoidal_positions
 from fixed_masks import MASK_TYPES, make_fixed_masks
 
@@ -122,7 +123,7 @@ class SimpleTransformer(nn.Module):
                  use_creative_agent: bool = False, mask_type: str = "none", stage_widths: list[int] | None = None,
                  agent_hidden_dim: int = 256, agent_heads: int = 4, use_discriminator: bool = False,
                  temporal_segment_frames: int = 32, frequency_split: float = 0.5, use_sdpa: bool = True,
-                 style_dim: int = 0, **agent_options):
+                 style_dim: int = 0, fade_frames: int = 0, **agent_options):
         super().__init__()
         if mask_type not in MASK_TYPES:
             raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
@@ -138,10 +139,12 @@ class SimpleTransformer(nn.Module):
             raise ValueError(f"nhead needs 1 or {num_transformer_layers} entries, got {len(heads)}")
         self.encoding_dim, self.anti_cheating, self.mask_type = d, anti_cheating, mask_type
         self.temporal_segment_frames, self.frequency_split = temporal_segment_frames, frequency_split
+        self.fade_frames = fade_frames  # a switch between the songs ramps over this many frames (0: a cut)
+        self.section_beats = 0  # decisions per section of this many beats of the input (0: fixed blocks of frames)
         self.stages = nn.ModuleList(Stage(c, w, d, num_layers, h, dropout, use_sdpa, style_dim)
                                     for c, w, h in zip(in_channels, widths, heads, strict=True))
-        self.creative_agent = (CreativeAgent(d, use_discriminator, agent_hidden_dim, agent_heads,
-                                             style_dim=style_dim, **agent_options) if use_creative_agent else None)
+        self.creative_agent = (CreativeAgent(d, use_discriminator, agent_hidden_dim, agent_heads, style_dim=style_dim,
+                                             fade_frames=fade_frames, **agent_options) if use_creative_agent else None)
         # a style reference conditions every stage and the agent (style_dim > 0)
         self.style_encoder = StyleEncoder(d, style_dim) if style_dim else None
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -150,17 +153,27 @@ class SimpleTransformer(nn.Module):
     def use_creative_agent(self) -> bool:
         return self.creative_agent is not None
 
+    def sections(self, beats: torch.Tensor | None, frames: int, frame_rate: float) -> torch.Tensor | None:
+        """Each frame's section [B, frames] of the input's beat grid `beats` [B, K] (seconds, NaN-padded): sections
+        of `section_beats` beats, fixed blocks for an example without a pulse; None where this model decides in
+        fixed blocks of frames (it was trained so) or no beats are given."""
+        if self.section_beats <= 0 or beats is None:
+            return None
+        generator = self.creative_agent.mask_generator if self.creative_agent is not None else None
+        block = generator.block_frames if generator is not None else self.temporal_segment_frames
+        return batch_section_ids(beats, frames, frame_rate, self.section_beats, block or 32)
+
     def masked_sources(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
-                       balance=None, style: torch.Tensor | None = None):
+                       balance=None, style: torch.Tensor | None = None, sections: torch.Tensor | None = None):
         """(masked input, masked target, mask_reg_loss or None); sets `last_masks` (in eager runs)."""
         if self.creative_agent is not None:
             masked_in, masked_tgt, reg = self.creative_agent.generate_creative_masks(encoded_input, encoded_target,
-                                                                                     hard, balance, style)
+                                                                                     hard, balance, style, sections)
             if keeps_state():
                 self.last_masks = self.creative_agent.last_masks
             return masked_in, masked_tgt, reg
-        m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target,
-                                       self.temporal_segment_frames, self.frequency_split)
+        m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target, self.temporal_segment_frames,
+                                       self.frequency_split, sections, self.fade_frames)
         if keeps_state():
             self.last_masks = (m_in.detach(), m_tgt.detach())
         if self.mask_type == "none":
@@ -168,18 +181,22 @@ class SimpleTransformer(nn.Module):
         return encoded_input * m_in, encoded_target * m_tgt, None
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None,
-                style_reference: torch.Tensor | None = None, style_strength: float = 0.0):
+                style_reference: torch.Tensor | None = None, style_strength: float = 0.0,
+                sections: torch.Tensor | None = None):
         """`balance` (creative agent only): the wanted input share, a number or one per example [B] (default 0.5).
         `style_reference` (models built with style_dim > 0): the latent [B, D, T'] of a song whose style the
         arrangement should take, any length; all zeros, or None, means no reference. It conditions the agent and
-        every stage, and `style_strength` > 0 also moves the output that far towards its statistics (restyle)."""
+        every stage, and `style_strength` > 0 also moves the output that far towards its statistics (restyle).
+        `sections` [B, T] (int64): the section of the input's beat grid that each frame belongs to (beats.py); the
+        agent's frame gates and the temporal rule decide once per section (None: fixed blocks of frames)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         style = None
         if style_reference is not None:
             if self.style_encoder is None:
                 raise ValueError("this model was built without style conditioning (style_dim=0)")
             style = self.style_encoder(style_reference)
-        masked_in, masked_tgt, reg_loss = self.masked_sources(encoded_input, encoded_target, hard, balance, style)
+        masked_in, masked_tgt, reg_loss = self.masked_sources(encoded_input, encoded_target, hard, balance, style,
+                                                              sections)
         x, y = masked_in.transpose(1, 2), masked_tgt.transpose(1, 2)  # [B, T, D]
         if len(self.stages) == 1:
             out = x + self.stages[0](x, style)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import numpy as np
@@ -10,6 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from beats import padded_beats, track_beats
+
+BEATS_FILE = "beats.json"  # in each split folder: pair name -> beat times (s) of its input segment
 SILENCE_DB = -60.0  # RMS level (dBFS) below which a song or segment is silent: the usual silence-detection level
 
 
@@ -102,6 +106,35 @@ def scan_pairs(folder: str, sample_rate: int, segment_samples: int, progress: bo
     return good, problems
 
 
+def pair_name(input_path: str) -> str:
+    """pair_0007 for .../pair_0007_input.wav."""
+    return os.path.basename(input_path)[: -len("_input.wav")]
+
+
+def load_beat_grids(folder: str, pairs: list[tuple[str, str]], sample_rate: int, progress: bool = False) -> dict:
+    """Pair name -> beat times (s) of its input segment, from FOLDER/beats.json (written by make_pairs.py, which
+    tracks the beats on the whole song). Pairs it lacks (folders made before it) are tracked on the segment alone,
+    once: the file is completed and kept. An empty list: no usable pulse (the pair's sections are fixed blocks)."""
+    path = os.path.join(folder, BEATS_FILE)
+    grids = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            grids = json.load(f)
+    missing = [inp for inp, _ in pairs if pair_name(inp) not in grids]
+    for inp in tqdm(missing, desc=f"beat grids of {folder}", unit="pair", disable=not progress, leave=False):
+        audio, _ = sf.read(inp, dtype="float32", always_2d=True)
+        grids[pair_name(inp)] = [round(float(t), 4) for t in track_beats(audio.mean(axis=1), sample_rate)[1]]
+    if missing:
+        try:
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(grids, f)
+            os.replace(tmp, path)
+        except OSError:  # a read-only folder: the grids serve this run from memory
+            pass
+    return grids
+
+
 def infer_segment_samples(folder: str, probe: int = 25) -> int:
     """The pairs' segment length: the most common length among the first readable files of `folder`."""
     pairs, _ = list_pairs(folder)
@@ -119,7 +152,8 @@ def infer_segment_samples(folder: str, probe: int = 25) -> int:
 
 
 class WavPairsDataset(Dataset):
-    """(input [1, S], target [1, S]) float32 waveforms from the pairs of one split folder.
+    """(input [1, S], target [1, S], input's beat times [K]) from the pairs of one split folder: float32 waveforms,
+    and the beats (s) of the input segment padded with NaN to a fixed size (see load_beat_grids).
 
     Every file is checked when the dataset is built (or `scan`, the result of `scan_pairs` made elsewhere, is
     used); bad files raise BadDataError listing all of them, or are dropped (with their pair) when
@@ -140,6 +174,9 @@ class WavPairsDataset(Dataset):
         if problems and not skip_bad_files:
             raise BadDataError(problems)
         self.pairs = good
+        grids = load_beat_grids(folder, good, sample_rate, progress)
+        seconds = segment_samples / sample_rate
+        self.beats = [padded_beats(grids[pair_name(inp)], seconds) for inp, _ in good]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -159,7 +196,8 @@ class WavPairsDataset(Dataset):
         return other + (other >= index)  # any pair but this one
 
     def __getitem__(self, index: int):
-        return self.read(self.pairs[index][0]), self.read(self.pairs[self.target_index(index)][1])
+        return (self.read(self.pairs[index][0]), self.read(self.pairs[self.target_index(index)][1]),
+                self.beats[index])
 
 
 def build_loader(dataset: Dataset, batch_size: int, world_size: int, rank: int, shuffle: bool, seed: int,
@@ -186,7 +224,8 @@ def cache_key(dataset: WavPairsDataset, codec_settings: dict) -> str:
 
 
 class CachedLatents(Dataset):
-    """Wraps a WavPairsDataset: also returns the codec latents of input and target, read from a memory-mapped cache.
+    """Wraps a WavPairsDataset: also returns the codec latents of input and target, read from a memory-mapped cache:
+    (input, target, beats, input latent, target latent).
 
     The cache lives in FOLDER/.latent_cache/<key>.npy, one [2, D, T] float32 entry per pair (input, output),
     written once by `build` and keyed by `cache_key`, so a changed file or codec is never served stale.
@@ -245,8 +284,8 @@ class CachedLatents(Dataset):
     def __getitem__(self, index: int):
         if self.latents is None:
             self.latents = np.load(self.path, mmap_mode="r")
-        inp, tgt = self.dataset[index]
+        inp, tgt, beats = self.dataset[index]
         other = self.dataset.target_index(index)
         z_in = torch.from_numpy(np.array(self.latents[index, 0]))
         z_tgt = torch.from_numpy(np.array(self.latents[other, 1]))
-        return inp, tgt, z_in, z_tgt
+        return inp, tgt, beats, z_in, z_tgt

@@ -19,16 +19,9 @@ import torch
 import torch.multiprocessing as mp
 
 from audio_codec import CODECS
+from checkpoints import str2bool
 from fixed_masks import MASK_TYPES
 from pairs_dataset import SILENCE_DB
-
-
-def str2bool(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes", "y", "on"):
-        return True
-    if value.lower() in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def head_counts(counts: list[int]) -> int | list[int]:
@@ -64,9 +57,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--agent_gates", default="frame", choices=("frame", "cell"),
                    help="what the agent decides: which song each frame comes from (frame, default) or each "
                         "channel x frame cell (cell)")
-    g.add_argument("--agent_block_frames", type=block_frames, default=32, metavar="N",
+    g.add_argument("--agent_block_frames", type=count, default=32, metavar="N",
                    help="with frame gates, decide once per block of N frames, so the songs switch only at block "
                         "edges (default 32; 0: every frame, from scores smoothed over 16 frames)")
+    g.add_argument("--section_beats", type=count, default=2, metavar="N",
+                   help="the agent (frame gates) and the temporal rule decide once per section of N beats of the "
+                        "input's beat grid, so the songs switch only on the beat (default 2; 0: fixed blocks of "
+                        "--agent_block_frames / --temporal_segment_frames frames, as before); songs without a "
+                        "pulse fall back to those blocks")
     g.add_argument("--balance_range", type=share_range, default=(0.2, 0.8), metavar="LO,HI",
                    help="train the agent for any wanted input share: each example draws one from LO..HI, and "
                         "arrange.py/evaluate.py --balance choose it later (default 0.2,0.8; 0.5,0.5: always even)")
@@ -177,10 +175,10 @@ def frame_scales(text: str) -> tuple[int, ...]:
     return scales
 
 
-def block_frames(text: str) -> int:
-    """A frame count >= 0."""
+def count(text: str) -> int:
+    """A whole number >= 0 (of frames or beats)."""
     if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a frame count >= 0 such as 32, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 such as 32, got {text!r}")
     return int(text)
 
 

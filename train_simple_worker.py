@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from audio_codec import CodecUnavailable, LatentNorm, build_codec, latent_sums
+from beats import switch_fade_frames
 from checkpoints import (
     MODEL_KEYS,
     PROJECT,
@@ -45,13 +46,8 @@ from distributed import (
     requeue_slurm_job,
     start_process_group,
 )
-from losses import (
-    heard,
-    mask_metrics,
-    reconstruction_loss,
-    rms_loss,
-    temporal_variation,
-)
+from listening import IN_TIME_KEYS, distances_and_share, in_time
+from losses import mask_metrics, reconstruction_loss, rms_loss, temporal_variation
 from model_simple_transformer import style_distance
 from pairs_dataset import (
     BadDataError,
@@ -64,6 +60,7 @@ from pairs_dataset import (
 )
 
 DEFAULT_DATASET = "dataset_wav_pairs"
+IN_TIME_PAIRS = 64  # validation pairs per rank whose arrangement is measured in time (beat tracking is not free)
 SYNC_EVERY = 10  # training steps between the host's reads of device values (progress bar, non-finite run, signals)
 
 
@@ -86,6 +83,8 @@ class Trainer:
         self.main = is_main(rank)
         self.codec = build_codec(args.codec, args.sample_rate, args.codec_dim, path=args.codec_path).to(self.device)
         self.config["codec_dim"] = self.codec.dim
+        self.frame_rate = self.codec.sample_rate / self.codec.hop_length
+        self.config["fade_frames"] = switch_fade_frames(self.frame_rate) if args.section_beats > 0 else 0
         self.build_data()
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         self.model = build_model(self.config, self.codec.dim).to(self.device)
@@ -213,7 +212,7 @@ class Trainer:
         count = 0.0
         self.train_sampler.set_epoch(0)
         for batch in islice(self.train_loader, max_batches):
-            batch = [x.to(self.device) for x in batch]
+            batch = [x.to(self.device) for i, x in enumerate(batch) if i != 2]  # waves and latents, not the beats
             z = torch.cat(batch[2:]) if len(batch) == 4 else self.codec.encode(torch.cat(batch))
             s, sq, n = latent_sums(z)
             total, total_sq, count = (s, sq, n) if total is None else (total + s, total_sq + sq, count + n)
@@ -232,7 +231,8 @@ class Trainer:
     def compute_loss(self, batch: list[torch.Tensor], training: bool) -> tuple[torch.Tensor, dict, tuple]:
         """The training objective of one batch (waveforms, and cached latents if any), its detached parts and the
         waveforms (output, input, target). Training runs the compiled model and loss where --compile is set."""
-        inp, tgt, *cached = (x.to(self.device, non_blocking=True) for x in batch)
+        beats = batch[2]
+        inp, tgt, *cached = (x.to(self.device, non_blocking=True) for i, x in enumerate(batch) if i != 2)
         if cached:
             z_in, z_tgt = (self.norm.normalize(z) for z in cached)
         else:
@@ -242,9 +242,12 @@ class Trainer:
         if training and self.args.style_weight > 0:  # the target of the batch's previous pair, for half of them
             source, present = z_tgt.roll(1, dims=0), self.draw_presence(z_tgt.shape[0])
             reference = source * present[:, None, None]  # all zeros: no reference
+        sections = self.model.sections(beats, z_in.shape[-1], self.frame_rate)
+        if sections is not None:
+            sections = sections.to(self.device, non_blocking=True)
         with self.amp:
             z_out, reg = (self.forward if training else self.model)(z_in, z_tgt, balance=balance,
-                                                                    style_reference=reference)
+                                                                    style_reference=reference, sections=sections)
         out, loss, terms = (self.compiled_decode_loss if training else self.decode_loss)(z_out, inp, tgt, balance)
         terms["recon_loss"] = loss.detach()
         if source is not None:  # examples without a reference add nothing
@@ -381,17 +384,19 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Validation over all ranks: the reconstruction loss (without the mask regularisation, as evaluate.py
-        reports it), what a listener hears (input share, distances to both songs) and the mask metrics."""
+        reports it), what a listener hears (input share, distances to both songs; in time, on the first
+        IN_TIME_PAIRS pairs of each rank) and the mask metrics."""
         self.ddp.eval()
         names = ("loss", "rms_in", "rms_tgt", "lsd_in_db", "lsd_tgt_db", "input_share", "temporal_variation",
                  "complementarity", "coverage", "balance")
         sums = [0.0] * len(names)
         count = 0
         mask_sum = mask_sq = None  # of the input masks, for their variability from pair to pair
+        timing = []
         for batch in self.val_loader:
             _, terms, (out, inp, tgt) = self.compute_loss(batch, training=False)
             m_in, m_tgt = self.model.last_masks
-            heard_now = heard(out, inp, tgt)
+            heard_now = distances_and_share(out, inp, tgt)
             metrics = mask_metrics(m_in, m_tgt)
             b = batch[0].shape[0]
             values = [float(terms["recon_loss"]), float(terms["rms_in"]), float(terms["rms_tgt"]),
@@ -400,6 +405,9 @@ class Trainer:
                       metrics["complementarity"], metrics["coverage"], metrics["balance"]]
             sums = [s + v * b for s, v in zip(sums, values, strict=True)]
             count += b
+            waves = [w[:, 0].float().cpu().numpy() for w in (out, inp, tgt)]
+            timing += [in_time(o, i, t, beats.numpy(), self.args.sample_rate)
+                       for o, i, t, beats in islice(zip(*waves, batch[2], strict=True), IN_TIME_PAIRS - len(timing))]
             m = m_in.float()
             mask_sum = m.sum(0) if mask_sum is None else mask_sum + m.sum(0)
             mask_sq = m.square().sum(0) if mask_sq is None else mask_sq + m.square().sum(0)
@@ -410,6 +418,10 @@ class Trainer:
             dist.all_reduce(moments)
         mean, mean_sq = moments / max(reduced[-1], 1.0)
         result["mask_variability"] = float((mean_sq - mean.square()).clamp_min(0).sqrt().mean())
+        totals = all_reduce_sum([v for k in IN_TIME_KEYS for v in finite_sum(r[k] for r in timing)], self.device)
+        for i, key in enumerate(IN_TIME_KEYS):  # the mean of the finite values of every rank
+            total, n = totals[2 * i : 2 * i + 2]
+            result[key] = total / n if n else math.nan
         return result
 
     # ---------------------------------------------------- checkpoints and logs
@@ -486,18 +498,23 @@ class Trainer:
             self.log(f"⚠️  training_curves.png not written: {err}")
 
     def example(self) -> None:
-        """Arrange the first validation pair and save the WAV and a picture of its masks in the log folder."""
-        from arrange import arrange_latents, plot_masks, save_wave
+        """Arrange the input of the first validation pair with the target of another (laid on its grid, as
+        arrange.py does) and save the WAV and a picture of its masks, with the beat grid, in the log folder."""
+        from arrange import arrange_song, plot_masks, prepare_songs, save_wave
 
-        inp, tgt = (x[None].to(self.device) for x in self.val_set[0])
+        (song, _, beats), other = self.val_set[0], self.val_set[len(self.val_set) // 2][1][0]
         self.model.eval()
-        with torch.no_grad():
-            out, masks, attention = arrange_latents(self.model, self.codec, self.norm, inp, tgt,
-                                                    keep_attention=self.model.use_creative_agent)
-        save_wave(os.path.join(self.log_dir, "arrangement_example.wav"), out[0, 0].cpu(), self.args.sample_rate)
-        plot_masks(os.path.join(self.log_dir, "masks_example.png"), masks, inp[0, 0].cpu(), tgt[0, 0].cpu(),
-                   out[0, 0].cpu(), self.args.sample_rate, self.codec.hop_length,
-                   attention[0].cpu() if attention is not None else None, title=self.args.run_name)
+        grid, other, _ = prepare_songs(song[0], other, self.args.sample_rate, song_beats=beats.numpy())
+        model, norm = self.model.cpu(), self.norm.cpu()
+        try:
+            out, masks, attention, sections = arrange_song(model, self.codec.cpu(), norm, song[0], other,
+                                                           self.segment_samples, song_grid=grid,
+                                                           keep_attention=self.model.use_creative_agent)
+        finally:
+            self.model.to(self.device), self.norm.to(self.device), self.codec.to(self.device)
+        save_wave(os.path.join(self.log_dir, "arrangement_example.wav"), out, self.args.sample_rate)
+        plot_masks(os.path.join(self.log_dir, "masks_example.png"), masks, song[0], other, out, self.args.sample_rate,
+                   self.codec.hop_length, attention, title=self.args.run_name, beats=grid.beats, sections=sections)
 
     # ---------------------------------------------------- the run
 
@@ -545,6 +562,7 @@ class Trainer:
                           coverage=val["coverage"], balance=val["balance"], input_share=val["input_share"],
                           temporal_variation=val["temporal_variation"], mask_variability=val["mask_variability"],
                           lsd_in_db=val["lsd_in_db"], lsd_tgt_db=val["lsd_tgt_db"],
+                          **{k: val[k] for k in IN_TIME_KEYS},
                           lr=self.scheduler.get_last_lr()[0], seconds=time.time() - start,
                           skipped_steps=train["skipped_steps"])
             record.update({k: train[k] for k in ("adv_gen_loss", "adv_disc_loss", "style_loss") if k in train})
@@ -558,9 +576,11 @@ class Trainer:
                 self.write_logs(record)
                 reg = f"{record['mask_reg_loss']:.4f}" if record["mask_reg_loss"] is not None else "n/a"
                 self.log(f"Epoch {self.epoch}: Loss={record['train_loss']:.4f}, Val={val['loss']:.4f}, "
-                         f"RMS_in={val['rms_in']:.4f}, RMS_tgt={val['rms_tgt']:.4f}, Mask reg={reg}, "
+                         f"rms_in={val['rms_in']:.4f}, rms_tgt={val['rms_tgt']:.4f}, Mask reg={reg}, "
                          f"Complementarity={val['complementarity']:.1f}%, Coverage={val['coverage']:.1f}%, "
-                         f"Input share={val['input_share']:.2f}, Temporal var={val['temporal_variation']:.2f}"
+                         f"Input share={val['input_share']:.2f}, Temporal var={val['temporal_variation']:.2f}, "
+                         f"Switches/s={val['switches_per_s']:.2f}, On beat={val['on_beat']:.0%} "
+                         f"(chance {val['on_beat_chance']:.0%})"
                          + (f", skipped {train['skipped_steps']} non-finite step(s)" if train["skipped_steps"] else ""))
         if self.main:
             self.example()
@@ -572,6 +592,12 @@ def compiled(fn, args):
     """`fn` as training runs it: compiled with --compile, and with CUDA graphs (mode reduce-overhead) with
     --cuda_graphs; bench.py times the same."""
     return torch.compile(fn, mode="reduce-overhead" if args.cuda_graphs else None) if args.compile else fn
+
+
+def finite_sum(values) -> tuple[float, int]:
+    """(sum, count) of the finite values."""
+    kept = [v for v in values if math.isfinite(v)]
+    return float(sum(kept)), len(kept)
 
 
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:

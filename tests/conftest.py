@@ -32,3 +32,18 @@ def tiny_args(tmp_path, dataset: str, *extra: str):
         "--dataset_folder", dataset, "--sample_rate", str(SR), "--codec_dim", "32", "--num_layers", "1",
         "--nhead", "2", "--batch_size", "4", "--num_epochs", "1", "--checkpoint_dir", str(tmp_path / "ckpt"),
         "--log_dir", str(tmp_path / "logs"), "--run_name", "run", "--device", "cpu", *extra])
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, pairs_dir):
+    """Three small trained checkpoints: creative agent, temporal masks, no masks."""
+    from train_simple_worker import run
+
+    paths = {}
+    for name, mode in (("agent", ["--use_creative_agent", "true"]), ("temporal", ["--mask_type", "temporal"]),
+                       ("none", ["--mask_type", "none"])):
+        tmp = tmp_path_factory.mktemp(name)
+        assert run(0, 1, 0, tiny_args(tmp, pairs_dir, *mode)) == 0
+        paths[name] = str(tmp / "ckpt" / "run" / "checkpoint_best.pt")
+        paths[name + "_logs"] = str(tmp / "logs" / "run")
+    return paths

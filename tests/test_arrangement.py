@@ -11,7 +11,8 @@ from conftest import SR, tiny_args
 from checkpoints import build_model
 from creative_agent import AttentionMaskGenerator, novelty
 from fixed_masks import make_fixed_masks
-from losses import farther_song_loss, input_share, lsd_per_example, mask_variability, temporal_variation
+from listening import input_share
+from losses import farther_song_loss, lsd_per_example, mask_variability, temporal_variation
 from make_pairs import synth_song
 from train_simple_ddp import parse_args
 from train_simple_worker import run

@@ -14,7 +14,8 @@ import arrange
 import evaluate
 from checkpoints import build_model, load_checkpoint, load_model_state
 from creative_agent import AttentionMaskGenerator, CreativeAgent, split_at
-from losses import lsd_per_example, reconstruction_loss, tone_distance_db
+from listening import tone_distance_db
+from losses import lsd_per_example, reconstruction_loss
 from make_pairs import synth_song
 from model_simple_transformer import SimpleTransformer, restyle, style_distance
 from train_simple_worker import Trainer, run

@@ -8,27 +8,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import SR, tiny_args
+from conftest import SR
 
 import arrange
 import evaluate
 import plot_training
-from train_simple_worker import run
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory, pairs_dir):
-    """Three small trained checkpoints: creative agent, temporal masks, no masks."""
-    paths = {}
-    for name, mode in (("agent", ["--use_creative_agent", "true"]), ("temporal", ["--mask_type", "temporal"]),
-                       ("none", ["--mask_type", "none"])):
-        tmp = tmp_path_factory.mktemp(name)
-        assert run(0, 1, 0, tiny_args(tmp, pairs_dir, *mode)) == 0
-        paths[name] = str(tmp / "ckpt" / "run" / "checkpoint_best.pt")
-        paths[name + "_logs"] = str(tmp / "logs" / "run")
-    return paths
 
 
 def is_png(path):

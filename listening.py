@@ -1,0 +1,137 @@
+"""What a listener hears, measured from the output audio of an arrangement (not from its masks, because mask area is
+not loudness), in one vocabulary for training's validation, evaluate.py, arrange.py and the plots:
+
+- input_share: the input's share of the arrangement (0 = only the target, 1 = only the input)
+- rms_in, rms_tgt: RMS of output - input, output - target
+- lsd_in_db, lsd_tgt_db, lsd_max_db: log-spectral distances to each song and to the farther one (dB)
+- in time (`in_time`): switches_per_s, section_s and section_in_beats (median section), on_beat (share of switches
+  within 70 ms of an input beat) beside on_beat_chance (what random times would get), loudness_jump_db (median
+  level change across a switch, 0.2 s either side) and tempo_ratio (output tempo / input tempo)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from beats import extend_grid, track_beats
+from losses import DB_PER_NEPER, lsd_of_magnitudes, magnitude, mel_filterbank
+
+ON_BEAT_SECONDS = 0.07  # a switch this close to a beat is on the beat
+JUMP_SECONDS = 0.2  # the level before and after a switch is measured over this long
+LABEL_SMOOTH_SECONDS = 0.09  # which song is heard is smoothed over this long (a majority of frames) before counting
+IN_TIME_KEYS = ("switches_per_s", "section_s", "section_in_beats", "on_beat", "on_beat_chance", "loudness_jump_db",
+                "tempo_ratio")
+
+
+@torch.no_grad()
+def input_share(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Tensor,
+                n_fft: int = 1024, hop: int = 256) -> torch.Tensor:
+    """The input's share of what is heard, per example [B]: 0 = only the target, 1 = only the input.
+
+    The output's magnitude spectrogram O is fitted by a * |input| + b * |target| with a, b >= 0 (non-negative least
+    squares over all time-frequency cells, solved in closed form for two sources); the share is a / (a + b).
+    Symmetric: swapping the songs gives 1 - share. Measured on the audio, so it counts loudness, not mask area.
+    """
+    o, a, b = magnitude(torch.cat([output, input_wave, target_wave]), n_fft, hop).chunk(3)
+    return share_of_magnitudes(o, a, b)
+
+
+def share_of_magnitudes(o: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """input_share from the magnitude spectrograms [B, F, frames] of output, input and target."""
+    o, a, b = (m.double().flatten(1) for m in (o, a, b))
+    aa, bb, ab = (a * a).sum(1), (b * b).sum(1), (a * b).sum(1)
+    ao, bo = (a * o).sum(1), (b * o).sum(1)
+    det = (aa * bb - ab * ab).clamp_min(1e-30)
+    wa, wb = (bb * ao - ab * bo) / det, (aa * bo - ab * ao) / det
+    only_b, only_a = wa < 0, wb < 0  # the unconstrained optimum leaves the quadrant: one source alone
+    wa = torch.where(only_b, torch.zeros_like(wa), torch.where(only_a, (ao / aa.clamp_min(1e-30)).clamp_min(0), wa))
+    wb = torch.where(only_a, torch.zeros_like(wb), torch.where(only_b, (bo / bb.clamp_min(1e-30)).clamp_min(0), wb))
+    return (wa / (wa + wb).clamp_min(1e-30)).float()
+
+
+@torch.no_grad()
+def distances_and_share(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Tensor,
+          n_fft: int = 1024, hop: int = 256) -> dict[str, torch.Tensor]:
+    """What a listener hears, per example [B], from one STFT of output, input and target: the log-spectral distances
+    (dB) to each song and to the farther one, and the input's share (see input_share)."""
+    o, a, b = magnitude(torch.cat([output, input_wave, target_wave]), n_fft, hop).chunk(3)
+    lsd_in, lsd_tgt = (lsd_of_magnitudes(o, ref).view(output.shape[0], -1).mean(-1) * DB_PER_NEPER for ref in (a, b))
+    return dict(lsd_in_db=lsd_in, lsd_tgt_db=lsd_tgt, lsd_max_db=torch.maximum(lsd_in, lsd_tgt),
+                input_share=share_of_magnitudes(o, a, b))
+
+
+@torch.no_grad()
+def tone_distance_db(wave: torch.Tensor, reference: torch.Tensor, sample_rate: int, n_fft: int = 2048,
+                     hop: int = 512, n_mels: int = 40) -> torch.Tensor:
+    """How different the spectral balance of two recordings [B, 1, S] and [B, 1, S'] is, per example [B] (dB): the
+    RMS over mel bands of the difference of their long-term average power per band. What is played when does not
+    count, only how loud each band is on average: the tone that a --style_reference asks an arrangement to take."""
+    fb = mel_filterbank(sample_rate, n_fft, n_mels, wave.device)
+    tone = [10 * torch.log10(magnitude(w, n_fft, hop).square().mean(dim=-1) @ fb.T + 1e-10) for w in (wave, reference)]
+    return (tone[0] - tone[1]).square().mean(dim=-1).sqrt()
+
+
+def source_labels(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, sample_rate: int,
+                  hop_seconds: float = 0.01) -> tuple[np.ndarray, float]:
+    """Which song is heard in each frame of `hop_seconds` (True: the input): the one whose log-mel frame is nearer
+    the output's, smoothed by a majority over LABEL_SMOOTH_SECONDS. Returns (labels, frame hop in seconds)."""
+    hop = max(1, int(round(hop_seconds * sample_rate)))
+    n_fft = 1 << int(math.ceil(math.log2(4 * hop)))
+    waves = torch.from_numpy(np.stack([output, input_wave, target_wave]).astype(np.float32))
+    mags = magnitude(waves, n_fft, hop)
+    mel = torch.log(mel_filterbank(sample_rate, n_fft, 40) @ mags + 1e-5)
+    near_input = ((mel[0] - mel[1]).abs().mean(0) < (mel[0] - mel[2]).abs().mean(0)).numpy().astype(np.float64)
+    k = max(1, int(round(LABEL_SMOOTH_SECONDS / (hop / sample_rate)))) | 1
+    smoothed = np.convolve(np.pad(near_input, k // 2, mode="edge"), np.ones(k) / k, mode="valid")
+    return smoothed > 0.5, hop / sample_rate
+
+
+def level_db(wave: np.ndarray) -> float:
+    return 10 * math.log10(float(np.mean(np.square(wave, dtype=np.float64))) + 1e-10) if len(wave) else math.nan
+
+
+@torch.no_grad()
+def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, beats: np.ndarray | None,
+            sample_rate: int, tempo: bool = True) -> dict[str, float]:
+    """What is heard in time, from the audio of one arrangement (mono arrays of one length) and the input's beat
+    times `beats` (s; None or empty: no grid, so the beat figures are NaN): see the module's docstring. `tempo`:
+    also track the output's beats for tempo_ratio (the slowest part)."""
+    labels, hop_s = source_labels(output, input_wave, target_wave, sample_rate)
+    seconds = len(output) / sample_rate
+    switches = (np.flatnonzero(labels[1:] != labels[:-1]) + 0.5) * hop_s
+    edges = np.concatenate([[0.0], switches, [seconds]])
+    runs = np.diff(edges)
+    inner = runs[1:-1] if len(runs) > 2 else runs
+    beats = np.asarray([] if beats is None else beats, dtype=np.float64)
+    beats = beats[np.isfinite(beats)]
+    result = dict(switches_per_s=len(switches) / seconds, section_s=float(np.median(inner)))
+    nan = dict(section_in_beats=math.nan, on_beat=math.nan, on_beat_chance=math.nan, tempo_ratio=math.nan)
+    if len(beats) >= 2:
+        grid = extend_grid(beats, seconds)
+        period = float(np.median(np.diff(beats)))
+        near = lambda t: np.abs(t[:, None] - grid[None]).min(axis=1) <= ON_BEAT_SECONDS  # noqa: E731
+        times = np.arange(0.0, seconds, 0.001)
+        nan.update(section_in_beats=result["section_s"] / period,
+                   on_beat=float(near(switches).mean()) if len(switches) else math.nan,
+                   on_beat_chance=float(near(times).mean()))
+        if tempo:
+            out_tempo = track_beats(np.asarray(output, dtype=np.float32), sample_rate)[0]
+            in_tempo = 60.0 / period
+            nan["tempo_ratio"] = out_tempo / in_tempo if out_tempo else math.nan
+    result.update(nan)
+    w = int(JUMP_SECONDS * sample_rate)
+    jumps = [abs(level_db(output[max(0, i - w) : i]) - level_db(output[i : i + w]))
+             for i in (int(t * sample_rate) for t in switches)]
+    result["loudness_jump_db"] = float(np.median(jumps)) if jumps else math.nan
+    return result
+
+
+def mean_in_time(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each in-time figure over arrangements, NaN ones left out (NaN where all are)."""
+    out = {}
+    for key in IN_TIME_KEYS:
+        values = [r[key] for r in rows if math.isfinite(r[key])]
+        out[key] = float(np.mean(values)) if values else math.nan
+    return out
