@@ -171,7 +171,8 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
             w = rise * fall
             out[begin : begin + window] += w * y[j, 0].float().cpu()
             weight[begin : begin + window] += w
-            f0, f1 = kept // hop, min(-(-end // hop), sections.shape[0])
+            f0 = kept // hop
+            f1 = sections.shape[0] if end == length else min(-(-end // hop), sections.shape[0])
             for k, m in enumerate((m_in, m_tgt)):
                 masks[k][:, f0:f1] = m[j, :, f0 - begin // hop : f1 - begin // hop].float().cpu()
     out = peak_limit(out[:length] / weight[:length].clamp_min(1e-8))

@@ -141,7 +141,8 @@ def test_default_agent_arranges_both_songs(tmp_path, pairs_dir, capsys):
     assert 0.1 <= last["input_share"] <= 0.9
     assert 0.67 < last["lsd_in_db"] / last["lsd_tgt_db"] < 1.5
     assert last["temporal_variation"] >= 0.15 and last["mask_variability"] > 0.05
-    assert last["complementarity"] == pytest.approx(100.0) and last["coverage"] == pytest.approx(100.0)
+    # decided sections; only the few frames of each switch's cross-fade are shared (their product is at most 0.25)
+    assert last["complementarity"] >= 97.0 and last["coverage"] == pytest.approx(100.0)
     for key in ("lsd_in_db", "lsd_tgt_db"):
         assert last[key] > 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Epoch 3:")][0]

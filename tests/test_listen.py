@@ -55,31 +55,35 @@ def test_arrange_hard_masks_are_complementary(checkpoints):
 
     model, codec, norm = model_from_checkpoint(load_checkpoint(checkpoints["agent"]))
     x, y = torch.randn(3 * SR) * 0.1, torch.randn(SR) * 0.1
-    _, (m_in, m_tgt), _ = arrange.arrange_song(model, codec, norm, x, y, 4000, hard=True)
+    _, (m_in, m_tgt), _, _ = arrange.arrange_song(model, codec, norm, x, y, 4000, hard=True)
     torch.testing.assert_close(m_in + m_tgt, torch.ones_like(m_in))
 
 
 def test_no_seam_at_window_boundaries(checkpoints):
-    """The output's sample-to-sample jump at window boundaries is no larger than elsewhere."""
+    """The output's sample-to-sample jump where two windows meet is no larger than elsewhere."""
     from checkpoints import load_checkpoint, model_from_checkpoint
 
     model, codec, norm = model_from_checkpoint(load_checkpoint(checkpoints["temporal"]))
     t = torch.arange(6 * SR) / SR
     x = 0.3 * torch.sin(2 * torch.pi * 200 * t)
     y = 0.3 * torch.sin(2 * torch.pi * 300 * t)
-    out, _, _ = arrange.arrange_song(model, codec, norm, x, y, 4000)
+    out, _, _, sections = arrange.arrange_song(model, codec, norm, x, y, 4000)
     jumps = (out[1:] - out[:-1]).abs()
-    window, overlap = 4000, 4000 // 4 // codec.hop_length * codec.hop_length
-    starts = arrange.window_starts(len(x), window, window - overlap)
-    edges = [s + k for s in starts[1:] for k in range(-2, overlap + 2)] + [s + window for s in starts[:-1]]
+    plan = arrange.plan_windows(sections, codec.hop_length, len(x), 4000, 1000)
+    assert len(plan) > 2 and [kept for _, kept, _ in plan[1:]] == [end for _, _, end in plan[:-1]]  # they tile
     near_edge = torch.zeros(len(jumps), dtype=torch.bool)
-    near_edge[[e for e in edges if 0 <= e < len(jumps)]] = True
+    for _, kept, _ in plan[1:]:
+        near_edge[kept - 300 : kept + 300] = True
     assert jumps[near_edge].max() <= 1.05 * jumps[~near_edge].max()
 
 
-def test_crossfade_weights_sum_to_one():
-    w = arrange.crossfade_weights(100, 20)
-    torch.testing.assert_close(w[-20:] + w[:20], torch.ones(20))
+def test_windows_tile_the_song_on_section_starts():
+    sections = torch.arange(1000) // 37  # sections of 37 frames
+    plan = arrange.plan_windows(sections, 8, 8000, 2000, 240)
+    assert plan[0][1] == 0 and plan[-1][2] == 8000
+    for begin, kept, end in plan:
+        assert begin <= kept - 240 or begin == 0
+        assert end <= begin + 2000 and (end == 8000 or end % (37 * 8) == 0)  # cut only where a section starts
 
 
 @pytest.mark.parametrize("problem", ["missing", "unreadable", "silent", "foreign"])
@@ -112,18 +116,18 @@ def test_evaluate_writes_report_table_audio_and_plots(tmp_path, checkpoints, pai
     with open(out / "metrics.csv") as f:
         rows = {r["approach"]: r for r in csv.DictReader(f)}
     assert list(rows) == ["agent", "temporal", "none"]
-    for key in ("val_loss", "complementarity", "coverage", "balance", "lsd_input_db", "lsd_target_db",
+    for key in ("val_loss", "complementarity", "coverage", "balance", "lsd_in_db", "lsd_tgt_db",
                 "lsd_max_db", "input_share", "rms_ratio", "temporal_variation", "mask_variability",
                 "seconds_per_audio_minute"):
         assert all(np.isfinite(float(r[key])) for r in rows.values())
-    assert float(rows["temporal"]["complementarity"]) == pytest.approx(100.0)
+    assert float(rows["temporal"]["complementarity"]) >= 95.0  # decided, but for each switch's few frames of fade
     assert float(rows["none"]["complementarity"]) == pytest.approx(0.0)
     assert float(rows["temporal"]["mask_variability"]) == pytest.approx(0.0, abs=1e-6)
     assert float(rows["temporal"]["temporal_variation"]) == pytest.approx(0.5, abs=0.02)
     assert float(rows["none"]["temporal_variation"]) == pytest.approx(0.0)
     for r in rows.values():
         assert 0 <= float(r["input_share"]) <= 1
-        assert float(r["lsd_max_db"]) == pytest.approx(max(float(r["lsd_input_db"]), float(r["lsd_target_db"])),
+        assert float(r["lsd_max_db"]) == pytest.approx(max(float(r["lsd_in_db"]), float(r["lsd_tgt_db"])),
                                                        rel=0.5)
     report = (out / "report.md").read_text()
     assert "scores best" in report and "| agent |" in report
