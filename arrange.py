@@ -98,14 +98,14 @@ def loop_to_length(song: torch.Tensor, length: int) -> torch.Tensor:
     return song.repeat(-(-length // song.shape[0]))[:length]
 
 
-def song_sections(model, song_grid: Grid | None, num_samples: int, hop: int, sample_rate: int) -> torch.Tensor:
+def song_sections(model, song_grid: Grid | None, num_samples: int, codec) -> torch.Tensor:
     """Each latent frame's section [frames] over the whole song: sections of the model's `section_beats` beats of
     the input's grid, or fixed blocks of frames (a model that decides in blocks, or a song without a pulse)."""
     generator = model.creative_agent.mask_generator if model.use_creative_agent else None
     block = (generator.block_frames if generator is not None else model.temporal_segment_frames) or 32
     beats = song_grid.beats if song_grid is not None and model.section_beats > 0 else None
-    frames = -(-num_samples // hop) + 1
-    return section_ids(beats, frames, sample_rate / hop, model.section_beats, block)
+    frame_rate = codec.sample_rate / codec.hop_length
+    return section_ids(beats, codec.num_frames(num_samples), frame_rate, model.section_beats, block)
 
 
 def plan_windows(sections: torch.Tensor, hop: int, length: int, window: int, margin: int) -> list[tuple[int, int, int]]:
@@ -146,7 +146,7 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
     """
     length, hop = song.shape[0], codec.hop_length
     other = loop_to_length(other, length)
-    sections = song_sections(model, song_grid, length, hop, codec.sample_rate)
+    sections = song_sections(model, song_grid, length, codec)
     fade = max(hop, int(SWITCH_FADE_SECONDS * codec.sample_rate))
     plan = plan_windows(sections, hop, length, window, margin=max(2 * fade, window // 8) // hop * hop)
     pad = lambda x: torch.nn.functional.pad(x, (0, window + 2 * fade))  # noqa: E731  windows past the end: silence
@@ -173,11 +173,11 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
             weight[begin : begin + window] += w
             f0 = kept // hop
             f1 = sections.shape[0] if end == length else min(-(-end // hop), sections.shape[0])
+            f1 = min(f1, f0 + m_in.shape[-1] - (f0 - begin // hop))
             for k, m in enumerate((m_in, m_tgt)):
                 masks[k][:, f0:f1] = m[j, :, f0 - begin // hop : f1 - begin // hop].float().cpu()
     out = peak_limit(out[:length] / weight[:length].clamp_min(1e-8))
-    used = codec.num_frames(length)
-    return out, (masks[0][:, :used], masks[1][:, :used]), attention, sections[:used]
+    return out, tuple(masks), attention, sections
 
 
 def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torch.Tensor, sample_rate: int,
@@ -289,7 +289,8 @@ def summary_line(path: str, out: torch.Tensor, song: torch.Tensor, other: torch.
              f"{t['on_beat_chance']:.0%}), tempo \u00d7{t['tempo_ratio']:.2f}" if grid.has_pulse else " (no beat grid)")
     return (f"{path}: {len(out) / sample_rate:.1f} s at {sample_rate} Hz | input share {share:.2f}{asked} | "
             f"{t['switches_per_s']:.2f} switches/s, median section {t['section_s']:.2f} s{beats}, loudness jump "
-            f"{t['loudness_jump_db']:.1f} dB | temporal variation {temporal_variation(masks[0][None]).item():.2f}, "
+            f"{t['loudness_jump_db']:.1f} dB (the input alone {t['input_jump_db']:.1f} dB) | temporal variation "
+            f"{temporal_variation(masks[0][None]).item():.2f}, "
             f"complementarity {metrics['complementarity']:.1f}%, coverage {metrics['coverage']:.1f}%, "
             f"balance {metrics['balance']:.2f}")
 

@@ -43,6 +43,7 @@ METRICS = (
     ("on_beat", "max", "share of switches within 70 ms of an input beat"),
     ("on_beat_chance", "min", "the share random switch times would get (for scale)"),
     ("loudness_jump_db", "min", "median level change across a switch, 0.2 s either side (dB)"),
+    ("input_jump_db", "min", "the input's own level change at the same times (dB; for scale)"),
     ("tempo_ratio", 1.0, "tempo of the output / tempo of the input"),
     ("temporal_variation", "max", "how much the input mask changes over time (0: static, 0.5: even alternation)"),
     ("mask_variability", "max", "how much the masks differ from pair to pair (0: one pattern for all)"),
@@ -218,7 +219,7 @@ def plot_comparison(path: str, rows: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 7, figsize=(20, 9), constrained_layout=True)
+    fig, axes = plt.subplots(-(-len(METRICS) // 7), 7, figsize=(20, 9), constrained_layout=True)
     for ax, (key, _, _) in zip(axes.flat, METRICS, strict=False):
         ax.bar(list(rows), [rows[n][key] for n in rows], color=[f"C{i}" for i in range(len(rows))])
         ax.set_title(key, fontsize=9)

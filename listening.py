@@ -6,7 +6,8 @@ not loudness), in one vocabulary for training's validation, evaluate.py, arrange
 - lsd_in_db, lsd_tgt_db, lsd_max_db: log-spectral distances to each song and to the farther one (dB)
 - in time (`in_time`): switches_per_s, section_s and section_in_beats (median section), on_beat (share of switches
   within 70 ms of an input beat) beside on_beat_chance (what random times would get), loudness_jump_db (median
-  level change across a switch, 0.2 s either side) and tempo_ratio (output tempo / input tempo)
+  level change across a switch, 0.2 s either side) beside input_jump_db (the input's own level change at the same
+  times: on a beat a song gets louder by itself) and tempo_ratio (output tempo / input tempo)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ ON_BEAT_SECONDS = 0.07  # a switch this close to a beat is on the beat
 JUMP_SECONDS = 0.2  # the level before and after a switch is measured over this long
 LABEL_SMOOTH_SECONDS = 0.09  # which song is heard is smoothed over this long (a majority of frames) before counting
 IN_TIME_KEYS = ("switches_per_s", "section_s", "section_in_beats", "on_beat", "on_beat_chance", "loudness_jump_db",
-                "tempo_ratio")
+                "input_jump_db", "tempo_ratio")
 
 
 @torch.no_grad()
@@ -124,7 +125,10 @@ def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray,
     w = int(JUMP_SECONDS * sample_rate)
     jumps = [abs(level_db(output[max(0, i - w) : i]) - level_db(output[i : i + w]))
              for i in (int(t * sample_rate) for t in switches)]
+    own = [abs(level_db(input_wave[max(0, i - w) : i]) - level_db(input_wave[i : i + w]))
+           for i in (int(t * sample_rate) for t in switches)]
     result["loudness_jump_db"] = float(np.median(jumps)) if jumps else math.nan
+    result["input_jump_db"] = float(np.median(own)) if own else math.nan
     return result
 
 

@@ -27,8 +27,9 @@ def test_demo_pairs(tmp_path):
     out = tmp_path / "demo"
     assert make_pairs_main(["--demo", "--out", str(out)]) == 0
     rows = read_manifest(out)
-    train = sorted(os.listdir(out / "train"))
+    train = sorted(f for f in os.listdir(out / "train") if f.endswith(".wav"))
     assert len(train) == 2 * sum(r["split"] == "train" for r in rows) and len(os.listdir(out / "val")) > 0
+    assert os.path.isfile(out / "train" / "beats.json") and all(float(r["tempo_bpm"]) > 0 for r in rows)
     info = sf.info(str(out / "train" / train[0]))
     assert info.samplerate == 24000 and info.frames == 48000
     assert not {r["song"] for r in rows if r["split"] == "train"} & {r["song"] for r in rows if r["split"] == "val"}
@@ -75,7 +76,7 @@ def test_pairs_from_folder(tmp_path, capsys):
 def test_matched_and_shuffled_targets(pairs_dir):
     folder = os.path.join(pairs_dir, "train")
     matched = WavPairsDataset(folder, SR, 4000)
-    inp, tgt = matched[2]
+    inp, tgt, _ = matched[2]
     assert inp.shape == tgt.shape == (1, 4000)
     expected, _ = sf.read(matched.pairs[2][1], dtype="float32")
     np.testing.assert_allclose(tgt[0].numpy(), expected)
