@@ -275,16 +275,24 @@ def loop_to(audio: np.ndarray, length: int) -> np.ndarray:
 
 
 def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_grid: Grid | None = None,
-          input_grid: Grid | None = None, match_key: bool = True, ride: bool = True) -> tuple[np.ndarray, Alignment]:
+          input_grid: Grid | None = None, match_key: bool = True, ride: bool = True,
+          tolerant: bool = False) -> tuple[np.ndarray, Alignment]:
     """The target laid on the input's grid, as it enters the arrangement: stretched to the input's tempo with its
     beats on the input's beats, shifted to the input's key (`match_key`), brought to the input's loudness and,
     with `ride`, to its level window by window; looped or cut to the input's length. Where either song has no
-    beat grid the tempo is left alone, with a note. AlignmentError for tempos too far apart."""
+    beat grid the tempo is left alone, with a note. AlignmentError for tempos too far apart, unless `tolerant`
+    (training pairs): then the tempo is left alone, with a note."""
     input_grid = input_grid or analyse(input_song, sample_rate)
     target_grid = target_grid or analyse(target, sample_rate)
     notes = [f"{name}: {g.note}" for name, g in (("input", input_grid), ("target", target_grid)) if g.note]
     pulse = input_grid.has_pulse and target_grid.has_pulse
-    ratio = tempo_ratio(input_grid.tempo, target_grid.tempo) if pulse else 1.0
+    try:
+        ratio = tempo_ratio(input_grid.tempo, target_grid.tempo) if pulse else 1.0
+    except AlignmentError as err:
+        if not tolerant:
+            raise
+        pulse, ratio = False, 1.0
+        notes.append(f"tempo left alone: {err}")
     semitones = key_shift(input_grid, target_grid) if match_key else 0
     out = stretch(np.asarray(target, dtype=np.float32), sample_rate, ratio, semitones)
     if pulse:  # start the stretched target where its beats fall on the input's

@@ -5,7 +5,7 @@
 
 Each song is cut into consecutive segments; pair k holds segment k (input) and segment k+1 (output, the
 continuation in the same song). Songs are split between train and val, so no song is in both. The beats are tracked
-on each whole song (beats.py) and every input segment's beat times are kept in SPLIT/beats.json.
+on each whole song (beats.py); each pair's beat times, with its song's tempo and key, are kept in SPLIT/beats.json.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from beats import track_beats
-from pairs_dataset import BEATS_FILE, SILENCE_DB, path_problem, silence_problem
+from beats import estimate_key, track_beats
+from pairs_dataset import BEATS_FILE, SILENCE_DB, pair_grid, path_problem, silence_problem
 
 DEMO = dict(songs=8, seconds=16.0, segment_seconds=2.0, val_fraction=0.25)
 
@@ -114,7 +114,7 @@ class Summary:
     skipped: Counter = field(default_factory=Counter)
     bad_files: list = field(default_factory=list)
     no_pulse: list = field(default_factory=list)
-    beats: dict = field(default_factory=lambda: {"train": {}, "val": {}})  # split -> pair -> input's beat times
+    beats: dict = field(default_factory=lambda: {"train": {}, "val": {}})  # split -> pair -> its grid (beats.json)
 
     def report(self) -> str:
         lines = [f"songs read: {self.songs_read}",
@@ -143,6 +143,7 @@ def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment
         summary.skipped["songs too short for one pair"] += 1
         return
     tempo, beats, note = track_beats(audio, sample_rate)
+    key, minor, _ = estimate_key(audio, sample_rate)
     if note:
         summary.no_pulse.append((song, note))
     pieces = [audio[k * segment : (k + 1) * segment] for k in range(n_segments)]
@@ -156,8 +157,7 @@ def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment
             sf.write(os.path.join(out, split, f"pair_{index:04d}_{role}.wav"), np.clip(piece, -1, 1), sample_rate,
                      subtype="PCM_16")
         start, end = k * segment / sample_rate, (k + 1) * segment / sample_rate
-        inside = beats[(beats >= start) & (beats < end)] - start
-        summary.beats[split][f"pair_{index:04d}"] = [round(float(t), 4) for t in inside]
+        summary.beats[split][f"pair_{index:04d}"] = pair_grid(beats, start, end, 2 * end - start, tempo, key, minor)
         rows.append(dict(split=split, pair=f"pair_{index:04d}", song=song, input_offset_s=start,
                          output_offset_s=end, tempo_bpm=round(tempo, 2)))
         summary.pairs[split] += 1

@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from beats import padded_beats, track_beats
+from beats import Grid, align, estimate_key, loudness_lufs, padded_beats, track_beats
 
-BEATS_FILE = "beats.json"  # in each split folder: pair name -> beat times (s) of its input segment
+BEATS_FILE = "beats.json"  # in each split folder: pair name -> its grid (see pair_grid)
 SILENCE_DB = -60.0  # RMS level (dBFS) below which a song or segment is silent: the usual silence-detection level
 
 
@@ -111,19 +111,33 @@ def pair_name(input_path: str) -> str:
     return os.path.basename(input_path)[: -len("_input.wav")]
 
 
+def pair_grid(beats: np.ndarray, start: float, middle: float, end: float, tempo: float, key: int,
+              minor: bool) -> dict:
+    """A pair's entry in beats.json: the beat times (s) of its input (start..middle) and output (middle..end)
+    segments, each from its own start, and the tempo (BPM, 0 without a pulse) and key of its song."""
+    def inside(a: float, b: float) -> list[float]:
+        return [round(float(t) - a, 4) for t in beats if a <= t < b]
+
+    return dict(input=inside(start, middle), output=inside(middle, end), tempo=round(float(tempo), 3), key=int(key),
+                minor=bool(minor))
+
+
 def load_beat_grids(folder: str, pairs: list[tuple[str, str]], sample_rate: int, progress: bool = False) -> dict:
-    """Pair name -> beat times (s) of its input segment, from FOLDER/beats.json (written by make_pairs.py, which
-    tracks the beats on the whole song). Pairs it lacks (folders made before it) are tracked on the segment alone,
-    once: the file is completed and kept. An empty list: no usable pulse (the pair's sections are fixed blocks)."""
+    """Pair name -> its grid (pair_grid), from FOLDER/beats.json, which make_pairs.py writes after tracking the
+    beats of every whole song. Pairs it lacks (folders made before it) are analysed once, on their two segments
+    joined, and the file is completed and kept. Empty beats: no usable pulse (sections are fixed blocks)."""
     path = os.path.join(folder, BEATS_FILE)
     grids = {}
     if os.path.isfile(path):
         with open(path) as f:
             grids = json.load(f)
-    missing = [inp for inp, _ in pairs if pair_name(inp) not in grids]
-    for inp in tqdm(missing, desc=f"beat grids of {folder}", unit="pair", disable=not progress, leave=False):
-        audio, _ = sf.read(inp, dtype="float32", always_2d=True)
-        grids[pair_name(inp)] = [round(float(t), 4) for t in track_beats(audio.mean(axis=1), sample_rate)[1]]
+    missing = [pair for pair in pairs if pair_name(pair[0]) not in grids]
+    for inp, out in tqdm(missing, desc=f"beat grids of {folder}", unit="pair", disable=not progress, leave=False):
+        audio = np.concatenate([sf.read(p, dtype="float32", always_2d=True)[0].mean(axis=1) for p in (inp, out)])
+        tempo, beats, _ = track_beats(audio, sample_rate)
+        seconds = len(audio) / sample_rate
+        key, minor, _ = estimate_key(audio, sample_rate)
+        grids[pair_name(inp)] = pair_grid(beats, 0.0, seconds / 2, seconds, tempo, key, minor)
     if missing:
         try:
             tmp = f"{path}.tmp{os.getpid()}"
@@ -158,25 +172,27 @@ class WavPairsDataset(Dataset):
     Every file is checked when the dataset is built (or `scan`, the result of `scan_pairs` made elsewhere, is
     used); bad files raise BadDataError listing all of them, or are dropped (with their pair) when
     `skip_bad_files`. `shuffle_targets` pairs each input with another pair's target, drawn afresh each epoch
-    (`set_epoch`) but reproducibly from `seed`.
+    (`set_epoch`) but reproducibly from `seed`; `align_targets` lays that target on the input's grid first (tempo,
+    beats, key, loudness: beats.align, as arrange.py does with two songs).
     """
 
     def __init__(self, folder: str, sample_rate: int, segment_samples: int, shuffle_targets: bool = False,
                  seed: int = 0, skip_bad_files: bool = False, progress: bool = False, scan=None,
-                 silence_db: float = SILENCE_DB):
+                 silence_db: float = SILENCE_DB, align_targets: bool = False):
         if problem := path_problem(folder, "folder"):
             raise FileNotFoundError(f"pairs folder {folder}: {problem}")
         self.folder, self.sample_rate, self.segment_samples = folder, sample_rate, segment_samples
         self.shuffle_targets, self.seed, self.epoch = shuffle_targets, seed, 0
+        self.align_targets = align_targets
         good, problems = scan if scan is not None else scan_pairs(folder, sample_rate, segment_samples, progress,
                                                                   silence_db)
         self.problems = problems
         if problems and not skip_bad_files:
             raise BadDataError(problems)
         self.pairs = good
-        grids = load_beat_grids(folder, good, sample_rate, progress)
+        self.grids = [load_beat_grids(folder, good, sample_rate, progress)[pair_name(inp)] for inp, _ in good]
         seconds = segment_samples / sample_rate
-        self.beats = [padded_beats(grids[pair_name(inp)], seconds) for inp, _ in good]
+        self.beats = [padded_beats(g["input"], seconds) for g in self.grids]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -195,9 +211,20 @@ class WavPairsDataset(Dataset):
         other = int(rng.integers(0, len(self.pairs) - 1))
         return other + (other >= index)  # any pair but this one
 
+    def grid(self, index: int, role: str, audio: torch.Tensor) -> Grid:
+        """The grid of pair `index`'s input or output segment: its beats, its song's tempo and key, its loudness."""
+        g = self.grids[index]
+        return Grid(g["tempo"] if len(g[role]) >= 2 else 0.0, np.asarray(g[role]), g["key"], g["minor"],
+                    loudness_lufs(audio[0].numpy(), self.sample_rate))
+
     def __getitem__(self, index: int):
-        return (self.read(self.pairs[index][0]), self.read(self.pairs[self.target_index(index)][1]),
-                self.beats[index])
+        other = self.target_index(index)
+        inp, tgt = self.read(self.pairs[index][0]), self.read(self.pairs[other][1])
+        if self.align_targets and other != index:
+            aligned, _ = align(tgt[0].numpy(), inp[0].numpy(), self.sample_rate, self.grid(other, "output", tgt),
+                               self.grid(index, "input", inp), tolerant=True)
+            tgt = torch.from_numpy(aligned)[None]
+        return inp, tgt, self.beats[index]
 
 
 def build_loader(dataset: Dataset, batch_size: int, world_size: int, rank: int, shuffle: bool, seed: int,

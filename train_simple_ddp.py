@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dataset_folder", default="dataset_wav_pairs", help="pairs folder with train/ and val/")
     g.add_argument("--shuffle_targets", type=str2bool, default=False,
                    help="pair each training input with a random other target (default false: continuations)")
+    g.add_argument("--align_targets", type=str2bool, default=False,
+                   help="with --shuffle_targets: lay each drawn target on its input's grid first (tempo, beats, key, "
+                        "loudness), as arrange.py lays two songs (default false; not with --cache_latents)")
     g.add_argument("--segment_seconds", type=float, default=None, help="segment length (default: the files' length)")
     g.add_argument("--sample_rate", type=int, default=24000, help="sample rate of the pairs and codec (24000)")
     g.add_argument("--num_workers", type=int, default=None,
@@ -150,6 +153,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.segment_samples = round(args.segment_seconds * args.sample_rate) if args.segment_seconds else None
     args.cache_latents = args.cache_latents or args.prepare_only
     args.compile = args.compile or args.cuda_graphs
+    if args.align_targets and args.cache_latents:
+        p.error("--align_targets changes the targets every epoch, so their latents cannot be cached: drop "
+                "--cache_latents (or --prepare_only)")
     return args
 
 

@@ -55,6 +55,7 @@ from pairs_dataset import (
     WavPairsDataset,
     build_loader,
     infer_segment_samples,
+    load_beat_grids,
     path_problem,
     scan_pairs,
 )
@@ -140,7 +141,10 @@ class Trainer:
         problems = []
         datasets = {}
         for split, folder, shuffle in (("train", train_dir, a.shuffle_targets), ("val", val_dir, False)):
+            common["align_targets"] = shuffle and a.align_targets
             scan = [scan_pairs(folder, a.sample_rate, segment, True, a.silence_db) if self.main else None]
+            if self.main:  # a folder from before beats.json gets its grids once, before any other rank reads them
+                load_beat_grids(folder, scan[0][0], a.sample_rate, True)
             if dist.is_initialized():  # rank 0 reads every file once; the others take its verdict
                 dist.broadcast_object_list(scan, src=0)
             try:

@@ -102,7 +102,7 @@ def test_latent_cache_hit_and_misses(tmp_path, pairs_dir):
     path = CachedLatents.path_for(dataset, codec.settings)
     assert CachedLatents.build(dataset, codec, path, "cpu", progress=False)  # miss: encodes
     cached = CachedLatents(dataset, path)
-    inp, tgt, z_in, z_tgt = cached[1]
+    inp, tgt, _, z_in, z_tgt = cached[1]
     torch.testing.assert_close(z_in, codec.encode(inp[None])[0])
     torch.testing.assert_close(z_tgt, codec.encode(tgt[None])[0])
     again = WavPairsDataset(str(folder), SR, 4000)
@@ -127,7 +127,7 @@ def test_shuffled_targets_use_the_matching_cached_latent(tmp_path, pairs_dir):
     dataset = WavPairsDataset(os.path.join(pairs_dir, "train"), SR, 4000, shuffle_targets=True)
     path = str(tmp_path / "cache.npy")
     CachedLatents.build(dataset, codec, path, "cpu", progress=False)
-    _, tgt, _, z_tgt = CachedLatents(dataset, path)[0]
+    _, tgt, _, _, z_tgt = CachedLatents(dataset, path)[0]
     torch.testing.assert_close(z_tgt, codec.encode(tgt[None])[0])
 
 
