@@ -177,13 +177,16 @@ def test_tempos_too_far_apart_exit_2_with_a_clear_message(tmp_path, checkpoints,
     assert code == 2 and "too far apart" in capsys.readouterr().err
 
 
-def test_make_pairs_keeps_every_input_segments_beats(pairs_dir):
+def test_make_pairs_keeps_every_pairs_beats_tempo_and_key(pairs_dir):
     with open(os.path.join(pairs_dir, "train", "beats.json")) as f:
         grids = json.load(f)
     pairs = [n[: -len("_input.wav")] for n in os.listdir(os.path.join(pairs_dir, "train")) if n.endswith("_input.wav")]
     assert sorted(grids) == sorted(pairs)
-    assert all(0 <= t < 0.5 for times in grids.values() for t in times)
-    assert sum(len(times) for times in grids.values()) > 0
+    for grid in grids.values():
+        assert all(0 <= t < 0.5 for role in ("input", "output") for t in grid[role])  # from each segment's start
+        assert 0 <= grid["key"] < 12 and isinstance(grid["minor"], bool)
+        assert grid["tempo"] > 0 or not grid["input"] + grid["output"]  # no pulse: no beats (fixed blocks)
+    assert any(g["tempo"] and g["input"] for g in grids.values())
 
 
 def test_a_pairs_folder_from_before_gets_its_grids_once(tmp_path, pairs_dir):

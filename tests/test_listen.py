@@ -123,7 +123,7 @@ def test_evaluate_writes_report_table_audio_and_plots(tmp_path, checkpoints, pai
     assert float(rows["temporal"]["complementarity"]) >= 95.0  # decided, but for each switch's few frames of fade
     assert float(rows["none"]["complementarity"]) == pytest.approx(0.0)
     assert float(rows["temporal"]["mask_variability"]) == pytest.approx(0.0, abs=1e-6)
-    assert float(rows["temporal"]["temporal_variation"]) == pytest.approx(0.5, abs=0.02)
+    assert float(rows["temporal"]["temporal_variation"]) == pytest.approx(0.5, abs=0.05)  # less the fades' ramps
     assert float(rows["none"]["temporal_variation"]) == pytest.approx(0.0)
     for r in rows.values():
         assert 0 <= float(r["input_share"]) <= 1
