@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 MIN_BEATS = 4  # fewer tracked beats than this is no usable pulse
+SNAP_SECONDS = 0.05  # a beat moves to an attack's start at most this far
 MIN_PULSE = 0.1  # the onset envelope's autocorrelation at the beat period below which a "pulse" is noise
 MAX_STRETCH = 2.0  # tempos further apart than this after folding octave errors are not stretched
 SWITCH_FADE_SECONDS = 0.025  # a switch between the songs is a cross-fade of this length, not a cut (no click)
@@ -53,21 +54,29 @@ class Grid:
 # ---------------------------------------------------------------- analysis
 
 def track_beats(audio: np.ndarray, sample_rate: int) -> tuple[float, np.ndarray, str]:
-    """(tempo BPM, beat times s, note): librosa's dynamic-programming beat tracker (Ellis 2007), checked for a
-    real pulse: the onset envelope must repeat at the beat period. Without one: (0.0, [], why)."""
+    """(tempo BPM, beat times s, note): librosa's dynamic-programming beat tracker (Ellis 2007) on 10 ms frames,
+    each beat moved to the start of its attack (the backtracked onset within SNAP_SECONDS), where a switch between
+    songs belongs; checked for a real pulse: the onset envelope must repeat at the beat period. Without one:
+    (0.0, [], why)."""
     import librosa
 
     seconds = len(audio) / sample_rate
     if seconds < 1.0:
         return 0.0, np.zeros(0), f"no beat grid: {seconds:.2f} s is too short to track beats"
-    envelope = librosa.onset.onset_strength(y=audio, sr=sample_rate)
-    tempo, beats = librosa.beat.beat_track(onset_envelope=envelope, sr=sample_rate, units="time")
+    hop = max(32, int(round(0.01 * sample_rate)))
+    envelope = librosa.onset.onset_strength(y=audio, sr=sample_rate, hop_length=hop)
+    _, beats = librosa.beat.beat_track(onset_envelope=envelope, sr=sample_rate, hop_length=hop, units="time")
     if len(beats) < MIN_BEATS:
         return 0.0, np.zeros(0), f"no beat grid: fewer than {MIN_BEATS} beats found in {seconds:.1f} s"
+    onsets = librosa.onset.onset_detect(onset_envelope=envelope, sr=sample_rate, hop_length=hop, units="time",
+                                        backtrack=True)
+    if len(onsets):  # the tracker's beats lag the attacks by up to a frame and its envelope's rise
+        nearest = onsets[np.abs(onsets[None] - beats[:, None]).argmin(axis=1)]
+        beats = np.where(np.abs(nearest - beats) <= SNAP_SECONDS, nearest, beats)
     # the tempo from the beats themselves (a line fitted to their times): librosa's own estimate is quantised to
     # its autocorrelation lags, 2 % off at 120 BPM
     tempo = 60.0 / float(np.polyfit(np.arange(len(beats)), beats, 1)[0])
-    clarity = pulse_clarity(envelope, 60.0 / tempo * sample_rate / 512)
+    clarity = pulse_clarity(envelope, 60.0 / tempo * sample_rate / hop)
     if clarity < MIN_PULSE:
         return 0.0, np.zeros(0), f"no beat grid: no steady pulse (clarity {clarity:.2f} < {MIN_PULSE})"
     return tempo, np.asarray(beats, dtype=np.float64), ""
@@ -155,8 +164,8 @@ def section_starts(beats: np.ndarray, seconds: float, beats_per_section: int) ->
 
 
 def switch_fade_frames(frame_rate: float) -> int:
-    """The odd number of latent frames closest to SWITCH_FADE_SECONDS at `frame_rate` frames per second."""
-    return max(1, int(round(SWITCH_FADE_SECONDS * frame_rate))) | 1
+    """The number of latent frames closest to SWITCH_FADE_SECONDS at `frame_rate` frames per second."""
+    return max(1, int(round(SWITCH_FADE_SECONDS * frame_rate)))
 
 
 def section_ids(beats: np.ndarray | None, frames: int, frame_rate: float, beats_per_section: int,

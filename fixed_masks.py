@@ -16,12 +16,13 @@ MASK_TYPES = ("none", "temporal", "frequency", "energy")
 
 
 def fade_switches(mask: torch.Tensor, frames: int) -> torch.Tensor:
-    """A 0/1 mask [B, rows, T] whose every switch ramps linearly over `frames` frames (an odd count, centred on the
-    switch): a cross-fade between the songs instead of a cut, with the masks still summing to 1. 0 or 1: no fade."""
+    """A 0/1 mask [B, rows, T] whose every switch ramps linearly over the `frames` frames before it: a cross-fade
+    between the songs instead of a cut, with the masks still summing to 1. It ends where the new section starts
+    (on the beat, just before its attack), so the new song's attack comes in whole and the old one's is gone.
+    0 or 1: no fade."""
     if frames <= 1:
         return mask
-    k = frames | 1
-    return F.avg_pool1d(mask, k, stride=1, padding=k // 2, count_include_pad=False)
+    return F.avg_pool1d(F.pad(mask, (0, frames - 1), mode="replicate"), frames, stride=1)
 
 
 def temporal_masks(x: torch.Tensor, segment_frames: int = 32, sections: torch.Tensor | None = None,
