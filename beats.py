@@ -68,18 +68,25 @@ def track_beats(audio: np.ndarray, sample_rate: int) -> tuple[float, np.ndarray,
     _, beats = librosa.beat.beat_track(onset_envelope=envelope, sr=sample_rate, hop_length=hop, units="time")
     if len(beats) < MIN_BEATS:
         return 0.0, np.zeros(0), f"no beat grid: fewer than {MIN_BEATS} beats found in {seconds:.1f} s"
+    tempo = tempo_of(beats)  # from the tracker's regular beats, before they move to the attacks
+    clarity = pulse_clarity(envelope, 60.0 / tempo * sample_rate / hop)
+    if clarity < MIN_PULSE:
+        return 0.0, np.zeros(0), f"no beat grid: no steady pulse (clarity {clarity:.2f} < {MIN_PULSE})"
     onsets = librosa.onset.onset_detect(onset_envelope=envelope, sr=sample_rate, hop_length=hop, units="time",
                                         backtrack=True)
     if len(onsets):  # the tracker's beats lag the attacks by up to a frame and its envelope's rise
         nearest = onsets[np.abs(onsets[None] - beats[:, None]).argmin(axis=1)]
         beats = np.where(np.abs(nearest - beats) <= SNAP_SECONDS, nearest, beats)
-    # the tempo from the beats themselves (a line fitted to their times): librosa's own estimate is quantised to
-    # its autocorrelation lags, 2 % off at 120 BPM
-    tempo = 60.0 / float(np.polyfit(np.arange(len(beats)), beats, 1)[0])
-    clarity = pulse_clarity(envelope, 60.0 / tempo * sample_rate / hop)
-    if clarity < MIN_PULSE:
-        return 0.0, np.zeros(0), f"no beat grid: no steady pulse (clarity {clarity:.2f} < {MIN_PULSE})"
     return tempo, np.asarray(beats, dtype=np.float64), ""
+
+
+def tempo_of(beats: np.ndarray) -> float:
+    """BPM of beat times: a line fitted to the beats against their count on the grid (each beat numbered by the
+    median period, so a beat the tracker left out is a gap, not a slower tempo). librosa's own estimate is
+    quantised to its autocorrelation lags, 2 % off at 120 BPM; the median period alone to its frames."""
+    period = float(np.median(np.diff(beats)))
+    count = np.round((beats - beats[0]) / period)
+    return 60.0 / float(np.polyfit(count, beats, 1)[0])
 
 
 def pulse_clarity(envelope: np.ndarray, period_frames: float) -> float:
@@ -133,7 +140,7 @@ def analyse(audio: np.ndarray, sample_rate: int, beats: np.ndarray | None = None
         beats = beats[np.isfinite(beats)]
         tempo, note = 0.0, "no beat grid: fewer than 2 beats in the segment"
         if len(beats) >= 2:
-            tempo, note = 60.0 / float(np.polyfit(np.arange(len(beats)), beats, 1)[0]), ""
+            tempo, note = tempo_of(beats), ""
     key, minor, _ = estimate_key(audio, sample_rate)
     return Grid(tempo, beats, key, minor, loudness_lufs(audio, sample_rate), note)
 
