@@ -184,8 +184,8 @@ def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torc
                hop_length: int, attention: torch.Tensor | None = None, title: str = "", beats=None,
                sections: torch.Tensor | None = None) -> None:
     """PNG: input and target masks (channels x time), the attention map if given, and the three waveforms; with
-    `beats` (s) the beat grid is drawn on the masks and waveforms (thin lines), with `sections` [frames] the
-    section starts (white dashes)."""
+    `beats` (s) the beat grid is drawn on the waveforms (thin red lines), with `sections` [frames] the section
+    starts on the masks (white dashes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,15 +266,17 @@ def aligned_path(output: str) -> str:
 
 
 def prepare_songs(song: torch.Tensor, other: torch.Tensor, sample_rate: int, match_key: bool = True,
-                  align_songs: bool = True, song_beats=None):
+                  align_songs: bool = True, song_beats=None, section_beats: int = 0):
     """(input grid, the target aligned to the input, Alignment or None): both songs' grids, then the target laid on
-    the input's tempo, beats, key and loudness (beats.align). `song_beats`: the input's beats where they are known
-    (a pair's, tracked on its whole song). AlignmentError for tempos too far apart."""
+    the input's tempo, beats, key and loudness, its level ridden at the starts of sections of `section_beats`
+    beats (beats.align). `song_beats`: the input's beats where they are known (a pair's, tracked on its whole
+    song). AlignmentError for tempos too far apart."""
     song_np = song.numpy()
     grid = analyse(song_np, sample_rate, song_beats)
     if not align_songs:
         return grid, loop_to_length(other, len(song)), None
-    aligned, info = align(other.numpy(), song_np, sample_rate, input_grid=grid, match_key=match_key)
+    aligned, info = align(other.numpy(), song_np, sample_rate, input_grid=grid, match_key=match_key,
+                          section_beats=section_beats)
     return grid, torch.from_numpy(aligned), info
 
 
@@ -314,7 +316,8 @@ def main(argv=None) -> int:
                 style = norm.normalize(codec.encode(reference))
         if os.path.isdir(args.output):
             raise AudioInputError(f"{args.output}: is a folder, but the output is a file to write")
-        grid, other, alignment = prepare_songs(song, other, sr, args.match_key, args.align)
+        grid, other, alignment = prepare_songs(song, other, sr, args.match_key, args.align,
+                                               section_beats=model.section_beats)
     except (CheckpointError, AudioInputError, CodecUnavailable, AlignmentError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -285,6 +285,36 @@ def ride_level(audio: np.ndarray, reference: np.ndarray, sample_rate: int, secon
     return (audio * gain).astype(np.float32)
 
 
+def level_db(audio: np.ndarray) -> float:
+    """RMS level (dB) of some samples; -100 for none or silence."""
+    return 10 * math.log10(float(np.mean(np.square(audio, dtype=np.float64))) + 1e-10) if len(audio) else -100.0
+
+
+def ride_at_starts(audio: np.ndarray, reference: np.ndarray, sample_rate: int, starts: np.ndarray,
+                   seconds: float = RIDE_SECONDS, max_db: float = MAX_RIDE_DB) -> np.ndarray:
+    """`audio` with a gain that moves, within each section, from the level that meets `reference` where the
+    section starts to the level that meets it where the next one starts (`starts` in s): the `seconds` after a
+    start (audio) are as loud as the `seconds` before it (reference), and the `seconds` before the next start as
+    loud as the `seconds` after it. A switch between the songs at any section start, either way, then keeps the
+    level, as a DJ rides the fader at the switch, while inside a section the song keeps its own dynamics."""
+    w, n = max(1, int(seconds * sample_rate)), len(audio)
+    edges = [int(round(s * sample_rate)) for s in starts if 0 < s * sample_rate < n]
+    knots, gains = [], []
+    for a, b in zip([0] + edges, edges + [n], strict=True):
+        head = level_db(reference[max(0, a - w) : a]) - level_db(audio[a : a + w]) if a > 0 else None
+        tail = level_db(reference[b : b + w]) - level_db(audio[max(a, b - w) : b]) if b < n else None
+        head = head if head is not None else tail if tail is not None else 0.0
+        tail = tail if tail is not None else head
+        if b - a > 2 * w:  # each gain held over its `seconds`, a ramp between
+            knots += [a, a + w, b - w, b - 1]
+            gains += [head, head, tail, tail]
+        else:
+            knots += [a, max(a, b - 1)]
+            gains += [head, tail]
+    gain_db = np.clip(np.interp(np.arange(n), knots, gains), -max_db, max_db)
+    return (audio * 10 ** (gain_db / 20)).astype(np.float32)
+
+
 def loop_to(audio: np.ndarray, length: int) -> np.ndarray:
     """`audio` repeated as often as needed and cut to `length` samples."""
     return np.tile(audio, -(-length // max(1, len(audio))))[:length]
@@ -292,12 +322,13 @@ def loop_to(audio: np.ndarray, length: int) -> np.ndarray:
 
 def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_grid: Grid | None = None,
           input_grid: Grid | None = None, match_key: bool = True, ride: bool = True,
-          tolerant: bool = False) -> tuple[np.ndarray, Alignment]:
+          tolerant: bool = False, section_beats: int = 0) -> tuple[np.ndarray, Alignment]:
     """The target laid on the input's grid, as it enters the arrangement: stretched to the input's tempo with its
     beats on the input's beats, shifted to the input's key (`match_key`), brought to the input's loudness and,
-    with `ride`, to its level window by window; looped or cut to the input's length. Where either song has no
-    beat grid the tempo is left alone, with a note. AlignmentError for tempos too far apart, unless `tolerant`
-    (training pairs): then the tempo is left alone, with a note."""
+    with `ride`, to the input's level at every start of a section of `section_beats` beats (ride_at_starts), or
+    window by window where there are no sections (ride_level); looped or cut to the input's length. Where either
+    song has no beat grid the tempo is left alone, with a note. AlignmentError for tempos too far apart, unless
+    `tolerant` (training pairs): then the tempo is left alone, with a note."""
     input_grid = input_grid or analyse(input_song, sample_rate)
     target_grid = target_grid or analyse(target, sample_rate)
     notes = [f"{name}: {g.note}" for name, g in (("input", input_grid), ("target", target_grid)) if g.note]
@@ -320,7 +351,12 @@ def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_g
     if math.isfinite(lufs_tgt) and math.isfinite(lufs_in):
         out = out * np.float32(10 ** ((lufs_in - lufs_tgt) / 20))
     if ride:
-        out = ride_level(out, np.asarray(input_song, dtype=np.float32), sample_rate)
+        reference = np.asarray(input_song, dtype=np.float32)
+        if section_beats > 0 and input_grid.has_pulse:
+            starts = section_starts(input_grid.beats, len(reference) / sample_rate, section_beats)
+            out = ride_at_starts(out, reference, sample_rate, starts)
+        else:
+            out = ride_level(out, reference, sample_rate)
     info = Alignment(input_grid.tempo, target_grid.tempo, ratio, input_grid.key_name, target_grid.key_name, semitones,
                      lufs_in, target_grid.loudness, notes)
     return out.astype(np.float32), info

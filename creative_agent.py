@@ -149,9 +149,10 @@ class AttentionMaskGenerator(nn.Module):
     and a softmax over the two scores gives the masks: each cell is shared out between the songs (the masks sum
     to 1), and how decided each share is, is what complementarity measures. `gates="frame"` (default) averages
     the scores over channels, so each frame is taken from one song or the other (an arrangement in time);
-    `gates="cell"` decides every channel x frame cell on its own. With frame gates, `block_frames` > 0 decides
-    once per block of that many frames (a switch only at a block's edge); 0 decides every frame from scores
-    smoothed over `gate_frames` frames (checkpoints from before blocks).
+    `gates="cell"` decides every channel x frame cell on its own. With frame gates, the forward's `sections` (of
+    the beat grid) are decided once each, every switch a fade of `fade_frames` frames that ends where its section
+    starts; without them `block_frames` > 0 decides once per block of that many frames (a switch only at a block's
+    edge), and 0 every frame from scores smoothed over `gate_frames` frames (checkpoints from before blocks).
     """
 
     def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gates: str = "frame",

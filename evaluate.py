@@ -27,7 +27,14 @@ from tqdm import tqdm
 from arrange import arrange_latents, plot_masks, save_wave
 from audio_codec import CodecUnavailable
 from beats import align
-from checkpoints import CheckpointError, balance_problem, load_checkpoint, loss_weights, model_from_checkpoint
+from checkpoints import (
+    CheckpointError,
+    balance_problem,
+    load_checkpoint,
+    loss_weights,
+    model_from_checkpoint,
+    setting,
+)
 from listening import distances_and_share, in_time, mean_in_time
 from losses import mask_metrics, mask_variability, reconstruction_loss, rms_loss, temporal_variation
 from pairs_dataset import SILENCE_DB, BadDataError, WavPairsDataset, pair_name
@@ -80,10 +87,12 @@ def manifest_songs(folder: str) -> dict[str, str]:
         return {row["pair"]: row["song"] for row in csv.DictReader(f) if row.get("split") == "val"}
 
 
-def validation_examples(dataset: WavPairsDataset, cross_song: bool = False, songs: dict | None = None) -> list:
+def validation_examples(dataset: WavPairsDataset, cross_song: bool = False, songs: dict | None = None,
+                        section_beats: int = 0) -> list:
     """(input, target, input's beats) of every validation pair. `cross_song`: each input with the output segment
     of a pair from another song (`songs`: pair name -> song, from manifest.csv; without one, the pair half the set
-    away), laid on the input's grid (tempo, beats, key, loudness), as arrange.py lays two songs."""
+    away), laid on the input's grid (tempo, beats, key, loudness at the starts of sections of `section_beats`
+    beats) with the grids of beats.json, as arrange.py lays two songs."""
     examples = [dataset[i] for i in range(len(dataset))]
     if not cross_song:
         return examples
@@ -92,8 +101,9 @@ def validation_examples(dataset: WavPairsDataset, cross_song: bool = False, song
     for i, (inp, _, beats) in enumerate(tqdm(examples, desc="aligning cross-song pairs", unit="pair", leave=False)):
         order = [(i + len(examples) // 2 + k) % len(examples) for k in range(len(examples))]
         others = [j for j in order if songs and songs.get(names[j]) != songs.get(names[i])] or order[:1]
-        target = examples[others[0]][1][0].numpy()
-        aligned, _ = align(target, inp[0].numpy(), dataset.sample_rate)
+        j, target = others[0], examples[others[0]][1]
+        aligned, _ = align(target[0].numpy(), inp[0].numpy(), dataset.sample_rate, dataset.grid(j, "output", target),
+                           dataset.grid(i, "input", inp), tolerant=True, section_beats=section_beats)
         crossed.append((inp, torch.from_numpy(aligned)[None], beats))
     return crossed
 
@@ -262,11 +272,12 @@ def main(argv=None) -> int:
         results = {}
         for prefix, suffix, cross in modes:
             for name, path in named:
-                key = (states[name]["config"]["sample_rate"], states[name]["config"]["segment_samples"], cross)
+                config = states[name]["config"]
+                key = (config["sample_rate"], config["segment_samples"], cross, setting(config, "section_beats"))
                 if key not in examples:
                     dataset = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key[:2],
                                               silence_db=args.silence_db)
-                    examples[key] = validation_examples(dataset, cross, manifest_songs(args.dataset_folder))
+                    examples[key] = validation_examples(dataset, cross, manifest_songs(args.dataset_folder), key[3])
                 results[name + suffix] = (*evaluate_one(states[name], path, examples[key], args.num_examples,
                                                         balance=args.balance, hard=args.hard), prefix)
     except (ValueError, CheckpointError, BadDataError, FileNotFoundError, CodecUnavailable) as err:

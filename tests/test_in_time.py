@@ -204,3 +204,18 @@ def test_a_pairs_folder_from_before_gets_its_grids_once(tmp_path, pairs_dir):
     assert (folder / "beats.json").is_file()
     inp, tgt, beats = data[0]
     assert inp.shape == tgt.shape == (1, SR // 2) and beats.dim() == 1
+
+
+def test_riding_the_level_at_section_starts_leaves_no_step_either_way():
+    from beats import level_db, ride_at_starts
+
+    sr, t = 8000, np.arange(8 * 8000) / 8000
+    song = (0.3 * (1 + 0.6 * np.sin(2 * np.pi * 0.3 * t)) * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    other = (0.1 * (1 + 0.6 * np.sin(2 * np.pi * 0.7 * t)) * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+    other *= np.sqrt(np.mean(song**2) / np.mean(other**2))  # the same loudness first, as align() does
+    starts = np.arange(0.0, 8.0, 1.0)
+    rode = ride_at_starts(other, song, sr, starts)
+    w = int(0.2 * sr)
+    for s in (int(x * sr) for x in starts[1:]):
+        assert abs(level_db(song[s - w : s]) - level_db(rode[s : s + w])) < 0.5  # input -> target
+        assert abs(level_db(rode[s - w : s]) - level_db(song[s : s + w])) < 0.5  # target -> input
