@@ -3,8 +3,10 @@
   python arrange.py --checkpoint checkpoints/RUN/checkpoint_best.pt --input A.wav --target B.flac \\
                     --output arrangement.wav --mask_plot masks.png
 
-Songs of any length, sample rate and channel count are converted to what the checkpoint expects and processed
-in windows of the trained segment length, cross-faded where they overlap. The output has the input's length.
+Songs of any length, sample rate and channel count are converted to what the checkpoint expects. The target is
+laid on the input's grid (tempo, beats, key, loudness; beats.py) and written beside the output as
+NAME.target_aligned.wav; the songs are processed in windows of the trained segment length, cut where sections of
+the input's beat grid start, so every section is decided once. The output has the input's length.
 """
 from __future__ import annotations
 
