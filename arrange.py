@@ -19,7 +19,7 @@ import soundfile as sf
 import torch
 
 from audio_codec import CodecUnavailable
-from beats import SWITCH_FADE_SECONDS, AlignmentError, Grid, align, analyse, section_ids
+from beats import SWITCH_FADE_SECONDS, AlignmentError, Grid, align, analyse, level_switches, section_ids
 from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint, str2bool
 from listening import in_time, input_share, tone_distance_db
 from losses import mask_metrics, temporal_variation
@@ -127,6 +127,24 @@ def plan_windows(sections: torch.Tensor, hop: int, length: int, window: int, mar
     return plan
 
 
+def ride_fader(model, out: torch.Tensor, input_mask: torch.Tensor, sections: torch.Tensor, hop: int,
+               sample_rate: int) -> torch.Tensor:
+    """The arrangement `out` [S] with the fader ridden at every switch between the songs (beats.level_switches):
+    a switch is a section start [frames] whose decision (the input mask [D, frames], there) differs from the
+    section before. Only for models that decide in time (the agent, the temporal rule)."""
+    if not (model.use_creative_agent or model.mask_type == "temporal"):
+        return out
+    starts = torch.nonzero(torch.diff(sections)).flatten() + 1
+    decided = (input_mask.float().mean(dim=0)[starts.clamp(max=input_mask.shape[-1] - 1)] > 0.5).tolist()
+    first = bool(input_mask.float().mean(dim=0)[0] > 0.5)
+    points = [f * hop for f in starts.tolist()] + [len(out)]
+    switches = [(points[k], points[k + 1]) for k, d in enumerate(decided) if d != ([first] + decided)[k]]
+    if not switches:
+        return out
+    s, e = zip(*switches, strict=True)
+    return torch.from_numpy(level_switches(out.numpy(), list(s), list(e), sample_rate))
+
+
 def window_sections(sections: torch.Tensor, begin_frame: int, frames: int) -> torch.Tensor:
     """The sections of one window's frames, numbered from 0 or 1 so that their parity (which the temporal rule
     alternates on) is the song's."""
@@ -144,7 +162,8 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
 
     The song is cut into windows of `window` samples on the boundaries of its sections (beats.py), so every
     section is decided once, by one window; neighbouring windows cross-fade only across a section boundary,
-    where a switch is allowed anyway. The target is looped or cut to the input's length.
+    where a switch is allowed anyway. The target is looped or cut to the input's length. At every switch the
+    fader is ridden (ride_fader), so the level does not step.
     """
     length, hop = song.shape[0], codec.hop_length
     other = loop_to_length(other, length)
@@ -178,8 +197,9 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
             f1 = min(f1, f0 + m_in.shape[-1] - (f0 - begin // hop))
             for k, m in enumerate((m_in, m_tgt)):
                 masks[k][:, f0:f1] = m[j, :, f0 - begin // hop : f1 - begin // hop].float().cpu()
-    out = peak_limit(out[:length] / weight[:length].clamp_min(1e-8))
-    return out, tuple(masks), attention, sections
+    out = ride_fader(model, out[:length] / weight[:length].clamp_min(1e-8), masks[0], sections, hop,
+                     codec.sample_rate)
+    return peak_limit(out), tuple(masks), attention, sections
 
 
 def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torch.Tensor, sample_rate: int,
@@ -268,17 +288,15 @@ def aligned_path(output: str) -> str:
 
 
 def prepare_songs(song: torch.Tensor, other: torch.Tensor, sample_rate: int, match_key: bool = True,
-                  align_songs: bool = True, song_beats=None, section_beats: int = 0):
+                  align_songs: bool = True, song_beats=None):
     """(input grid, the target aligned to the input, Alignment or None): both songs' grids, then the target laid on
-    the input's tempo, beats, key and loudness, its level ridden at the starts of sections of `section_beats`
-    beats (beats.align). `song_beats`: the input's beats where they are known (a pair's, tracked on its whole
-    song). AlignmentError for tempos too far apart."""
+    the input's tempo, beats, key and loudness (beats.align). `song_beats`: the input's beats where they are known
+    (a pair's, tracked on its whole song). AlignmentError for tempos too far apart."""
     song_np = song.numpy()
     grid = analyse(song_np, sample_rate, song_beats)
     if not align_songs:
         return grid, loop_to_length(other, len(song)), None
-    aligned, info = align(other.numpy(), song_np, sample_rate, input_grid=grid, match_key=match_key,
-                          section_beats=section_beats)
+    aligned, info = align(other.numpy(), song_np, sample_rate, input_grid=grid, match_key=match_key)
     return grid, torch.from_numpy(aligned), info
 
 
@@ -318,8 +336,7 @@ def main(argv=None) -> int:
                 style = norm.normalize(codec.encode(reference))
         if os.path.isdir(args.output):
             raise AudioInputError(f"{args.output}: is a folder, but the output is a file to write")
-        grid, other, alignment = prepare_songs(song, other, sr, args.match_key, args.align,
-                                               section_beats=model.section_beats)
+        grid, other, alignment = prepare_songs(song, other, sr, args.match_key, args.align)
     except (CheckpointError, AudioInputError, CodecUnavailable, AlignmentError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

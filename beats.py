@@ -18,8 +18,8 @@ SNAP_SECONDS = 0.05  # a beat moves to an attack's start at most this far
 MIN_PULSE = 0.1  # the onset envelope's autocorrelation at the beat period below which a "pulse" is noise
 MAX_STRETCH = 2.0  # tempos further apart than this after folding octave errors are not stretched
 SWITCH_FADE_SECONDS = 0.025  # a switch between the songs is a cross-fade of this length, not a cut (no click)
-RIDE_SECONDS = 0.2  # the target's level follows the input's in windows of this length (as a DJ rides the fader)
-MAX_RIDE_DB = 12.0  # ... by at most this much either way
+RIDE_SECONDS = 0.2  # at a switch, the incoming song meets the level of the last this-many seconds (a DJ's fader)
+MAX_RIDE_DB = 12.0  # ... moved by at most this much either way
 KEY_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 # Krumhansl-Kessler key profiles (Krumhansl 1990), tonic first: how well each pitch class fits a major / minor key
 MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
@@ -266,52 +266,25 @@ def stretch(audio: np.ndarray, sample_rate: int, ratio: float, semitones: int) -
     return out[0]
 
 
-def frame_levels(audio: np.ndarray, window: int) -> np.ndarray:
-    """RMS level (dB) of each consecutive window of `window` samples (the last one partial)."""
-    pad = (-len(audio)) % window
-    frames = np.pad(audio.astype(np.float64), (0, pad)).reshape(-1, window)
-    return 10 * np.log10(np.mean(np.square(frames), axis=1) + 1e-10)
-
-
-def ride_level(audio: np.ndarray, reference: np.ndarray, sample_rate: int, seconds: float = RIDE_SECONDS,
-               max_db: float = MAX_RIDE_DB) -> np.ndarray:
-    """`audio` with a slowly moving gain that brings its level in every window of `seconds` to the level of
-    `reference` there (at most `max_db` either way; a gain interpolated between window centres), so that a switch
-    from one song to the other at any time changes the level little: the fader a DJ rides."""
-    window = max(1, int(seconds * sample_rate))
-    gain_db = np.clip(frame_levels(reference, window) - frame_levels(audio, window), -max_db, max_db)
-    centres = (np.arange(len(gain_db)) + 0.5) * window
-    gain = 10 ** (np.interp(np.arange(len(audio)), centres, gain_db) / 20)
-    return (audio * gain).astype(np.float32)
-
-
 def level_db(audio: np.ndarray) -> float:
     """RMS level (dB) of some samples; -100 for none or silence."""
     return 10 * math.log10(float(np.mean(np.square(audio, dtype=np.float64))) + 1e-10) if len(audio) else -100.0
 
 
-def ride_at_starts(audio: np.ndarray, reference: np.ndarray, sample_rate: int, starts: np.ndarray,
+def level_switches(audio: np.ndarray, switches: list[int], ends: list[int], sample_rate: int,
                    seconds: float = RIDE_SECONDS, max_db: float = MAX_RIDE_DB) -> np.ndarray:
-    """`audio` with a gain that moves, within each section, from the level that meets `reference` where the
-    section starts to the level that meets it where the next one starts (`starts` in s): the `seconds` after a
-    start (audio) are as loud as the `seconds` before it (reference), and the `seconds` before the next start as
-    loud as the `seconds` after it. A switch between the songs at any section start, either way, then keeps the
-    level, as a DJ rides the fader at the switch, while inside a section the song keeps its own dynamics."""
+    """An arrangement with the fader ridden at each switch between the songs, as a DJ does: from `switches[k]`
+    (a sample) the incoming section is brought to the level of the `seconds` before the switch, held there for
+    `seconds`, then eased back to its own level `seconds` before `ends[k]` (the next section). Nothing changes
+    before a switch or after its section, so no level step is added anywhere else."""
     w, n = max(1, int(seconds * sample_rate)), len(audio)
-    edges = [int(round(s * sample_rate)) for s in starts if 0 < s * sample_rate < n]
-    knots, gains = [], []
-    for a, b in zip([0] + edges, edges + [n], strict=True):
-        head = level_db(reference[max(0, a - w) : a]) - level_db(audio[a : a + w]) if a > 0 else None
-        tail = level_db(reference[b : b + w]) - level_db(audio[max(a, b - w) : b]) if b < n else None
-        head = head if head is not None else tail if tail is not None else 0.0
-        tail = tail if tail is not None else head
-        if b - a > 2 * w:  # each gain held over its `seconds`, a ramp between
-            knots += [a, a + w, b - w, b - 1]
-            gains += [head, head, tail, tail]
-        else:
-            knots += [a, max(a, b - 1)]
-            gains += [head, tail]
-    gain_db = np.clip(np.interp(np.arange(n), knots, gains), -max_db, max_db)
+    gain_db = np.zeros(n)
+    for s, e in zip(switches, ends, strict=True):
+        if not w <= s < n:
+            continue
+        gain = float(np.clip(level_db(audio[s - w : s]) - level_db(audio[s : s + w]), -max_db, max_db))
+        e = min(n, max(e - w, s + 2 * w))  # back at its own level for the `seconds` before the next start
+        gain_db[s:e] = np.interp(np.arange(s, e), [s, s + w, e - 1], [gain, gain, 0.0])
     return (audio * 10 ** (gain_db / 20)).astype(np.float32)
 
 
@@ -321,12 +294,11 @@ def loop_to(audio: np.ndarray, length: int) -> np.ndarray:
 
 
 def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_grid: Grid | None = None,
-          input_grid: Grid | None = None, match_key: bool = True, ride: bool = True,
-          tolerant: bool = False, section_beats: int = 0) -> tuple[np.ndarray, Alignment]:
+          input_grid: Grid | None = None, match_key: bool = True,
+          tolerant: bool = False) -> tuple[np.ndarray, Alignment]:
     """The target laid on the input's grid, as it enters the arrangement: stretched to the input's tempo with its
-    beats on the input's beats, shifted to the input's key (`match_key`), brought to the input's loudness and,
-    with `ride`, to the input's level at every start of a section of `section_beats` beats (ride_at_starts), or
-    window by window where there are no sections (ride_level); looped or cut to the input's length. Where either
+    beats on the input's beats, shifted to the input's key (`match_key`), brought to the input's loudness
+    (BS.1770) and looped or cut to the input's length (levels at the switches: level_switches). Where either
     song has no beat grid the tempo is left alone, with a note. AlignmentError for tempos too far apart, unless
     `tolerant` (training pairs): then the tempo is left alone, with a note."""
     input_grid = input_grid or analyse(input_song, sample_rate)
@@ -350,13 +322,6 @@ def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_g
     lufs_tgt, lufs_in = loudness_lufs(out, sample_rate), input_grid.loudness
     if math.isfinite(lufs_tgt) and math.isfinite(lufs_in):
         out = out * np.float32(10 ** ((lufs_in - lufs_tgt) / 20))
-    if ride:
-        reference = np.asarray(input_song, dtype=np.float32)
-        if section_beats > 0 and input_grid.has_pulse:
-            starts = section_starts(input_grid.beats, len(reference) / sample_rate, section_beats)
-            out = ride_at_starts(out, reference, sample_rate, starts)
-        else:
-            out = ride_level(out, reference, sample_rate)
     info = Alignment(input_grid.tempo, target_grid.tempo, ratio, input_grid.key_name, target_grid.key_name, semitones,
                      lufs_in, target_grid.loudness, notes)
     return out.astype(np.float32), info

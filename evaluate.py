@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from arrange import arrange_latents, plot_masks, save_wave
+from arrange import arrange_latents, plot_masks, ride_fader, save_wave
 from audio_codec import CodecUnavailable
 from beats import align
 from checkpoints import (
@@ -33,7 +33,6 @@ from checkpoints import (
     load_checkpoint,
     loss_weights,
     model_from_checkpoint,
-    setting,
 )
 from listening import distances_and_share, in_time, mean_in_time
 from losses import mask_metrics, mask_variability, reconstruction_loss, rms_loss, temporal_variation
@@ -87,12 +86,11 @@ def manifest_songs(folder: str) -> dict[str, str]:
         return {row["pair"]: row["song"] for row in csv.DictReader(f) if row.get("split") == "val"}
 
 
-def validation_examples(dataset: WavPairsDataset, cross_song: bool = False, songs: dict | None = None,
-                        section_beats: int = 0) -> list:
+def validation_examples(dataset: WavPairsDataset, cross_song: bool = False, songs: dict | None = None) -> list:
     """(input, target, input's beats) of every validation pair. `cross_song`: each input with the output segment
     of a pair from another song (`songs`: pair name -> song, from manifest.csv; without one, the pair half the set
-    away), laid on the input's grid (tempo, beats, key, loudness at the starts of sections of `section_beats`
-    beats) with the grids of beats.json, as arrange.py lays two songs."""
+    away), laid on the input's grid (tempo, beats, key, loudness) with the grids of beats.json, as arrange.py lays
+    two songs."""
     examples = [dataset[i] for i in range(len(dataset))]
     if not cross_song:
         return examples
@@ -103,7 +101,7 @@ def validation_examples(dataset: WavPairsDataset, cross_song: bool = False, song
         others = [j for j in order if songs and songs.get(names[j]) != songs.get(names[i])] or order[:1]
         j, target = others[0], examples[others[0]][1]
         aligned, _ = align(target[0].numpy(), inp[0].numpy(), dataset.sample_rate, dataset.grid(j, "output", target),
-                           dataset.grid(i, "input", inp), tolerant=True, section_beats=section_beats)
+                           dataset.grid(i, "input", inp), tolerant=True)
         crossed.append((inp, torch.from_numpy(aligned)[None], beats))
     return crossed
 
@@ -128,6 +126,9 @@ def evaluate_one(state: dict, path: str, examples: list, num_examples: int, batc
         out, masks, attention = arrange_latents(model, codec, norm, inp, tgt, hard=hard, balance=balance,
                                                 keep_attention=model.use_creative_agent and start == 0,
                                                 sections=sections)
+        if sections is not None:  # the fader ridden at every switch, as arrange.py does
+            out = torch.stack([ride_fader(model, o[0], m, s, codec.hop_length, sr)
+                               for o, m, s in zip(out, masks[0], sections, strict=True)])[:, None]
         seconds += time.perf_counter() - begin
         loss, _ = reconstruction_loss(out, inp, tgt, sr, loss_weights(config))
         listened = distances_and_share(out, inp, tgt)
@@ -273,11 +274,11 @@ def main(argv=None) -> int:
         for prefix, suffix, cross in modes:
             for name, path in named:
                 config = states[name]["config"]
-                key = (config["sample_rate"], config["segment_samples"], cross, setting(config, "section_beats"))
+                key = (config["sample_rate"], config["segment_samples"], cross)
                 if key not in examples:
                     dataset = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key[:2],
                                               silence_db=args.silence_db)
-                    examples[key] = validation_examples(dataset, cross, manifest_songs(args.dataset_folder), key[3])
+                    examples[key] = validation_examples(dataset, cross, manifest_songs(args.dataset_folder))
                 results[name + suffix] = (*evaluate_one(states[name], path, examples[key], args.num_examples,
                                                         balance=args.balance, hard=args.hard), prefix)
     except (ValueError, CheckpointError, BadDataError, FileNotFoundError, CodecUnavailable) as err:

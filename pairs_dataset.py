@@ -173,18 +173,17 @@ class WavPairsDataset(Dataset):
     used); bad files raise BadDataError listing all of them, or are dropped (with their pair) when
     `skip_bad_files`. `shuffle_targets` pairs each input with another pair's target, drawn afresh each epoch
     (`set_epoch`) but reproducibly from `seed`; `align_targets` lays that target on the input's grid first (tempo,
-    beats, key, loudness ridden at the starts of sections of `section_beats` beats: beats.align, as arrange.py
-    does with two songs).
+    beats, key, loudness: beats.align, as arrange.py does with two songs).
     """
 
     def __init__(self, folder: str, sample_rate: int, segment_samples: int, shuffle_targets: bool = False,
                  seed: int = 0, skip_bad_files: bool = False, progress: bool = False, scan=None,
-                 silence_db: float = SILENCE_DB, align_targets: bool = False, section_beats: int = 0):
+                 silence_db: float = SILENCE_DB, align_targets: bool = False):
         if problem := path_problem(folder, "folder"):
             raise FileNotFoundError(f"pairs folder {folder}: {problem}")
         self.folder, self.sample_rate, self.segment_samples = folder, sample_rate, segment_samples
         self.shuffle_targets, self.seed, self.epoch = shuffle_targets, seed, 0
-        self.align_targets, self.section_beats = align_targets, section_beats
+        self.align_targets = align_targets
         good, problems = scan if scan is not None else scan_pairs(folder, sample_rate, segment_samples, progress,
                                                                   silence_db)
         self.problems = problems
@@ -223,7 +222,7 @@ class WavPairsDataset(Dataset):
         inp, tgt = self.read(self.pairs[index][0]), self.read(self.pairs[other][1])
         if self.align_targets and other != index:
             aligned, _ = align(tgt[0].numpy(), inp[0].numpy(), self.sample_rate, self.grid(other, "output", tgt),
-                               self.grid(index, "input", inp), tolerant=True, section_beats=self.section_beats)
+                               self.grid(index, "input", inp), tolerant=True)
             tgt = torch.from_numpy(aligned)[None]
         return inp, tgt, self.beats[index]
 

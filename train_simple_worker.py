@@ -134,8 +134,7 @@ class Trainer:
         train_dir, val_dir = os.path.join(a.dataset_folder, "train"), os.path.join(a.dataset_folder, "val")
         segment = a.segment_samples or infer_segment_samples(train_dir)
         self.segment_samples = self.config["segment_samples"] = segment
-        common = dict(sample_rate=a.sample_rate, segment_samples=segment, seed=a.seed, skip_bad_files=a.skip_bad_files,
-                      section_beats=a.section_beats)
+        common = dict(sample_rate=a.sample_rate, segment_samples=segment, seed=a.seed, skip_bad_files=a.skip_bad_files)
         for folder in (train_dir, val_dir):
             if problem := path_problem(folder, "folder"):
                 raise FileNotFoundError(f"pairs folder {folder}: {problem}")
@@ -509,8 +508,7 @@ class Trainer:
 
         (song, _, beats), other = self.val_set[0], self.val_set[len(self.val_set) // 2][1][0]
         self.model.eval()
-        grid, other, _ = prepare_songs(song[0], other, self.args.sample_rate, song_beats=beats.numpy(),
-                                       section_beats=self.args.section_beats)
+        grid, other, _ = prepare_songs(song[0], other, self.args.sample_rate, song_beats=beats.numpy())
         model, norm = self.model.cpu(), self.norm.cpu()
         try:
             out, masks, attention, sections = arrange_song(model, self.codec.cpu(), norm, song[0], other,

@@ -88,7 +88,7 @@ def test_a_chord_progression_shifted_by_two_semitones_is_estimated_plus_two():
 
 def test_loudness_is_matched_within_half_a_db():
     song, other = clicks(120, 8, gain=0.5), clicks(120, 8, gain=0.05)
-    aligned, info = align(other, song, RATE, ride=False)
+    aligned, info = align(other, song, RATE)
     assert abs(loudness_lufs(aligned, RATE) - loudness_lufs(song, RATE)) < 0.5
     assert info.lufs_in - info.lufs_tgt == pytest.approx(20.0, abs=1.0)
 
@@ -206,16 +206,20 @@ def test_a_pairs_folder_from_before_gets_its_grids_once(tmp_path, pairs_dir):
     assert inp.shape == tgt.shape == (1, SR // 2) and beats.dim() == 1
 
 
-def test_riding_the_level_at_section_starts_leaves_no_step_either_way():
-    from beats import level_db, ride_at_starts
+def test_the_fader_is_ridden_at_switches_and_nowhere_else():
+    from beats import level_db, level_switches
 
     sr, t = 8000, np.arange(8 * 8000) / 8000
-    song = (0.3 * (1 + 0.6 * np.sin(2 * np.pi * 0.3 * t)) * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-    other = (0.1 * (1 + 0.6 * np.sin(2 * np.pi * 0.7 * t)) * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
-    other *= np.sqrt(np.mean(song**2) / np.mean(other**2))  # the same loudness first, as align() does
-    starts = np.arange(0.0, 8.0, 1.0)
-    rode = ride_at_starts(other, song, sr, starts)
+    loud = (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    quiet = (0.2 * (1 + 0.3 * np.sin(2 * np.pi * 0.7 * t)) * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+    take_loud = (t // 1.0) % 2 == 0  # a switch every second
+    mix = np.where(take_loud, loud, quiet).astype(np.float32)
+    starts = [s * sr for s in range(1, 8)]
+    rode = level_switches(mix, starts, starts[1:] + [len(mix)], sr)
     w = int(0.2 * sr)
-    for s in (int(x * sr) for x in starts[1:]):
-        assert abs(level_db(song[s - w : s]) - level_db(rode[s : s + w])) < 0.5  # input -> target
-        assert abs(level_db(rode[s - w : s]) - level_db(song[s : s + w])) < 0.5  # target -> input
+    for s in starts:
+        assert abs(level_db(mix[s - w : s]) - level_db(mix[s : s + w])) > 5  # the cut steps by about 10 dB
+        assert abs(level_db(rode[s - w : s]) - level_db(rode[s : s + w])) < 0.5  # the ridden one does not
+    assert np.array_equal(rode[: starts[0]], mix[: starts[0]])  # nothing before the first switch
+    end = starts[0] + sr - 1  # back to its own level by the next section
+    assert abs(level_db(rode[end - 200 : end]) - level_db(mix[end - 200 : end])) < 1.0
