@@ -137,7 +137,7 @@ def split_songs(names: list[str], val_fraction: float, seed: int) -> dict[str, s
 def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment: int, sample_rate: int,
                      summary: Summary, rows: list, silence_db: float = SILENCE_DB) -> None:
     """Cut one song into consecutive segments and write each (k, k+1) pair that is not silent, with the beat
-    times of its input segment, tracked on the whole song."""
+    times of both its segments, tracked on the whole song, and the song's tempo and key."""
     n_segments = len(audio) // segment
     if n_segments < 2:
         summary.skipped["songs too short for one pair"] += 1

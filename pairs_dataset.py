@@ -190,7 +190,8 @@ class WavPairsDataset(Dataset):
         if problems and not skip_bad_files:
             raise BadDataError(problems)
         self.pairs = good
-        self.grids = [load_beat_grids(folder, good, sample_rate, progress)[pair_name(inp)] for inp, _ in good]
+        grids = load_beat_grids(folder, good, sample_rate, progress)
+        self.grids = [grids[pair_name(inp)] for inp, _ in good]
         seconds = segment_samples / sample_rate
         self.beats = [padded_beats(g["input"], seconds) for g in self.grids]
 

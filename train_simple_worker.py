@@ -233,8 +233,9 @@ class Trainer:
             return self.norm.normalize(self.codec.encode(wave))
 
     def compute_loss(self, batch: list[torch.Tensor], training: bool) -> tuple[torch.Tensor, dict, tuple]:
-        """The training objective of one batch (waveforms, and cached latents if any), its detached parts and the
-        waveforms (output, input, target). Training runs the compiled model and loss where --compile is set."""
+        """The training objective of one batch (waveforms, the input's beats, and cached latents if any), its
+        detached parts and the waveforms (output, input, target). Training runs the compiled model and loss where
+        --compile is set."""
         beats = batch[2]
         inp, tgt, *cached = (x.to(self.device, non_blocking=True) for i, x in enumerate(batch) if i != 2)
         if cached:
