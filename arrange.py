@@ -135,10 +135,10 @@ def ride_fader(model, out: torch.Tensor, input_mask: torch.Tensor, sections: tor
     if not (model.use_creative_agent or model.mask_type == "temporal"):
         return out
     starts = torch.nonzero(torch.diff(sections)).flatten() + 1
-    decided = (input_mask.float().mean(dim=0)[starts.clamp(max=input_mask.shape[-1] - 1)] > 0.5).tolist()
-    first = bool(input_mask.float().mean(dim=0)[0] > 0.5)
+    frames = torch.cat([torch.zeros(1, dtype=starts.dtype), starts]).clamp(max=input_mask.shape[-1] - 1)
+    decided = (input_mask.float().mean(dim=0)[frames] > 0.5).tolist()  # each section's song, at its first frame
     points = [f * hop for f in starts.tolist()] + [len(out)]
-    switches = [(points[k], points[k + 1]) for k, d in enumerate(decided) if d != ([first] + decided)[k]]
+    switches = [(points[k], points[k + 1]) for k in range(len(starts)) if decided[k + 1] != decided[k]]
     if not switches:
         return out
     s, e = zip(*switches, strict=True)

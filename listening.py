@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from beats import extend_grid, track_beats
+from beats import extend_grid, level_db, track_beats
 from losses import DB_PER_NEPER, lsd_of_magnitudes, magnitude, mel_filterbank
 
 ON_BEAT_SECONDS = 0.07  # a switch this close to a beat is on the beat
@@ -89,8 +89,12 @@ def source_labels(output: np.ndarray, input_wave: np.ndarray, target_wave: np.nd
     return smoothed > 0.5, hop / sample_rate
 
 
-def level_db(wave: np.ndarray) -> float:
-    return 10 * math.log10(float(np.mean(np.square(wave, dtype=np.float64))) + 1e-10) if len(wave) else math.nan
+def near_grid(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Whether each of `times` lies within ON_BEAT_SECONDS of a time of the sorted `grid` (its neighbours on either
+    side found by bisection, not a times x grid table)."""
+    right = np.searchsorted(grid, times).clip(1, len(grid) - 1)
+    gap = np.minimum(np.abs(times - grid[right - 1]), np.abs(grid[right] - times))
+    return gap <= ON_BEAT_SECONDS
 
 
 @torch.no_grad()
@@ -112,11 +116,10 @@ def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray,
     if len(beats) >= 2:
         grid = extend_grid(beats, seconds)
         period = float(np.median(np.diff(beats)))
-        near = lambda t: np.abs(t[:, None] - grid[None]).min(axis=1) <= ON_BEAT_SECONDS  # noqa: E731
         times = np.arange(0.0, seconds, 0.001)
         nan.update(section_in_beats=result["section_s"] / period,
-                   on_beat=float(near(switches).mean()) if len(switches) else math.nan,
-                   on_beat_chance=float(near(times).mean()))
+                   on_beat=float(near_grid(switches, grid).mean()) if len(switches) else math.nan,
+                   on_beat_chance=float(near_grid(times, grid).mean()))
         if tempo:
             out_tempo = track_beats(np.asarray(output, dtype=np.float32), sample_rate)[0]
             in_tempo = 60.0 / period
