@@ -30,11 +30,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from audio_codec import LatentNorm, MDCTCodec
-from checkpoints import str2bool
+from config import head_counts, str2bool
 from losses import reconstruction_loss
 from model_simple_transformer import SimpleTransformer
-from train_simple_ddp import head_counts
-from train_simple_worker import compiled, keep_freed_memory, step_if_finite
+from objective import step_if_finite
+from train_simple_worker import compiled, keep_freed_memory
 
 # dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (without sparsity)
 GPU_PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -188,8 +188,8 @@ class Bench:
 
 def loader_pairs_per_s(batch_size: int, seconds: float, num_workers: int, sample_rate: int = 24000) -> float:
     """Pairs per second that the training data loader delivers from WAV files of `seconds` length."""
-    from make_pairs import make_pairs, synth_song
     from pairs_dataset import WavPairsDataset, build_loader
+    from pairs_folder import make_pairs, synth_song
 
     with tempfile.TemporaryDirectory() as folder:
         songs = [(f"s{i}", lambda i=i: synth_song(i, seconds * 9, sample_rate)) for i in range(2)]

@@ -1,101 +1,57 @@
 """Checkpoints: writing (atomic), reading and checking them, and rebuilding the model and codec from one alone.
 
-Imported by the trainer, arrange.py and evaluate.py; it imports only the model, codec and loss modules.
+Imported by the trainer and the inference module; it imports the configuration, model, codec and objective.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 
 import torch
 
 from audio_codec import LatentNorm, build_codec
-from creative_agent import TERM_WEIGHTS
+from config import MODEL_KEYS, Config, upgrade
 from model_simple_transformer import SimpleTransformer
+from objective import agent_term_weights
 from pairs_dataset import path_problem
 
 PROJECT = "creative_agent"
-MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_transformer_layers", "num_layers", "nhead", "dropout",
-              "anti_cheating", "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split",
-              "agent_gates", "agent_scales", "agent", "style_weight", "agent_block_frames", "section_beats",
-              "fade_frames")
-# what a setting meant in runs made before it existed
-LEGACY_SETTINGS = {"agent_gates": "cell", "agent_scales": (1,), "balance_range": (0.5, 0.5), "hard_masks": False,
-                   "agent": "attention", "style_weight": 0.0, "agent_block_frames": 0, "section_beats": 0,
-                   "fade_frames": 0}
 STYLE_DIM = 64  # the style vector of models trained with --style_weight > 0
-
-
-def str2bool(value: str) -> bool:
-    """A command line's true/false (also 1/0, yes/no, on/off): how every CLI spells a switch."""
-    if value.lower() in ("true", "1", "yes", "y", "on"):
-        return True
-    if value.lower() in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
-def setting(config: dict, key: str):
-    """A run's setting, with its meaning before the option existed for checkpoints that lack it."""
-    return config.get(key, LEGACY_SETTINGS.get(key))
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, truncated, from another project or another configuration."""
 
 
-def build_model(config: dict, codec_dim: int) -> SimpleTransformer:
-    """The SimpleTransformer that `config` (the training arguments as a dict) describes."""
+def build_model(config: Config, codec_dim: int) -> SimpleTransformer:
+    """The SimpleTransformer that a run's configuration describes."""
     model = SimpleTransformer(
-        encoding_dim=codec_dim, nhead=config["nhead"], num_layers=config["num_layers"],
-        num_transformer_layers=config["num_transformer_layers"], dropout=config["dropout"],
-        anti_cheating=config["anti_cheating"], use_creative_agent=config["use_creative_agent"],
-        mask_type=config["mask_type"], temporal_segment_frames=config.get("temporal_segment_frames", 32),
-        frequency_split=config.get("frequency_split", 0.5), use_sdpa=config.get("sdpa", True),
-        gates=setting(config, "agent_gates"), scales=tuple(setting(config, "agent_scales")),
-        hard_masks=setting(config, "hard_masks"), agent=setting(config, "agent"),
-        block_frames=setting(config, "agent_block_frames"),
-        style_dim=STYLE_DIM if setting(config, "style_weight") > 0 else 0, fade_frames=setting(config, "fade_frames"),
-        **extra_balance(config))
-    model.section_beats = setting(config, "section_beats")
+        encoding_dim=codec_dim, nhead=config.nhead, num_layers=config.num_layers, num_stages=config.num_stages,
+        dropout=config.dropout, anti_cheating=config.anti_cheating, use_creative_agent=config.use_creative_agent,
+        mask_type=config.mask_type, temporal_segment_frames=config.temporal_segment_frames,
+        frequency_split=config.frequency_split, gates=config.agent_gates, scales=tuple(config.agent_scales),
+        hard_masks=config.hard_masks, agent=config.agent, block_frames=config.agent_block_frames,
+        style_dim=STYLE_DIM if config.style_weight > 0 else 0, fade_frames=config.fade_frames,
+        **agent_term_weights(config))
+    model.section_beats = config.section_beats
     return model
 
 
-def balance_problem(config: dict, balance: float) -> str | None:
+def balance_problem(config: Config, balance: float) -> str | None:
     """Why a checkpoint cannot arrange with the wanted input share `balance`, or None if it can."""
     if not 0.0 <= balance <= 1.0:
         return f"--balance must lie in 0..1, got {balance:g}"
     if balance == 0.5:
         return None
-    if not config["use_creative_agent"]:
-        return f"--balance {balance:g} needs a creative-agent checkpoint; this one uses {config['mask_type']} masks"
-    lo, hi = setting(config, "balance_range")
+    if not config.use_creative_agent:
+        return f"--balance {balance:g} needs a creative-agent checkpoint; this one uses {config.mask_type} masks"
+    lo, hi = config.balance_range
     if lo == hi:
         return (f"--balance {balance:g}: this checkpoint was trained without the balance conditioning (always "
                 f"{lo:g}); train with --balance_range LO,HI (the default, 0.2,0.8, does)")
     if not lo <= balance <= hi:
         return f"--balance {balance:g} is outside the range this checkpoint was trained for ({lo:g}..{hi:g})"
     return None
-
-
-def extra_balance(config: dict) -> dict:
-    """--balance_loss_weight W adds W x the balance term to the training loss: folded into the agent's own balance
-    weight (loss = mask_reg_weight x reg), so the model needs to hand nothing back but its regularisation."""
-    extra, reg_weight = config.get("balance_loss_weight", 0.0), config.get("mask_reg_weight", 0.1)
-    if not extra or not config["use_creative_agent"]:
-        return {}
-    if reg_weight <= 0:
-        raise ValueError("--balance_loss_weight needs --mask_reg_weight > 0 (it weighs a term of the regularisation)")
-    return {"balance_weight": TERM_WEIGHTS["balance"] + extra / reg_weight}
-
-
-def loss_weights(config: dict) -> dict[str, float]:
-    """The reconstruction loss weights of a run's configuration (`far_lsd` is 0 for runs made before it existed)."""
-    weights = {name: config[f"{name}_weight"] for name in
-               ("wave_input", "wave_target", "stft_input", "stft_target", "mel_input", "mel_target")}
-    weights["far_lsd"] = config.get("far_lsd_weight", 0.0)
-    return weights
 
 
 def atomic_write(path: str, write) -> None:
@@ -132,8 +88,8 @@ def load_checkpoint(path: str) -> dict:
 
 def model_from_checkpoint(state: dict, path: str = "checkpoint"):
     """(model, codec, latent_norm) rebuilt from a checkpoint alone, on CPU, in eval mode."""
-    config = state["config"]
-    codec = build_codec(config["codec"], config["sample_rate"], config["codec_dim"], path=config.get("codec_path"))
+    config = upgrade(state["config"])
+    codec = build_codec(config.codec, config.sample_rate, config.codec_dim, path=config.codec_path)
     model = build_model(config, codec.dim)
     load_model_state(model, state["model"], path)
     norm = LatentNorm(codec.dim)
@@ -166,3 +122,12 @@ def find_resume_checkpoint(resume: str, checkpoint_dir: str, run_name: str | Non
         return path if os.path.isfile(path) else None
     candidates = glob.glob(os.path.join(checkpoint_dir, "*", "checkpoint_last.pt"))
     return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+def check_same_model(saved: dict, config: Config, path: str) -> None:
+    """CheckpointError unless the checkpoint's configuration `saved` builds the same model as `config`."""
+    old = upgrade(saved)
+    changed = [f"{k}={getattr(old, k)!r} (now {getattr(config, k)!r})" for k in MODEL_KEYS
+               if getattr(old, k) != getattr(config, k)]
+    if changed:
+        raise CheckpointError(f"checkpoint {path} was trained with another configuration: {', '.join(changed)}")

@@ -1,8 +1,8 @@
 """The creative agent: learns by cross-attention which channel x frame cells of each song go into the arrangement.
 
-`AttentionMaskGenerator` looks at both latents and returns two soft masks in [0, 1] and a regularisation loss;
-`StyleDiscriminator` scores latent patterns (real/fake and style); `CreativeAgent` wraps both.
-`python creative_agent.py` runs a self-test on random latents.
+`AttentionMaskGenerator` looks at both latents and returns two soft masks in [0, 1] and their regularisation loss
+(defined in objective.py); `CompositionalMaskGenerator` decides per component (rhythm, harmony, timbre);
+`CreativeAgent` wraps either and applies the masks. `python creative_agent.py` runs a self-test on random latents.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fixed_masks import fade_switches
+from objective import TERM_WEIGHTS, mask_regularization
 
 
 def check_latent_pair(encoded_input: torch.Tensor, encoded_target: torch.Tensor, dim: int) -> None:
@@ -30,16 +31,6 @@ def keeps_state() -> bool:
     """Whether a forward may keep its masks, terms and attention on the module for metrics and pictures: in eager
     runs, yes; inside torch.compile, no, so that no graph output outlives its step (CUDA graphs reuse that memory)."""
     return not torch.compiler.is_compiling()
-
-
-def sinusoidal_positions(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
-    """Fixed sinusoidal position codes [length, dim] (no parameters, any length)."""
-    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    codes = torch.zeros(length, dim, device=device)
-    codes[:, 0::2] = torch.sin(pos * freq)
-    codes[:, 1::2] = torch.cos(pos * freq[: dim // 2])
-    return codes.to(dtype) if dtype is not None else codes
 
 
 class CrossAttention(nn.Module):
@@ -134,13 +125,6 @@ GATES = ("frame", "cell")
 # Frame gates decide once per block of this many frames (0.17 s with the MDCT codec at 24 kHz). Every switch
 # between the songs costs the decoded audio a transition, so fewer, longer sections sound cleaner.
 BLOCK_FRAMES = 32
-# Weights of the regularisation terms. The masks are pushed to be decided (complementarity), to give each song half
-# of every example (balance by area, share by energy), to keep the loud parts rather than the gaps (presence), to
-# change over time (diversity) and to switch where the music changes rather than anywhere (switching). Together
-# with the reconstruction loss's `far_lsd` term (closeness to the farther song) they decide which song is heard when.
-TERM_WEIGHTS = dict(complementarity=30.0, balance=30.0, diversity=10.0, switching=10.0, presence=10.0, share=30.0)
-
-
 class AttentionMaskGenerator(nn.Module):
     """Two complementary soft masks [B, D, T] in [0, 1], one per source, from cross-attention between the latents.
 
@@ -268,30 +252,11 @@ class AttentionMaskGenerator(nn.Module):
     def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor,
                        change: torch.Tensor | None = None, energy: tuple | None = None,
                        share: torch.Tensor | None = None) -> torch.Tensor:
-        """Weighted sum of: overlap -> 0 (decided cells), the wanted input share `share` [B, 1, 1] (default 0.5)
-        of the area in every example (balance), masks that vary over time, few switches except where the music
-        changes (`change` [B, T] in [0, 1], novelty) and, given the sources' energies [B, D, T], as much of the
-        music kept as possible (presence: no gaps where one song is quiet) with the wanted share of what is kept
-        for the input (share)."""
-        b = (share if share is not None else torch.full((1, 1, 1), 0.5, device=input_mask.device)).view(-1)
-        step = (input_mask[..., 1:] - input_mask[..., :-1]).abs().mean(dim=1)  # [B, T-1]
-        calm = 1.0 - change[:, 1:] if change is not None else torch.ones_like(step)
-        if energy is None:
-            energy = (torch.ones_like(input_mask), torch.ones_like(target_mask))
-        kept_in, kept_tgt = ((m * e).sum(dim=(1, 2)) for m, e in zip((input_mask, target_mask), energy, strict=True))
-        total = sum(e.sum(dim=(1, 2)) for e in energy).clamp_min(1e-8)
-        kept = (kept_in + kept_tgt).clamp_min(1e-8)
-        terms = {
-            "complementarity": (input_mask * target_mask).mean(),
-            "balance": (2 * ((1 - b) * input_mask.mean(dim=(1, 2)) - b * target_mask.mean(dim=(1, 2)))).square().mean(),
-            "diversity": 0.5 - input_mask.std(dim=-1, unbiased=False).mean(),
-            "switching": (step * calm).sum(dim=-1).mean() / 8.0,  # per 8 switches of the whole mask
-            "presence": (1.0 - 2.0 * kept / total).mean(),  # 0 for an even split of equally loud songs
-            "share": (2 * ((1 - b) * kept_in - b * kept_tgt) / kept).square().mean(),
-        }
+        """The weighted mask regularisation (objective.mask_regularization); its terms stay in `last_terms`."""
+        total, terms = mask_regularization(input_mask, target_mask, change, energy, share, self.weights)
         if keeps_state():
             self.last_terms = terms  # scalar tensors of the last forward, with their graph
-        return sum(self.weights[name] * value for name, value in terms.items())
+        return total
 
 
 def smoothing_analyser(channels: int, frames: int) -> nn.Conv1d:
@@ -352,34 +317,10 @@ class CompositionalMaskGenerator(AttentionMaskGenerator):
 AGENTS = {"attention": AttentionMaskGenerator, "compositional": CompositionalMaskGenerator}
 
 
-class StyleDiscriminator(nn.Module):
-    """Strided Conv1d encoder of a latent pattern [B, D, T] -> (real/fake logit [B, 1], style score [B, 1])."""
-
-    def __init__(self, encoding_dim: int, hidden_dim: int = 256):
-        super().__init__()
-        self.encoding_dim = encoding_dim
-        half = hidden_dim // 2
-        self.encoder = nn.Sequential(
-            nn.Conv1d(encoding_dim, half, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv1d(half, hidden_dim, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2),
-        )
-        self.real_fake = nn.Linear(hidden_dim, 1)
-        self.style = nn.Linear(2 * hidden_dim, 1)
-
-    def forward(self, pattern: torch.Tensor):
-        if pattern.dim() != 3 or pattern.shape[1] != self.encoding_dim:
-            raise ValueError(f"pattern must have shape [B, {self.encoding_dim}, T], got {tuple(pattern.shape)}")
-        if pattern.shape[-1] < 4:
-            raise ValueError(f"pattern needs at least 4 frames, got {pattern.shape[-1]}")
-        h = self.encoder(pattern)
-        mean, std = h.mean(dim=-1), h.std(dim=-1)
-        return self.real_fake(mean), self.style(torch.cat([mean, std], dim=-1))
-
-
 class CreativeAgent(nn.Module):
-    """Mask generator (+ optional style discriminator): decides which parts of each song the arrangement uses."""
+    """The mask generator and the masks' application: decides which parts of each song the arrangement uses."""
 
-    def __init__(self, encoding_dim: int, use_discriminator: bool = True, hidden_dim: int = 256,
+    def __init__(self, encoding_dim: int, hidden_dim: int = 256,
                  num_heads: int = 4, agent: str = "attention", style_dim: int = 0, **generator_options):
         super().__init__()
         if agent not in AGENTS:
@@ -389,7 +330,6 @@ class CreativeAgent(nn.Module):
         self.mask_generator = AGENTS[agent](encoding_dim, hidden_dim, num_heads, **generator_options)
         # a style reference's vector shifts the features that both songs are judged by (bias-free: none, no shift)
         self.style = nn.Linear(style_dim, hidden_dim, bias=False) if style_dim else None
-        self.discriminator = StyleDiscriminator(encoding_dim, hidden_dim) if use_discriminator else None
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def generate_creative_masks(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
@@ -415,27 +355,6 @@ class CreativeAgent(nn.Module):
             self.last_masks = (input_mask.detach(), target_mask.detach())
         return *masked, reg_loss
 
-    def _need_discriminator(self) -> StyleDiscriminator:
-        if self.discriminator is None:
-            raise RuntimeError("this CreativeAgent was built with use_discriminator=False: "
-                               "judge_quality and adversarial_loss need the discriminator")
-        return self.discriminator
-
-    def judge_quality(self, pattern: torch.Tensor):
-        """(real/fake logit, style score), each [B, 1], for a latent pattern [B, D, T]."""
-        return self._need_discriminator()(pattern)
-
-    def adversarial_loss(self, fake: torch.Tensor, real: torch.Tensor):
-        """(generator loss, discriminator loss), non-saturating GAN losses; the discriminator sees `fake` detached."""
-        disc = self._need_discriminator()
-        fake_logit, _ = disc(fake)
-        gen_loss = F.binary_cross_entropy_with_logits(fake_logit, torch.ones_like(fake_logit))
-        real_logit, _ = disc(real)
-        fake_logit_d, _ = disc(fake.detach())
-        disc_loss = 0.5 * (F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
-                           + F.binary_cross_entropy_with_logits(fake_logit_d, torch.zeros_like(fake_logit_d)))
-        return gen_loss, disc_loss
-
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -446,10 +365,9 @@ def self_test(encoding_dim: int = 128, batch: int = 2, frames: int = 200) -> boo
     from losses import mask_metrics
 
     torch.manual_seed(0)
-    agent = CreativeAgent(encoding_dim, use_discriminator=True)
+    agent = CreativeAgent(encoding_dim)
     x, y = torch.randn(batch, encoding_dim, frames), torch.randn(batch, encoding_dim, frames)
     print(f"Mask generator parameters: {count_parameters(agent.mask_generator):,}")
-    print(f"Discriminator parameters:  {count_parameters(agent.discriminator):,}")
     input_mask, target_mask, reg_loss = agent.mask_generator(x, y)
     masked_x, masked_y, _ = agent.generate_creative_masks(x, y)
     metrics = mask_metrics(input_mask, target_mask)
@@ -458,9 +376,7 @@ def self_test(encoding_dim: int = 128, batch: int = 2, frames: int = 200) -> boo
     print(f"Coverage: {metrics['coverage']:.1f}%")
     print(f"Balance: {metrics['balance']:.3f}")
     print(f"Mask regularization loss: {reg_loss.item():.4f}")
-    gen_loss, disc_loss = agent.adversarial_loss(masked_x + masked_y, x)
-    _, style = agent.judge_quality(masked_x + masked_y)
-    (reg_loss + masked_x.square().mean() + masked_y.square().mean() + gen_loss + disc_loss + style.mean()).backward()
+    (reg_loss + masked_x.square().mean() + masked_y.square().mean()).backward()
     missing = [n for n, p in agent.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     verdict = "yes" if not missing else "NO, missing: " + ", ".join(missing)
     print(f"Gradients reach every trainable parameter: {verdict}")

@@ -103,3 +103,14 @@ def requeue_slurm_job(job_id: str) -> str:
         return (f"could not requeue SLURM job {job_id}: scontrol exited with {result.returncode}"
                 f"{': ' + detail[-1] if detail else ''}; resubmit the script by hand")
     return f"requeued SLURM job {job_id}: it resumes with --resume auto when it starts again"
+
+
+def restore_rng_states(states: list[dict], rank: int, device: torch.device) -> bool:
+    """Set this rank's torch RNG states from a checkpoint's `states` (one per rank), when it was saved by as many
+    processes as run now; False (nothing restored) when it was not."""
+    if len(states) != (dist.get_world_size() if dist.is_initialized() else 1):
+        return False
+    torch.set_rng_state(states[rank]["cpu"])
+    if "cuda" in states[rank] and device.type == "cuda":
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    return True

@@ -24,19 +24,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from arrange import arrange_latents, plot_masks, ride_fader, save_wave
 from audio_codec import CodecUnavailable
 from beats import align
-from checkpoints import (
-    CheckpointError,
-    balance_problem,
-    load_checkpoint,
-    loss_weights,
-    model_from_checkpoint,
-)
+from checkpoints import CheckpointError
+from config import SILENCE_DB
+from inference import Arranger, arrange_latents, plot_masks, ride_fader, save_wave
 from listening import distances_and_share, in_time, mean_in_time
 from losses import mask_metrics, mask_variability, reconstruction_loss, rms_loss, temporal_variation
-from pairs_dataset import SILENCE_DB, BadDataError, WavPairsDataset, pair_name
+from objective import loss_weights
+from pairs_dataset import BadDataError, WavPairsDataset, pair_name
 
 # column, how to pick the best ("min", "max", or a value to be closest to), what it means
 METRICS = (
@@ -107,16 +103,15 @@ def validation_examples(dataset: WavPairsDataset, cross_song: bool = False, song
 
 
 @torch.no_grad()
-def evaluate_one(state: dict, path: str, examples: list, num_examples: int, batch_size: int = 4,
+def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_size: int = 4,
                  balance: float = 0.5, hard: bool = False):
     """Metrics of one checkpoint over the validation examples (input, target, beats), and the example outputs and
     masks. A creative agent aims at the input share `balance` and, with `hard`, decides 0/1; the baselines have
     no such settings."""
-    model, codec, norm = model_from_checkpoint(state, path)
+    model, codec, norm, config = arranger.model, arranger.codec, arranger.norm, arranger.config
     balance = balance if model.use_creative_agent else None
     hard = hard and model.use_creative_agent
-    config = state["config"]
-    sr, segment = config["sample_rate"], config["segment_samples"]
+    sr, segment = config.sample_rate, config.segment_samples
     sums, count, seconds, patterns, shown, timing = {}, 0, 0.0, [], [], []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
@@ -240,7 +235,7 @@ def plot_comparison(path: str, rows: dict[str, dict]) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=CKPT", help="approaches to compare")
     p.add_argument("--dataset_folder", default="dataset_wav_pairs", help="pairs folder (its val/ split is used)")
@@ -258,29 +253,61 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not 0.0 <= args.balance <= 1.0:
         p.error(f"--balance must lie in 0..1, got {args.balance:g}")
-    try:  # check everything before writing anything
-        if os.path.exists(args.out) and os.listdir(args.out) and not os.path.isfile(
-                os.path.join(args.out, "report.md")):
-            raise ValueError(f"{args.out} exists and is not an earlier evaluation; choose another --out")
-        named = parse_named(args.checkpoints)
-        states = {name: load_checkpoint(path) for name, path in named}
-        for name, path in named:
-            if states[name]["config"]["use_creative_agent"] and (
-                    problem := balance_problem(states[name]["config"], args.balance)):
-                raise CheckpointError(f"{name} ({path}): {problem}")
-        modes = [("pair", "", False)] + [("cross", "@cross", True)] * args.cross_song
-        examples = {}  # read (and aligned) once per (sample rate, segment length, mode), however many approaches
-        results = {}
-        for prefix, suffix, cross in modes:
-            for name, path in named:
-                config = states[name]["config"]
-                key = (config["sample_rate"], config["segment_samples"], cross)
-                if key not in examples:
-                    dataset = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key[:2],
-                                              silence_db=args.silence_db)
-                    examples[key] = validation_examples(dataset, cross, manifest_songs(args.dataset_folder))
-                results[name + suffix] = (*evaluate_one(states[name], path, examples[key], args.num_examples,
-                                                        balance=args.balance, hard=args.hard), prefix)
+    return args
+
+
+def score_all(args) -> dict:
+    """Every checkpoint's (row, examples shown, (sample rate, hop), prefix), checked before anything is written."""
+    if os.path.exists(args.out) and os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "report.md")):
+        raise ValueError(f"{args.out} exists and is not an earlier evaluation; choose another --out")
+    named = parse_named(args.checkpoints)
+    arrangers = {name: Arranger.load(path) for name, path in named}
+    for name, path in named:
+        if arrangers[name].config.use_creative_agent:
+            arrangers[name].path = f"{name} ({path})"
+            arrangers[name].check_balance(args.balance)
+    modes = [("pair", "", False)] + [("cross", "@cross", True)] * args.cross_song
+    examples = {}  # read (and aligned) once per (sample rate, segment length, mode), however many approaches
+    results = {}
+    for prefix, suffix, cross in modes:
+        for name, _ in named:
+            config = arrangers[name].config
+            key = (config.sample_rate, config.segment_samples, cross)
+            if key not in examples:
+                dataset = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key[:2],
+                                          silence_db=args.silence_db)
+                examples[key] = validation_examples(dataset, cross, manifest_songs(args.dataset_folder))
+            results[name + suffix] = (*evaluate_one(arrangers[name], examples[key], args.num_examples,
+                                                    balance=args.balance, hard=args.hard), prefix)
+    return results
+
+
+def write_all(work: str, results: dict, dataset_folder: str) -> None:
+    """Audio, mask pictures, the comparison figure, report.md and report.html into the folder `work`."""
+    os.makedirs(os.path.join(work, "audio"))
+    os.makedirs(os.path.join(work, "plots"))
+    for name, (_, shown, (sr, hop), prefix) in results.items():
+        for index, inp, tgt, out, masks, attention, beats, sections in shown:
+            stem = f"{prefix}_{index:04d}"
+            for role, wave in (("input", inp), ("target", tgt)):
+                source = os.path.join(work, "audio", f"{stem}_{role}.wav")
+                if not os.path.exists(source):  # the same for every approach of this rate
+                    save_wave(source, wave, sr)
+            save_wave(os.path.join(work, "audio", f"{stem}_{name}.wav"), out, sr)
+            plot_masks(os.path.join(work, "plots", f"{stem}_{name}_masks.png"), masks, inp, tgt, out, sr, hop,
+                       attention, title=f"{name}: {stem}", beats=beats[np.isfinite(beats)], sections=sections)
+    rows = {name: result[0] for name, result in results.items()}
+    plot_comparison(os.path.join(work, "plots", "comparison.png"), rows)
+    pairs = next(iter(rows.values()))["pairs"]
+    write_report(work, rows, dataset_folder, pairs)
+    stems = sorted({f"{prefix}_{example[0]:04d}" for _, shown, _, prefix in results.values() for example in shown})
+    write_html(work, rows, stems, dataset_folder, pairs)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        results = score_all(args)
     except (ValueError, CheckpointError, BadDataError, FileNotFoundError, CodecUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -288,24 +315,7 @@ def main(argv=None) -> int:
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".evaluate_", dir=parent)  # filled, then moved into place
     try:
-        os.makedirs(os.path.join(work, "audio"))
-        os.makedirs(os.path.join(work, "plots"))
-        for name, (_, shown, (sr, hop), prefix) in results.items():
-            for index, inp, tgt, out, masks, attention, beats, sections in shown:
-                stem = f"{prefix}_{index:04d}"
-                for role, wave in (("input", inp), ("target", tgt)):
-                    source = os.path.join(work, "audio", f"{stem}_{role}.wav")
-                    if not os.path.exists(source):  # the same for every approach of this rate
-                        save_wave(source, wave, sr)
-                save_wave(os.path.join(work, "audio", f"{stem}_{name}.wav"), out, sr)
-                plot_masks(os.path.join(work, "plots", f"{stem}_{name}_masks.png"), masks, inp, tgt, out, sr, hop,
-                           attention, title=f"{name}: {stem}", beats=beats[np.isfinite(beats)], sections=sections)
-        rows = {name: result[0] for name, result in results.items()}
-        plot_comparison(os.path.join(work, "plots", "comparison.png"), rows)
-        pairs = results[named[0][0]][0]["pairs"]
-        write_report(work, rows, args.dataset_folder, pairs)
-        stems = sorted({f"{prefix}_{example[0]:04d}" for _, shown, _, prefix in results.values() for example in shown})
-        write_html(work, rows, stems, args.dataset_folder, pairs)
+        write_all(work, results, args.dataset_folder)
         if os.path.isdir(args.out):
             shutil.rmtree(args.out)  # an earlier evaluation (checked above)
         os.replace(work, args.out)

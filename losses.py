@@ -73,7 +73,6 @@ def mel_distance(mag_out: torch.Tensor, mag_ref: torch.Tensor, sample_rate: int,
     return (torch.log(fb @ mag_out + 1e-5) - torch.log(fb @ mag_ref + 1e-5)).abs().mean()
 
 
-LOSS_WEIGHT_NAMES = ("wave_input", "wave_target", "stft_input", "stft_target", "mel_input", "mel_target", "far_lsd")
 DEFAULT_LOSS_WEIGHTS = dict(wave_input=1.0, wave_target=1.0, stft_input=1.0, stft_target=1.0,
                             mel_input=0.0, mel_target=0.0, far_lsd=1.0)
 
@@ -90,9 +89,9 @@ def reconstruction_loss(output: torch.Tensor, input_wave: torch.Tensor, target_w
     are data: their spectra are taken without a graph, so no gradient flows into them through the spectral terms.
     """
     weights = {**DEFAULT_LOSS_WEIGHTS, **(weights or {})}
-    unknown = set(weights) - set(LOSS_WEIGHT_NAMES)
+    unknown = set(weights) - set(DEFAULT_LOSS_WEIGHTS)
     if unknown:
-        raise ValueError(f"unknown loss weights {sorted(unknown)}: expected names from {LOSS_WEIGHT_NAMES}")
+        raise ValueError(f"unknown loss weights {sorted(unknown)}: expected names from {tuple(DEFAULT_LOSS_WEIGHTS)}")
     for reference in (input_wave, target_wave):
         _check_pair(output, reference)
     # one STFT per resolution for the output and one, without a graph, for both songs; every spectral term reads them

@@ -7,13 +7,26 @@ mix for stage 0, the previous output after), so the untrained model plays the ma
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from beats import batch_section_ids
-from creative_agent import CreativeAgent, check_latent_pair, keeps_state, sinusoidal_positions
+from creative_agent import CreativeAgent, check_latent_pair, keeps_state
 from fixed_masks import MASK_TYPES, make_fixed_masks
+from objective import style_statistics
+
+
+def sinusoidal_positions(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed sinusoidal position codes [length, dim] (no parameters, any length)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    codes = torch.zeros(length, dim, device=device)
+    codes[:, 0::2] = torch.sin(pos * freq)
+    codes[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return codes.to(dtype) if dtype is not None else codes
 
 
 class Block(nn.Module):
@@ -58,12 +71,6 @@ class StyleEncoder(nn.Module):
         return self.net(torch.cat(style_statistics(latent), dim=-1))
 
 
-def style_statistics(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, standard deviation) over time of each channel of [B, D, T]: the level and movement of each band."""
-    latent = latent.float()
-    return latent.mean(dim=-1), latent.std(dim=-1, unbiased=False)
-
-
 MAX_STYLE_GAIN = 10.0  # restyle raises a channel by at most 20 dB: a band that is silent here stays silent
 
 
@@ -78,12 +85,6 @@ def restyle(latent: torch.Tensor, reference: torch.Tensor, strength: float) -> t
     styled = (latent.float() - m[..., None]) * gain[..., None] + m_ref[..., None]
     present = (s_ref.amax(dim=-1) > 0).float()[:, None, None]
     return latent + (strength * present * (styled - latent.float())).to(latent.dtype)
-
-
-def style_distance(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """[B]: mean absolute difference of the two latents' style statistics (per-channel mean and spread)."""
-    (m_out, s_out), (m_ref, s_ref) = style_statistics(output), style_statistics(reference)
-    return (m_out - m_ref).abs().mean(dim=-1) + (s_out - s_ref).abs().mean(dim=-1)
 
 
 class Stage(nn.Module):
@@ -119,31 +120,31 @@ class SimpleTransformer(nn.Module):
     """
 
     def __init__(self, encoding_dim: int = 128, nhead: int | list[int] = 4, num_layers: int = 6,
-                 num_transformer_layers: int = 2, dropout: float = 0.1, anti_cheating: float = 0.0,
+                 num_stages: int = 2, dropout: float = 0.1, anti_cheating: float = 0.0,
                  use_creative_agent: bool = False, mask_type: str = "none", stage_widths: list[int] | None = None,
-                 agent_hidden_dim: int = 256, agent_heads: int = 4, use_discriminator: bool = False,
+                 agent_hidden_dim: int = 256, agent_heads: int = 4,
                  temporal_segment_frames: int = 32, frequency_split: float = 0.5, use_sdpa: bool = True,
                  style_dim: int = 0, fade_frames: int = 0, **agent_options):
         super().__init__()
         if mask_type not in MASK_TYPES:
             raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
-        if num_transformer_layers < 1:
-            raise ValueError(f"num_transformer_layers must be >= 1, got {num_transformer_layers}")
+        if num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
         d = encoding_dim
-        in_channels = [d] if num_transformer_layers == 1 else [2 * d] + [3 * d] * (num_transformer_layers - 1)
+        in_channels = [d] if num_stages == 1 else [2 * d] + [3 * d] * (num_stages - 1)
         widths = stage_widths or in_channels
-        if len(widths) != num_transformer_layers:
-            raise ValueError(f"stage_widths needs {num_transformer_layers} entries, got {len(widths)}")
-        heads = [nhead] * num_transformer_layers if isinstance(nhead, int) else list(nhead)
-        if len(heads) != num_transformer_layers:
-            raise ValueError(f"nhead needs 1 or {num_transformer_layers} entries, got {len(heads)}")
+        if len(widths) != num_stages:
+            raise ValueError(f"stage_widths needs {num_stages} entries, got {len(widths)}")
+        heads = [nhead] * num_stages if isinstance(nhead, int) else list(nhead)
+        if len(heads) != num_stages:
+            raise ValueError(f"nhead needs 1 or {num_stages} entries, got {len(heads)}")
         self.encoding_dim, self.anti_cheating, self.mask_type = d, anti_cheating, mask_type
         self.temporal_segment_frames, self.frequency_split = temporal_segment_frames, frequency_split
         self.fade_frames = fade_frames  # a switch between the songs ramps over this many frames (0: a cut)
         self.section_beats = 0  # decisions per section of this many beats of the input (0: fixed blocks of frames)
         self.stages = nn.ModuleList(Stage(c, w, d, num_layers, h, dropout, use_sdpa, style_dim)
                                     for c, w, h in zip(in_channels, widths, heads, strict=True))
-        self.creative_agent = (CreativeAgent(d, use_discriminator, agent_hidden_dim, agent_heads, style_dim=style_dim,
+        self.creative_agent = (CreativeAgent(d, agent_hidden_dim, agent_heads, style_dim=style_dim,
                                              fade_frames=fade_frames, **agent_options) if use_creative_agent else None)
         # a style reference conditions every stage and the agent (style_dim > 0)
         self.style_encoder = StyleEncoder(d, style_dim) if style_dim else None

@@ -1,4 +1,5 @@
-"""Reading WAV pairs: validation of every file, the dataset, and the (distributed) data loaders."""
+"""Reading WAV pairs: validation of every file, the dataset, the latent cache, and a run's (distributed) data:
+both splits checked once, their beat grids, caches and loaders (`TrainingData`)."""
 from __future__ import annotations
 
 import glob
@@ -8,13 +9,15 @@ import os
 import numpy as np
 import soundfile as sf
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from beats import Grid, align, estimate_key, loudness_lufs, padded_beats, track_beats
+from config import SILENCE_DB
+from distributed import cpus_per_rank
 
 BEATS_FILE = "beats.json"  # in each split folder: pair name -> its grid (see pair_grid)
-SILENCE_DB = -60.0  # RMS level (dBFS) below which a song or segment is silent: the usual silence-detection level
 
 
 def rms_dbfs(audio: np.ndarray) -> float:
@@ -317,3 +320,102 @@ class CachedLatents(Dataset):
         z_in = torch.from_numpy(np.array(self.latents[index, 0]))
         z_tgt = torch.from_numpy(np.array(self.latents[other, 1]))
         return inp, tgt, beats, z_in, z_tgt
+
+
+def check_splits(config, main: bool, log) -> dict[str, WavPairsDataset]:
+    """Both splits of the pairs folder, every file checked once by rank 0 (the others take its verdict), with their
+    beat grids; BadDataError for bad files (unless --skip_bad_files) or an empty split."""
+    c = config
+    folders = {split: os.path.join(c.dataset_folder, split) for split in ("train", "val")}
+    for folder in folders.values():
+        if problem := path_problem(folder, "folder"):
+            raise FileNotFoundError(f"pairs folder {folder}: {problem}")
+    problems, datasets = [], {}
+    for split, folder in folders.items():
+        shuffle = split == "train" and c.shuffle_targets
+        scan = [scan_pairs(folder, c.sample_rate, c.segment_samples, True, c.silence_db) if main else None]
+        if main:  # a folder from before beats.json gets its grids once, before any other rank reads them
+            load_beat_grids(folder, scan[0][0], c.sample_rate, True)
+        if dist.is_initialized():
+            dist.broadcast_object_list(scan, src=0)
+        try:
+            datasets[split] = WavPairsDataset(folder, c.sample_rate, c.segment_samples, shuffle_targets=shuffle,
+                                              seed=c.seed, skip_bad_files=c.skip_bad_files, scan=scan[0],
+                                              align_targets=shuffle and c.align_targets)
+        except BadDataError as err:
+            problems += err.problems
+            continue
+        problems += datasets[split].problems
+    if problems and not c.skip_bad_files:
+        raise BadDataError(problems)
+    if problems:
+        log(f"⚠️  skipping {len(problems)} bad file(s):\n" + str(BadDataError(problems)).split("\n", 1)[1])
+    for split, dataset in datasets.items():
+        if len(dataset) == 0:
+            raise BadDataError([(folders[split], "no usable pairs")])
+    return datasets
+
+
+def cached(dataset: WavPairsDataset, codec, device, rank: int, world_size: int, log) -> CachedLatents:
+    """The dataset with its latents from the cache. A missing or stale cache is filled by every rank, each encoding
+    its share of the pairs, and is complete and valid when this returns."""
+    path, main = CachedLatents.path_for(dataset, codec.settings), rank == 0
+    missing = [not os.path.isfile(path)]  # rank 0 decides, so no rank can see the file appear half-way
+    barrier = dist.barrier if dist.is_initialized() else lambda: None
+    if dist.is_initialized():
+        dist.broadcast_object_list(missing, src=0)
+    if missing[0]:
+        partial = path + ".partial.npy"
+        if main:
+            CachedLatents.allocate(partial, len(dataset), codec.dim, codec.num_frames(dataset.segment_samples))
+        barrier()
+        CachedLatents.fill(dataset, codec, partial, device, rank, world_size, main)
+        barrier()
+        if main:
+            os.replace(partial, path)
+            log(f"Latent cache written: {path}")
+    barrier()
+    return CachedLatents(dataset, path)
+
+
+def loader_workers(wanted: int | None, on_gpu: bool, log) -> int:
+    """Data-loader workers of this rank: the CPUs it may use minus one for the training loop (none on CPU, where
+    the workers would take cores from the model), never more than that."""
+    spare = max(0, cpus_per_rank() - 1)
+    if wanted is None:
+        return spare if on_gpu else 0
+    if wanted > spare:
+        log(f"⚠️  --num_workers {wanted} is more than this rank's {cpus_per_rank()} CPU(s) allow: using {spare}")
+    return min(wanted, spare)
+
+
+class TrainingData:
+    """A run's data on this rank: both splits checked (`train_set`, `val_set`: WAV pairs), what the loaders read
+    (`train_data`, `val_data`: the same or their latent caches) and the loaders over this rank's share."""
+
+    def __init__(self, config, codec, device: torch.device, rank: int, world_size: int, log=print):
+        c = config
+        c.segment_samples = c.segment_samples or infer_segment_samples(os.path.join(c.dataset_folder, "train"))
+        self.segment_samples = c.segment_samples
+        datasets = check_splits(c, rank == 0, log)
+        self.train_set, self.val_set = datasets["train"], datasets["val"]
+        self.train_data, self.val_data = self.train_set, self.val_set
+        if c.cache_latents:
+            self.train_data, self.val_data = (cached(d, codec, device, rank, world_size, log)
+                                              for d in (self.train_set, self.val_set))
+        pin = device.type == "cuda"
+        self.workers = loader_workers(c.num_workers, pin, log)
+        # a compiled step drops each epoch's last, smaller batch: one graph then serves every step
+        drop_last = c.compile and len(self.train_data) // world_size > c.batch_size
+        self.train_loader, self.train_sampler = build_loader(self.train_data, c.batch_size, world_size, rank, True,
+                                                             c.seed, self.workers, pin, drop_last)
+        self.val_loader, _ = build_loader(self.val_data, c.batch_size, world_size, rank, False, c.seed,
+                                          self.workers, pin)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.train_sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
+
+    def close(self) -> None:
+        """Drop the loaders, which stops their worker processes now (see Trainer.close)."""
+        self.train_loader = self.val_loader = None

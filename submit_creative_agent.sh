@@ -38,12 +38,11 @@ mkdir -p logs
 if [ -n "$ENV_ACTIVATE" ]; then eval "$ENV_ACTIVATE"; fi
 
 # every task joins the job through SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; rank 0's host is the master.
-# The port comes from the job id: jobs sharing a node get different ports (ids closer than 40000 apart).
+# The port is train_simple_ddp.py's, from the job id (set MASTER_PORT here to choose another).
 MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || true)"
 export MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 40000))}"
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
-echo "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NNODES:-1} node(s), ${SLURM_NTASKS:-1} task(s), master ${MASTER_ADDR}:${MASTER_PORT}"
+echo "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NNODES:-1} node(s), ${SLURM_NTASKS:-1} task(s), master ${MASTER_ADDR}"
 
 MODE_ARGS=(--resume auto)
 if [ "$PREPARE" = "1" ]; then MODE_ARGS=(--prepare_only); fi

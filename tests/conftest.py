@@ -7,7 +7,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from make_pairs import make_pairs, synth_song  # noqa: E402
+from pairs_folder import make_pairs, synth_song  # noqa: E402
 from train_simple_ddp import parse_args  # noqa: E402
 
 SR = 8000

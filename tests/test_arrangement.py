@@ -9,11 +9,12 @@ import torch
 from conftest import SR, tiny_args
 
 from checkpoints import build_model
+from config import upgrade
 from creative_agent import AttentionMaskGenerator, novelty
 from fixed_masks import make_fixed_masks
 from listening import input_share
 from losses import farther_song_loss, lsd_per_example, mask_variability, temporal_variation
-from make_pairs import synth_song
+from pairs_folder import synth_song
 from train_simple_ddp import parse_args
 from train_simple_worker import run
 
@@ -91,9 +92,9 @@ def test_frame_gates_decide_whole_blocks_and_switch_only_at_their_edges():
 def test_checkpoints_from_before_blocks_decide_every_frame(tmp_path, pairs_dir):
     config = vars(tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true"))
     config["codec_dim"] = 32
-    assert build_model(config, 32).creative_agent.mask_generator.block_frames == 32
+    assert build_model(upgrade(config), 32).creative_agent.mask_generator.block_frames == 32
     del config["agent_block_frames"]
-    assert build_model(config, 32).creative_agent.mask_generator.block_frames == 0
+    assert build_model(upgrade(config), 32).creative_agent.mask_generator.block_frames == 0
 
 
 def test_regularisation_prefers_decided_balanced_loud_switches_at_changes():
@@ -110,7 +111,7 @@ def test_regularisation_prefers_decided_balanced_loud_switches_at_changes():
     gen.regularization(1 - take_loud, take_loud, change, energy)
     quiet = {k: v.item() for k, v in gen.last_terms.items()}
     assert loud["presence"] < quiet["presence"]
-    assert loud["complementarity"] == loud["balance"] == loud["share"] == loud["switching"] == 0.0
+    assert loud["complementarity"] == loud["area"] == loud["share"] == loud["switching"] == 0.0
     assert loud["diversity"] == pytest.approx(0.0)
     half = torch.full_like(take_loud, 0.5)
     gen.regularization(half, half, change, energy)

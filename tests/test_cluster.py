@@ -172,7 +172,11 @@ def test_slurm_script_prepare_mode_and_several_nodes(tmp_path, pairs_dir):
     result = subprocess.run(["bash", os.path.join(ROOT, "submit_creative_agent.sh")], env=env, cwd=work,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "2 node(s), 2 task(s), master 127.0.0.1:24243" in result.stdout
+    assert "2 node(s), 2 task(s), master 127.0.0.1" in result.stdout
+    import train_simple_ddp  # one port formula, the launcher's: the script sets none
+
+    assert train_simple_ddp.slurm_port("4243") == 24243 and train_simple_ddp.slurm_port("64243") == 44243
+    assert "MASTER_PORT=" not in open(os.path.join(ROOT, "submit_creative_agent.sh")).read()
     assert "latent caches are complete" in result.stdout and not (work / "checkpoints").exists()
     assert len(os.listdir(dataset / "train" / ".latent_cache")) == 1
     script = open(os.path.join(ROOT, "submit_creative_agent.sh")).read()

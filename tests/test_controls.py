@@ -13,11 +13,13 @@ from conftest import SR, tiny_args
 import arrange
 import evaluate
 from checkpoints import build_model, load_checkpoint, load_model_state
+from config import upgrade
 from creative_agent import AttentionMaskGenerator, CreativeAgent, split_at
 from listening import tone_distance_db
 from losses import lsd_per_example, reconstruction_loss
-from make_pairs import synth_song
-from model_simple_transformer import SimpleTransformer, restyle, style_distance
+from model_simple_transformer import SimpleTransformer, restyle
+from objective import style_distance
+from pairs_folder import synth_song
 from train_simple_worker import Trainer, run
 
 
@@ -45,10 +47,10 @@ def test_balance_and_share_terms_vanish_at_the_wanted_share():
     quarter = torch.zeros(1, 4, 64)
     quarter[..., :16] = 1.0
     gen.regularization(quarter, 1 - quarter, share=torch.full((1, 1, 1), 0.25))
-    assert gen.last_terms["balance"].item() == pytest.approx(0.0, abs=1e-12)
+    assert gen.last_terms["area"].item() == pytest.approx(0.0, abs=1e-12)
     assert gen.last_terms["share"].item() == pytest.approx(0.0, abs=1e-12)
     gen.regularization(quarter, 1 - quarter)  # the default aims at one half
-    assert gen.last_terms["balance"].item() == pytest.approx(0.25)
+    assert gen.last_terms["area"].item() == pytest.approx(0.25)
 
 
 def test_far_lsd_follows_the_wanted_share():
@@ -95,10 +97,10 @@ def test_checkpoints_without_the_new_options_still_load(tmp_path, pairs_dir):
     """A run from before the controls existed has no agent_scales, balance_range or hard_masks in its config."""
     config = vars(tiny_args(tmp_path, pairs_dir, "--use_creative_agent", "true", "--agent_gates", "cell"))
     config["codec_dim"] = 32
-    weights = build_model(config, 32).state_dict()
+    weights = build_model(upgrade(config), 32).state_dict()
     for key in ("agent_scales", "balance_range", "hard_masks"):
         del config[key]
-    model = build_model(config, 32)
+    model = build_model(upgrade(config), 32)
     load_model_state(model, weights, "old.pt")
     assert model.creative_agent.mask_generator.scales == (1,)
 
@@ -185,17 +187,17 @@ def test_gumbel_temperature_anneals_from_start_to_end(tmp_path, pairs_dir):
                      "--gumbel_tau_start", "2.0", "--gumbel_tau_end", "0.5", "--num_epochs", "2")
     trainer = Trainer(0, 1, 0, args)
     tau = trainer.model.creative_agent.mask_generator.tau
-    last = 2 * len(trainer.train_loader) - 1
+    last = 2 * len(trainer.data.train_loader) - 1
+    assert trainer.total_steps == last + 1
     for step, want in ((0, 2.0), (last // 2, 2.0 * 0.25 ** ((last // 2) / last)), (last, 0.5)):
-        trainer.step = step
-        trainer.anneal_gumbel()
+        trainer.objective.anneal_gumbel(step, trainer.total_steps)
         assert tau.item() == pytest.approx(want)
-    trainer.stop.close()
+    trainer.close()
 
 
 def test_compositional_components_sum_to_the_song_and_are_chosen_per_component():
     x, y = latents(frames=120)
-    agent = CreativeAgent(16, use_discriminator=False, hidden_dim=16, agent="compositional")
+    agent = CreativeAgent(16, hidden_dim=16, agent="compositional")
     gen = agent.mask_generator
     parts = gen.components(x)
     assert parts.shape == (2, 3, 16, 120) and torch.allclose(parts.sum(dim=1), x, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Issue 10: one definition of silence by level, clear words for path mistakes, no import circle."""
+"""Issue 10: one definition of silence by level, clear words for path mistakes, no import circle. Issue 25: one
+home for each concept (sizes, scripts not imported, every flag read, one configuration)."""
 import ast
 import os
 
@@ -11,6 +12,7 @@ import arrange
 import evaluate
 import make_pairs
 import pairs_dataset
+import pairs_folder
 from pairs_dataset import SILENCE_DB, path_problem, rms_dbfs, silence_problem
 from train_simple_worker import run
 
@@ -62,10 +64,10 @@ def test_arrange_and_evaluate_refuse_silent_songs(tmp_path, name, capsys, pairs_
 
 
 def test_make_pairs_skips_and_counts_silent_songs(tmp_path):
-    loud = lambda: make_pairs.synth_song(1, 2.0, SR)  # noqa: E731
+    loud = lambda: pairs_folder.synth_song(1, 2.0, SR)  # noqa: E731
     songs = [("loud_a", loud), ("loud_b", loud)]
     songs += [(name, lambda x=x: np.resize(x, 2 * SR)) for name, x in QUIET.items()]
-    summary = make_pairs.make_pairs(songs, str(tmp_path / "pairs"), 0.5, SR, 0.5, 0, progress=False)
+    summary = pairs_folder.make_pairs(songs, str(tmp_path / "pairs"), 0.5, SR, 0.5, 0, progress=False)
     assert summary.skipped["silent pairs"] == 3 * len(QUIET)  # every segment of a silent song is silent
     assert "skipped: 9 silent pairs" in summary.report()
     assert sum(summary.pairs.values()) == 6  # two loud songs of four segments: three pairs each
@@ -144,3 +146,64 @@ def test_no_import_circle():
 
     for module in sorted(modules):
         visit(module, [])
+
+
+def project_files() -> list[str]:
+    return sorted(f for f in os.listdir(ROOT) if f.endswith(".py"))
+
+
+def test_no_class_over_250_lines_and_no_function_over_60():
+    """Issue 25: small pieces, each with one job (argument parsing included)."""
+    too_long = []
+    for path in [os.path.join(ROOT, f) for f in project_files()] + [
+            os.path.join(ROOT, "tests", f) for f in os.listdir(os.path.join(ROOT, "tests")) if f.endswith(".py")]:
+        for node in ast.walk(ast.parse(open(path).read())):
+            limit = 250 if isinstance(node, ast.ClassDef) else 60
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.end_lineno - node.lineno + 1 > limit:
+                too_long.append(f"{os.path.basename(path)}:{node.lineno} {node.name} "
+                                f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not too_long, too_long
+
+
+def test_no_command_line_script_is_imported_by_a_module():
+    """A script (a module with main()) is an entry point only: library code lives in modules that it imports."""
+    modules = {f[:-3] for f in project_files()}
+    scripts = {m for m in modules if "def main(" in open(os.path.join(ROOT, f"{m}.py")).read()}
+    assert {"arrange", "evaluate", "make_pairs", "plot_training", "bench", "train_simple_ddp"} <= scripts
+    importers = {m: local_imports(os.path.join(ROOT, f"{m}.py"), scripts) - {m} for m in modules}
+    assert not {m: found for m, found in importers.items() if found}
+
+
+def test_every_flag_of_the_configuration_is_read_by_the_code():
+    """A flag goes command line -> config.Config field -> the code that reads `.NAME`: no flag is dead weight."""
+    from dataclasses import fields
+
+    from config import Config
+
+    code = "".join(open(os.path.join(ROOT, f)).read() for f in project_files() if f != "config.py")
+    unread = [f.name for f in fields(Config) if f.metadata.get("group") and f".{f.name}" not in code]
+    assert not unread, f"flags that no code reads: {unread}"
+
+
+def test_one_configuration_from_the_command_line_to_old_checkpoints(capsys):
+    """Flags users type keep working, the masks are one choice, and `upgrade` completes an old checkpoint's dict."""
+    from config import LEGACY, parse_args, upgrade
+
+    config = parse_args(["--num_transformer_layers", "3", "--epochs", "7", "--nhead", "2", "4", "2"])
+    assert (config.num_stages, config.num_epochs, config.nhead) == (3, 7, [2, 4, 2])
+    assert config.masks == "none" and config.run_name.startswith("none_")
+    assert parse_args(["--agent", "compositional"]).use_creative_agent  # --agent KIND chooses the agent
+    assert not parse_args(["--agent_gates", "cell"]).use_creative_agent  # a prefix of --agent is not --agent
+    with pytest.raises(SystemExit):
+        parse_args(["--use_creative_agent", "true", "--mask_type", "temporal"])
+    assert "--mask_type temporal is a rule for runs without the agent" in capsys.readouterr().err
+    saved = parse_args(["--use_creative_agent", "true"]).to_dict()
+    saved["num_transformer_layers"] = saved.pop("num_stages")  # as checkpoints before the rename have it
+    for key in ("section_beats", "agent_block_frames", "far_lsd_weight"):
+        del saved[key]
+    saved["sdpa"] = True  # a flag that is gone
+    old = upgrade(saved)
+    assert old.num_stages == 2 and old.section_beats == 0 and old.agent_block_frames == 0
+    assert old.far_lsd_weight == LEGACY["far_lsd_weight"] == 0.0 and not hasattr(old, "sdpa")
+    today = parse_args(["--run_name", "r", "--agent_scales", "1,4"])
+    assert upgrade(today.to_dict()) == today  # what a checkpoint stores comes back as it was

@@ -12,6 +12,7 @@ from conftest import SR
 
 import arrange
 import evaluate
+import inference
 import plot_training
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +56,7 @@ def test_arrange_hard_masks_are_complementary(checkpoints):
 
     model, codec, norm = model_from_checkpoint(load_checkpoint(checkpoints["agent"]))
     x, y = torch.randn(3 * SR) * 0.1, torch.randn(SR) * 0.1
-    _, (m_in, m_tgt), _, _ = arrange.arrange_song(model, codec, norm, x, y, 4000, hard=True)
+    _, (m_in, m_tgt), _, _ = inference.arrange_song(model, codec, norm, x, y, 4000, hard=True)
     torch.testing.assert_close(m_in + m_tgt, torch.ones_like(m_in))
 
 
@@ -67,9 +68,9 @@ def test_no_seam_at_window_boundaries(checkpoints):
     t = torch.arange(6 * SR) / SR
     x = 0.3 * torch.sin(2 * torch.pi * 200 * t)
     y = 0.3 * torch.sin(2 * torch.pi * 300 * t)
-    out, _, _, sections = arrange.arrange_song(model, codec, norm, x, y, 4000)
+    out, _, _, sections = inference.arrange_song(model, codec, norm, x, y, 4000)
     jumps = (out[1:] - out[:-1]).abs()
-    plan = arrange.plan_windows(sections, codec.hop_length, len(x), 4000, 1000)
+    plan = inference.plan_windows(sections, codec.hop_length, len(x), 4000, 1000)
     assert len(plan) > 2 and [kept for _, kept, _ in plan[1:]] == [end for _, _, end in plan[:-1]]  # they tile
     near_edge = torch.zeros(len(jumps), dtype=torch.bool)
     for _, kept, _ in plan[1:]:
@@ -79,7 +80,7 @@ def test_no_seam_at_window_boundaries(checkpoints):
 
 def test_windows_tile_the_song_on_section_starts():
     sections = torch.arange(1000) // 37  # sections of 37 frames
-    plan = arrange.plan_windows(sections, 8, 8000, 2000, 240)
+    plan = inference.plan_windows(sections, 8, 8000, 2000, 240)
     assert plan[0][1] == 0 and plan[-1][2] == 8000
     for begin, kept, end in plan:
         assert begin <= kept - 240 or begin == 0

@@ -20,6 +20,7 @@ from losses import (
     stft_loss,
 )
 from model_simple_transformer import SimpleTransformer
+from objective import Discriminator
 
 D, T = 32, 40
 
@@ -38,13 +39,13 @@ def test_mask_generator_unpacking_shapes_and_range():
 
 
 def test_reg_terms_are_logged_and_weighted():
-    gen = AttentionMaskGenerator(D, hidden_dim=64, complementarity_weight=2.0, balance_weight=0.0,
+    gen = AttentionMaskGenerator(D, hidden_dim=64, complementarity_weight=2.0, area_weight=0.0,
                                  diversity_weight=0.0, switching_weight=0.0, presence_weight=0.0, share_weight=0.0,
                                  gates="cell")
     m_in, m_tgt, reg = gen(*latents())
-    assert set(gen.last_terms) == {"complementarity", "balance", "diversity", "switching", "presence", "share"}
+    assert set(gen.last_terms) == {"complementarity", "area", "diversity", "switching", "presence", "share"}
     assert reg.item() == pytest.approx(2.0 * (m_in * m_tgt).mean().item(), rel=1e-5)
-    assert gen.last_terms["balance"].requires_grad  # the trainer's --balance_loss_weight trains through it
+    assert gen.last_terms["area"].requires_grad  # the trainer's --balance_loss_weight trains through it
 
 
 def test_untrained_masks_sit_near_75_and_100_percent():
@@ -67,28 +68,21 @@ def test_frame_gates_are_decided_per_frame_for_every_channel():
 def test_parameter_counts_at_d128():
     agent = CreativeAgent(128)
     assert 450_000 < count_parameters(agent.mask_generator) < 600_000
-    assert 150_000 < count_parameters(agent.discriminator) < 250_000
+    assert 150_000 < count_parameters(Discriminator(128)) < 250_000
 
 
-def test_creative_agent_masks_hard_and_discriminator():
+def test_creative_agent_masks_hard_and_one_discriminator():
     agent = CreativeAgent(D, hidden_dim=64)
     x, y = latents()
     masked_x, masked_y, reg = agent.generate_creative_masks(x, y, hard=True)
     m_in, m_tgt = agent.last_masks
     assert set(m_in.unique().tolist()) <= {0.0, 1.0} and torch.equal(m_in + m_tgt, torch.ones_like(m_in))
     assert torch.equal(masked_x, x * m_in)
-    real_fake, style = agent.judge_quality(x)
+    assert not any("discriminator" in name for name, _ in agent.named_parameters())  # it lives in objective.py
+    real_fake, style = Discriminator(D, 64)(x)
     assert real_fake.shape == style.shape == (2, 1)
-    gen_loss, disc_loss = agent.adversarial_loss(masked_x + masked_y, y)
-    assert gen_loss.dim() == disc_loss.dim() == 0
-
-
-def test_agent_without_discriminator_says_so():
-    agent = CreativeAgent(D, use_discriminator=False, hidden_dim=64)
-    with pytest.raises(RuntimeError, match="use_discriminator=False"):
-        agent.judge_quality(torch.randn(1, D, T))
-    with pytest.raises(RuntimeError, match="use_discriminator=False"):
-        agent.adversarial_loss(torch.randn(1, D, T), torch.randn(1, D, T))
+    with pytest.raises(ValueError, match="at least 4 frames"):
+        Discriminator(D, 64)(x[..., :3])
 
 
 @pytest.mark.parametrize("mask_type", ["temporal", "frequency", "energy"])
@@ -132,7 +126,7 @@ def tiny_model(**kw):
 
 @pytest.mark.parametrize("stages", [1, 2, 3])
 def test_model_unpacking_and_stages(stages):
-    model = tiny_model(num_transformer_layers=stages)
+    model = tiny_model(num_stages=stages)
     out, reg = model(*latents())
     assert out.shape == (2, D, T) and reg is None
     assert len(model.stages) == stages
@@ -145,7 +139,7 @@ def test_default_widths_and_size():
 
 
 def test_gradients_reach_agent_and_every_stage():
-    model = tiny_model(num_transformer_layers=3, use_creative_agent=True)
+    model = tiny_model(num_stages=3, use_creative_agent=True)
     for stage in model.stages:  # zero-initialised outputs would block gradients to the rest of the stage
         torch.nn.init.normal_(stage.proj_out.weight, std=0.02)
     out, reg = model(*latents())

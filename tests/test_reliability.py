@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, SR, tiny_args
 
 import checkpoints
-import train_simple_worker
+import objective
 from checkpoints import CheckpointError, load_checkpoint
 from train_simple_worker import run
 
@@ -174,7 +174,7 @@ def test_signal_saves_and_resume_continues(tmp_path, pairs_dir, sig):
 
 def poison_loss(monkeypatch, is_bad, value=float("nan")) -> dict:
     """Multiply the training loss by `value` at the training steps n (1, 2, ...) where is_bad(n); counts steps."""
-    original = train_simple_worker.reconstruction_loss
+    original = objective.reconstruction_loss
     calls = {"n": 0}
 
     def patched(*args, **kwargs):
@@ -185,7 +185,7 @@ def poison_loss(monkeypatch, is_bad, value=float("nan")) -> dict:
                 total = total * value
         return total, terms
 
-    monkeypatch.setattr(train_simple_worker, "reconstruction_loss", patched)
+    monkeypatch.setattr(objective, "reconstruction_loss", patched)
     return calls
 
 

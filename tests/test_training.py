@@ -143,11 +143,11 @@ def test_missing_dataset_folder_says_how_to_make_one(tmp_path, capsys):
 
 def test_default_dataset_is_generated(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    import make_pairs
+    import pairs_folder
 
-    monkeypatch.setitem(make_pairs.DEMO, "songs", 4)
-    monkeypatch.setitem(make_pairs.DEMO, "seconds", 2.0)
-    monkeypatch.setitem(make_pairs.DEMO, "segment_seconds", 0.5)
+    monkeypatch.setitem(pairs_folder.DEMO, "songs", 4)
+    monkeypatch.setitem(pairs_folder.DEMO, "seconds", 2.0)
+    monkeypatch.setitem(pairs_folder.DEMO, "segment_seconds", 0.5)
     args = train_simple_ddp.parse_args(["--sample_rate", str(SR), "--codec_dim", "32", "--num_layers", "1",
                                         "--nhead", "2", "--num_epochs", "1", "--run_name", "run"])
     assert run(0, 1, 0, args) == 0
@@ -230,7 +230,7 @@ def test_encodec_training_from_a_local_folder(tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "encodec_24khz"
     transformers.EncodecModel(transformers.EncodecConfig()).save_pretrained(str(weights))
-    from make_pairs import make_pairs, synth_song
+    from pairs_folder import make_pairs, synth_song
 
     songs = [(f"s{i}", lambda i=i: synth_song(i, 1.5, 24000)) for i in range(3)]
     make_pairs(songs, str(tmp_path / "pairs"), 0.5, 24000, val_fraction=0.34, seed=0, progress=False)

@@ -1,0 +1,267 @@
+"""A run's configuration: one typed record that train_simple_ddp.py's command line fills, every checkpoint stores
+(as a plain dict) and `upgrade` completes for checkpoints of older versions.
+
+Each field is one flag of the same name, with its default and help beside it: a flag goes from the command line to
+this record to the code that reads `config.NAME`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+from audio_codec import CODECS
+from fixed_masks import MASK_TYPES
+
+SILENCE_DB = -60.0  # RMS level (dBFS) below which a song or segment is silent: the usual silence-detection level
+
+
+def str2bool(value: str) -> bool:
+    """A command line's true/false (also 1/0, yes/no, on/off): how every CLI spells a switch."""
+    if value.lower() in ("true", "1", "yes", "y", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def share_range(text: str) -> tuple[float, float]:
+    """'LO,HI' with 0 < LO <= HI < 1 -> (LO, HI)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI such as 0.2,0.8, got {text!r}") from None
+    if not 0 < lo <= hi < 1:
+        raise argparse.ArgumentTypeError(f"expected 0 < LO <= HI < 1, got {text!r}")
+    return lo, hi
+
+
+def frame_scales(text: str) -> tuple[int, ...]:
+    """'1,4,16' -> (1, 4, 16): distinct positive frame counts, 1 among them."""
+    try:
+        scales = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected frame counts such as 1,4,16, got {text!r}") from None
+    if 1 not in scales or min(scales) < 1 or len(set(scales)) != len(scales):
+        raise argparse.ArgumentTypeError(f"expected distinct positive frame counts including 1, got {text!r}")
+    return scales
+
+
+def count(text: str) -> int:
+    """A whole number >= 0 (of frames or beats)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 such as 32, got {text!r}")
+    return int(text)
+
+
+def head_counts(counts: list[int]) -> int | list[int]:
+    """--nhead as the model and the checkpoints take it: one count as an int (as checkpoints have always stored
+    it), one count per stage as a list."""
+    return counts[0] if len(counts) == 1 else counts
+
+
+def flag(default, group: str, help: str = "", **argparse_options):
+    """A field that is also a command-line flag of the same name, in `group` of --help."""
+    return field(default=default, metadata=dict(group=group, help=help, **argparse_options))
+
+
+def derived(default=None):
+    """A field the run fills in itself (not a flag), stored in checkpoints."""
+    return field(default=default, metadata=dict(group=None))
+
+
+@dataclass
+class Config:
+    # ---- data
+    dataset_folder: str = flag("dataset_wav_pairs", "data", "pairs folder with train/ and val/ (default "
+                               "dataset_wav_pairs: the synthetic demo set, generated when missing)")
+    shuffle_targets: bool = flag(False, "data", "pair each training input with a random other target (default "
+                                 "false: continuations)", type=str2bool)
+    align_targets: bool = flag(False, "data", "with --shuffle_targets: lay each drawn target on its input's grid "
+                               "first (tempo, beats, key, loudness), as arrange.py lays two songs (default false; "
+                               "not with --cache_latents)", type=str2bool)
+    segment_seconds: float | None = flag(None, "data", "segment length (default: the files' length)", type=float)
+    sample_rate: int = flag(24000, "data", "sample rate of the pairs and codec (default 24000)", type=int)
+    num_workers: int | None = flag(None, "data", "data-loader workers per rank (default: the CPUs of the rank "
+                                   "minus one on GPU, 0 on CPU where they would take cores from the model)", type=int)
+    skip_bad_files: bool = flag(False, "data", "warn about bad files and train on the rest", action="store_true")
+    silence_db: float = flag(SILENCE_DB, "data", "a file whose RMS level is below this is silent: refused, or "
+                             f"skipped with --skip_bad_files (default {SILENCE_DB:g} dBFS)", type=float)
+    # ---- masks: one choice, the agent (--agent KIND or --use_creative_agent true) or a rule (--mask_type)
+    use_creative_agent: bool = flag(False, "masks", "learn the masks with the attention agent (default false)",
+                                    type=str2bool)
+    agent: str = flag("attention", "masks", "learn the masks with this agent (implies --use_creative_agent true): "
+                      "attention masks each song; compositional splits each song into rhythm, harmony and timbre "
+                      "and takes each component from one song or the other", choices=("attention", "compositional"))
+    mask_type: str = flag("none", "masks", "the rule-based masks of a run without the agent (default none)",
+                          choices=MASK_TYPES)
+    mask_reg_weight: float = flag(0.1, "masks", "weight of the agent's mask regularisation (default 0.1)",
+                                  type=float)
+    balance_loss_weight: float = flag(0.0, "masks", "extra weight on the regularisation's area-share term "
+                                      "(default 0: it is already in the regularisation)", type=float)
+    adversarial_weight: float = flag(0.0, "masks", "weight of a discriminator's verdict on the output (default 0: "
+                                     "off)", type=float)
+    agent_gates: str = flag("frame", "masks", "what the agent decides: which song each frame comes from (frame, "
+                            "default) or each channel x frame cell (cell)", choices=("frame", "cell"))
+    agent_block_frames: int = flag(32, "masks", "with frame gates and no beat grid, decide once per block of N "
+                                   "frames (default 32; 0: every frame, from scores smoothed over 16 frames)",
+                                   type=count, metavar="N")
+    section_beats: int = flag(2, "masks", "the agent (frame gates) and the temporal rule decide once per section "
+                              "of N beats of the input's beat grid, so the songs switch only on the beat (default "
+                              "2; 0: fixed blocks of --agent_block_frames / --temporal_segment_frames frames); "
+                              "songs without a pulse fall back to those blocks", type=count, metavar="N")
+    balance_range: tuple = flag((0.2, 0.8), "masks", "train the agent for any wanted input share: each example "
+                                "draws one from LO..HI, and arrange.py/evaluate.py --balance choose it later "
+                                "(default 0.2,0.8; 0.5,0.5: always even)", type=share_range, metavar="LO,HI")
+    agent_scales: tuple = flag((1,), "masks", "time scales in frames at which the agent attends, fused by "
+                               "summation (default 1; for example 1,4,16 adds attention between means of 4 and of "
+                               "16 frames)", type=frame_scales, metavar="S1,S2,...")
+    hard_masks: bool = flag(False, "masks", "train the agent's decisions with Gumbel noise, straight-through 0/1 "
+                            "(default false)", type=str2bool)
+    gumbel_tau_start: float = flag(1.0, "masks", "Gumbel temperature at the first step (default 1.0)", type=float)
+    gumbel_tau_end: float = flag(0.1, "masks", "Gumbel temperature at the last step, reached geometrically "
+                                 "(default 0.1)", type=float)
+    style_weight: float = flag(0.0, "masks", "W > 0: a style reference conditions the agent and the cascade "
+                               "(arrange.py --style_reference); trained on the target of another pair in half of "
+                               "the examples, with W x the distance between the output's and the reference's "
+                               "per-channel level and spread (default 0: off)", type=float)
+    temporal_segment_frames: int = flag(32, "masks", "frames per section of the temporal rule where there is no "
+                                        "beat grid (default 32)", type=int)
+    frequency_split: float = flag(0.5, "masks", "share of channels the input keeps under the frequency rule "
+                                  "(default 0.5)", type=float)
+    # ---- model
+    codec: str = flag("mdct", "model", "frozen codec (default mdct, weight-free)", choices=CODECS)
+    codec_path: str | None = flag(None, "model", "local folder of the EnCodec weights")
+    codec_dim: int = flag(128, "model", "MDCT bins D (default 128, as EnCodec; EnCodec's is its own)", type=int)
+    num_stages: int = flag(2, "model", "cascade stages (default 2; also spelt --num_transformer_layers)", type=int,
+                           aliases=("--num_transformer_layers",))
+    num_layers: int = flag(6, "model", "transformer layers per stage (default 6)", type=int)
+    nhead: int | list = flag(4, "model", "attention heads, for every stage or one count per stage (default 4: "
+                             "head dims 64 and 96 at the default widths, fast on GPUs)", type=int, nargs="+",
+                             metavar="N")
+    dropout: float = flag(0.1, "model", "dropout on the residual paths (default 0.1)", type=float)
+    anti_cheating: float = flag(0.0, "model", "relative noise on the target that later stages see (default 0)",
+                                type=float)
+    # ---- loss weights: against the input and the target
+    wave_input_weight: float = flag(1.0, "loss", type=float)
+    wave_target_weight: float = flag(1.0, "loss", type=float)
+    stft_input_weight: float = flag(1.0, "loss", type=float)
+    stft_target_weight: float = flag(1.0, "loss", type=float)
+    mel_input_weight: float = flag(0.0, "loss", type=float)
+    mel_target_weight: float = flag(0.0, "loss", type=float)
+    far_lsd_weight: float = flag(1.0, "loss", "weight of the log-spectral distance to the farther of the two songs "
+                                 "(default 1): an arrangement must stay close to both, which copying one song "
+                                 "cannot do", type=float)
+    # ---- optimisation
+    num_epochs: int = flag(10, "optimisation", "epochs (default 10; also spelt --epochs)", type=int,
+                           aliases=("--epochs",))
+    batch_size: int = flag(4, "optimisation", "pairs per process and step (default 4)", type=int)
+    lr: float = flag(1e-4, "optimisation", "AdamW learning rate (default 1e-4)", type=float)
+    weight_decay: float = flag(0.01, "optimisation", "AdamW weight decay (default 0.01)", type=float)
+    warmup_steps: int = flag(0, "optimisation", "steps of linear warm-up (default 0)", type=int)
+    lr_schedule: str = flag("constant", "optimisation", "after warm-up: constant (default; runs can be extended) "
+                            "or cosine decay to 10%% over --num_epochs", choices=("constant", "cosine"))
+    grad_clip: float = flag(1.0, "optimisation", "gradient norm clip (default 1.0)", type=float)
+    max_nonfinite_steps: int = flag(20, "optimisation", "stop after this many non-finite steps in a row (each is "
+                                    "skipped; default 20)", type=int)
+    seed: int = flag(0, "optimisation", "seed of the weights, the data order and the draws (default 0)", type=int)
+    # ---- speed
+    device: str = flag("auto", "speed", "auto: cuda when available", choices=("auto", "cpu", "cuda"))
+    amp: str = flag("bf16", "speed", "bf16 autocast on CUDA (default bf16)", choices=("bf16", "none"))
+    compile: bool = flag(False, "speed", "torch.compile the model and the loss for training", action="store_true")
+    cuda_graphs: bool = flag(False, "speed", "with --compile: CUDA graphs (mode reduce-overhead) to save kernel "
+                             "launches on GPUs (implies --compile)", action="store_true")
+    cache_latents: bool = flag(False, "speed", "encode the pairs once into a memory-mapped cache "
+                               "(SPLIT/.latent_cache), skipping the encoder", action="store_true")
+    # ---- processes, outputs
+    world_size: int = flag(1, "run", "processes to spawn on this machine (default 1)", type=int)
+    collective_timeout: float = flag(600.0, "run", "seconds before a collective gives up when a process died "
+                                     "(default 600)", type=float)
+    checkpoint_dir: str = flag("checkpoints", "run", "folder of the runs' checkpoints (default checkpoints)")
+    log_dir: str = flag("logs", "run", "folder of the runs' logs (default logs)")
+    run_name: str | None = flag(None, "run", "default: the masks and a time stamp, e.g. agent_20260101_120000")
+    save_every: int = flag(0, "run", "also keep checkpoint_epoch_N.pt every N epochs (default 0: never)", type=int)
+    requeue: bool = flag(True, "run", "under SLURM, a run stopped by SIGUSR1/SIGTERM before its last epoch requeues "
+                         "its own job (scontrol requeue) after saving; the requeued job continues with --resume "
+                         "auto (default true)", type=str2bool)
+    prepare_only: bool = flag(False, "run", "check every file and fill the latent cache of both splits (implies "
+                              "--cache_latents), then exit without training; on N processes each encodes its "
+                              "share", action="store_true")
+    resume: str | None = flag(None, "run", "continue from a checkpoint; auto: this run's (or the newest run's) "
+                              "checkpoint_last.pt", metavar="PATH|auto")
+    # ---- filled in by the run
+    run_name_given: str | None = derived()  # --run_name as typed (--resume auto looks for it)
+    segment_samples: int | None = derived()  # the pairs' length in samples
+    fade_frames: int = derived(0)  # frames over which a switch between the songs ramps
+
+    @property
+    def masks(self) -> str:
+        """What decides the masks: 'agent' or the rule's name (run names, banners)."""
+        return "agent" if self.use_creative_agent else self.mask_type
+
+    def to_dict(self) -> dict:
+        """As checkpoints store it: plain values only, readable by torch.load(weights_only=True)."""
+        return asdict(self)
+
+
+# A setting's meaning in runs made before it existed, where that differs from today's default.
+LEGACY = dict(agent_gates="cell", agent_scales=(1,), balance_range=(0.5, 0.5), agent_block_frames=0,
+              section_beats=0, far_lsd_weight=0.0)
+RENAMED = {"num_transformer_layers": "num_stages"}  # old name in checkpoints -> field
+
+
+def upgrade(saved: dict) -> Config:
+    """The configuration a checkpoint was trained with: its stored values under today's names, the LEGACY meaning
+    of settings it predates, today's defaults for the rest; keys no longer used are dropped."""
+    values = {**LEGACY, **{RENAMED.get(k, k): v for k, v in saved.items()}}
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in values.items() if k in known})
+
+
+# the settings that shape the model: a resumed run must have the same
+MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_stages", "num_layers", "nhead", "dropout", "anti_cheating",
+              "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split", "agent_gates",
+              "agent_scales", "agent", "style_weight", "agent_block_frames", "section_beats", "fade_frames")
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """train_simple_ddp.py's parser: one flag per field of Config, in groups."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {}
+    for f in fields(Config):
+        options = dict(f.metadata)
+        group = options.pop("group")
+        if group is None:
+            continue
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        names = (f"--{f.name}", *options.pop("aliases", ()))
+        default = [f.default] if options.get("nargs") == "+" else f.default
+        groups[group].add_argument(*names, dest=f.name, default=default, **options)
+    return parser
+
+
+def parse_args(argv=None, description: str = "") -> Config:
+    """The Config of a training run from its command line, checked, with the derived fields filled in."""
+    parser = build_parser(description)
+    argv = sys.argv[1:] if argv is None else argv
+    agent_given = any(a == "--agent" or a.startswith("--agent=") for a in argv)
+    config = Config(**vars(parser.parse_args(argv)))
+    if len(config.nhead) not in (1, config.num_stages):
+        parser.error(f"--nhead takes 1 or {config.num_stages} counts (one per stage), got {len(config.nhead)}")
+    config.nhead = head_counts(config.nhead)
+    config.use_creative_agent = config.use_creative_agent or agent_given
+    if config.use_creative_agent and config.mask_type != "none":
+        parser.error(f"--mask_type {config.mask_type} is a rule for runs without the agent: drop it, or drop "
+                     f"--use_creative_agent / --agent")
+    config.run_name_given = config.run_name
+    config.run_name = config.run_name or f"{config.masks}_{time.strftime('%Y%m%d_%H%M%S')}"
+    config.segment_samples = (round(config.segment_seconds * config.sample_rate) if config.segment_seconds
+                              else None)
+    config.cache_latents = config.cache_latents or config.prepare_only
+    config.compile = config.compile or config.cuda_graphs
+    if config.align_targets and config.cache_latents:
+        parser.error("--align_targets changes the targets every epoch, so their latents cannot be cached: drop "
+                     "--cache_latents (or --prepare_only)")
+    return config

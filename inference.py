@@ -1,0 +1,359 @@
+"""Inference: a trained model and two songs -> an arrangement, its masks and pictures. arrange.py, evaluate.py, the
+trainer's example and the web page all arrange through here.
+
+`Arranger.load(checkpoint)` rebuilds everything from a checkpoint alone; `arranger.arrange(song, other)` lays the
+target on the input's grid (tempo, beats, key, loudness; beats.py) and arranges whole songs in windows of the
+trained segment length, cut where sections of the input's beat grid start, so every section is decided once.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from beats import SWITCH_FADE_SECONDS, Alignment, Grid, align, analyse, level_switches, section_ids
+from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint
+from config import Config, upgrade
+from listening import in_time, input_share
+from losses import mask_metrics, temporal_variation
+from pairs_dataset import SILENCE_DB, path_problem, silence_problem
+
+
+class AudioInputError(ValueError):
+    """An input song that cannot be used; the message names the file and why."""
+
+
+def load_audio(path: str, sample_rate: int, silence_db: float = SILENCE_DB) -> torch.Tensor:
+    """A song as a mono float32 tensor [S] at `sample_rate`; AudioInputError if it is missing, unreadable or silent."""
+    if problem := path_problem(path):
+        raise AudioInputError(f"{path}: {problem}")
+    try:
+        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as err:
+        raise AudioInputError(f"{path}: unreadable or not audio ({str(err).splitlines()[0][:120]})") from err
+    audio = audio.mean(axis=1)
+    if len(audio) == 0:
+        raise AudioInputError(f"{path}: holds no samples")
+    if not np.isfinite(audio).all():
+        raise AudioInputError(f"{path}: non-finite samples (NaN or Inf)")
+    if problem := silence_problem(audio, silence_db):
+        raise AudioInputError(f"{path}: {problem}")
+    if sr != sample_rate:
+        import soxr
+
+        audio = soxr.resample(audio, sr, sample_rate).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(audio))
+
+
+def save_wave(path: str, wave: torch.Tensor, sample_rate: int) -> None:
+    """Write a mono WAV atomically (temporary file, then rename): a crash never leaves a partial file."""
+    audio = np.nan_to_num(wave.detach().float().cpu().numpy())
+    tmp = f"{path}.tmp{os.getpid()}.wav"
+    try:
+        sf.write(tmp, np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_24")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def peak_limit(wave: torch.Tensor, ceiling: float = 0.99) -> torch.Tensor:
+    """Finite samples, scaled down (never up) so the peak is at most `ceiling`."""
+    wave = torch.nan_to_num(wave)
+    peak = float(wave.abs().max()) if wave.numel() else 0.0
+    return wave * (ceiling / peak) if peak > ceiling else wave
+
+
+@torch.no_grad()
+def arrange_latents(model, codec, norm, inp: torch.Tensor, tgt: torch.Tensor, hard: bool = False,
+                    keep_attention: bool = False, balance: float | None = None, style: torch.Tensor | None = None,
+                    style_strength: float = 0.5, sections: torch.Tensor | None = None):
+    """One window: waveforms [B, 1, S] -> (output [B, 1, S], (input mask, target mask) [B, D, T], attention).
+    `balance`: the input share the agent should aim at (default 0.5); `style`: a style reference's normalised
+    latent [1, D, T'] (models trained with --style_weight), whose statistics the output takes `style_strength` of;
+    `sections` [B, T]: each frame's section of the input's beat grid (model.sections)."""
+    agent = model.creative_agent.mask_generator if model.use_creative_agent else None
+    if agent is not None:
+        agent.keep_attention = keep_attention
+    try:
+        z_out, _ = model(norm.normalize(codec.encode(inp)), norm.normalize(codec.encode(tgt)), hard=hard,
+                         balance=balance, style_reference=None if style is None else style.expand(len(inp), -1, -1),
+                         style_strength=style_strength,
+                         sections=None if sections is None else sections.to(inp.device))
+    finally:
+        if agent is not None:
+            agent.keep_attention = False
+    out = codec.decode(norm.denormalize(z_out))[..., : inp.shape[-1]]
+    attention = agent.last_attention if agent is not None and keep_attention else None
+    return out, model.last_masks, attention
+
+
+def loop_to_length(song: torch.Tensor, length: int) -> torch.Tensor:
+    """`song` repeated as often as needed and cut to `length` samples."""
+    return song.repeat(-(-length // song.shape[0]))[:length]
+
+
+def song_sections(model, song_grid: Grid | None, num_samples: int, codec) -> torch.Tensor:
+    """Each latent frame's section [frames] over the whole song: sections of the model's `section_beats` beats of
+    the input's grid, or fixed blocks of frames (a model that decides in blocks, or a song without a pulse)."""
+    generator = model.creative_agent.mask_generator if model.use_creative_agent else None
+    block = (generator.block_frames if generator is not None else model.temporal_segment_frames) or 32
+    beats = song_grid.beats if song_grid is not None and model.section_beats > 0 else None
+    frame_rate = codec.sample_rate / codec.hop_length
+    return section_ids(beats, codec.num_frames(num_samples), frame_rate, model.section_beats, block)
+
+
+def plan_windows(sections: torch.Tensor, hop: int, length: int, window: int, margin: int) -> list[tuple[int, int, int]]:
+    """(window start, kept start, kept end) in samples: windows of `window` samples whose kept parts tile 0..length,
+    cut only where a section starts (hop-aligned), with `margin` samples of context before a kept part. A section
+    longer than a window is cut where it must be."""
+    starts = (torch.nonzero(torch.diff(sections)).flatten() + 1).tolist()  # frames where a new section starts
+    bounds = [f * hop for f in starts if 0 < f * hop < length] + [length]
+    plan, kept = [], 0
+    while kept < length:
+        begin = max(0, min(kept - margin, length - window)) // hop * hop
+        limit = begin + window - margin if begin + window < length else length
+        fitting = [b for b in bounds if kept < b <= limit]
+        end = fitting[-1] if fitting else max(kept + hop, limit // hop * hop)
+        plan.append((begin, kept, min(end, length)))
+        kept = min(end, length)
+    return plan
+
+
+def ride_fader(model, out: torch.Tensor, input_mask: torch.Tensor, sections: torch.Tensor, hop: int,
+               sample_rate: int) -> torch.Tensor:
+    """The arrangement `out` [S] with the fader ridden at every switch between the songs (beats.level_switches):
+    a switch is a section start [frames] whose decision (the input mask [D, frames], there) differs from the
+    section before. Only for models that decide in time (the agent, the temporal rule)."""
+    if not (model.use_creative_agent or model.mask_type == "temporal"):
+        return out
+    starts = torch.nonzero(torch.diff(sections)).flatten() + 1
+    frames = torch.cat([torch.zeros(1, dtype=starts.dtype), starts]).clamp(max=input_mask.shape[-1] - 1)
+    decided = (input_mask.float().mean(dim=0)[frames] > 0.5).tolist()  # each section's song, at its first frame
+    points = [f * hop for f in starts.tolist()] + [len(out)]
+    switches = [(points[k], points[k + 1]) for k in range(len(starts)) if decided[k + 1] != decided[k]]
+    if not switches:
+        return out
+    s, e = zip(*switches, strict=True)
+    return torch.from_numpy(level_switches(out.numpy(), list(s), list(e), sample_rate))
+
+
+def window_sections(sections: torch.Tensor, begin_frame: int, frames: int) -> torch.Tensor:
+    """The sections of one window's frames, numbered from 0 or 1 so that their parity (which the temporal rule
+    alternates on) is the song's."""
+    part = sections[begin_frame : begin_frame + frames]
+    part = torch.cat([part, part[-1:].expand(frames - len(part))]) if len(part) < frames else part
+    return part - part[0] + part[0] % 2
+
+
+@torch.no_grad()
+def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, window: int, hard: bool = False,
+                 batch_size: int = 4, keep_attention: bool = False, balance: float | None = None,
+                 style: torch.Tensor | None = None, style_strength: float = 0.5, song_grid: Grid | None = None):
+    """Whole songs [S_in], [S_tgt] (the target aligned to the input) -> (output [S_in], masks [D, frames] each,
+    attention of the first window, each frame's section [frames]).
+
+    The song is cut into windows of `window` samples on the boundaries of its sections (beats.py), so every
+    section is decided once, by one window; neighbouring windows cross-fade only across a section boundary,
+    where a switch is allowed anyway. The target is looped or cut to the input's length. At every switch the
+    fader is ridden (ride_fader), so the level does not step.
+    """
+    length, hop = song.shape[0], codec.hop_length
+    other = loop_to_length(other, length)
+    sections = song_sections(model, song_grid, length, codec)
+    fade = max(hop, int(SWITCH_FADE_SECONDS * codec.sample_rate))
+    plan = plan_windows(sections, hop, length, window, margin=max(2 * fade, window // 8) // hop * hop)
+    pad = lambda x: torch.nn.functional.pad(x, (0, window + 2 * fade))  # noqa: E731  windows past the end: silence
+    song_p, other_p = pad(song), pad(other)
+    out, weight = torch.zeros(length + window + 2 * fade), torch.zeros(length + window + 2 * fade)
+    frames = codec.num_frames(window)
+    masks = [torch.zeros(codec.dim, sections.shape[0]), torch.zeros(codec.dim, sections.shape[0])]
+    attention = None
+    positions = torch.arange(window)
+    for i in range(0, len(plan), batch_size):
+        batch = plan[i : i + batch_size]
+        inp = torch.stack([song_p[b : b + window] for b, _, _ in batch])[:, None]
+        tgt = torch.stack([other_p[b : b + window] for b, _, _ in batch])[:, None]
+        parts = torch.stack([window_sections(sections, b // hop, frames) for b, _, _ in batch])
+        y, (m_in, m_tgt), att = arrange_latents(model, codec, norm, inp, tgt, hard, keep_attention and i == 0,
+                                                balance, style, style_strength,
+                                                parts if model.section_beats > 0 else None)
+        attention = att[0].cpu() if att is not None else attention
+        for j, (begin, kept, end) in enumerate(batch):
+            rise = ((positions + begin - kept + fade) / (2 * fade)).clamp(0, 1) if kept > 0 else 1.0
+            fall = ((end + fade - positions - begin) / (2 * fade)).clamp(0, 1) if end < length else 1.0
+            w = rise * fall
+            out[begin : begin + window] += w * y[j, 0].float().cpu()
+            weight[begin : begin + window] += w
+            f0 = kept // hop
+            f1 = sections.shape[0] if end == length else min(-(-end // hop), sections.shape[0])
+            f1 = min(f1, f0 + m_in.shape[-1] - (f0 - begin // hop))
+            for k, m in enumerate((m_in, m_tgt)):
+                masks[k][:, f0:f1] = m[j, :, f0 - begin // hop : f1 - begin // hop].float().cpu()
+    out = ride_fader(model, out[:length] / weight[:length].clamp_min(1e-8), masks[0], sections, hop,
+                     codec.sample_rate)
+    return peak_limit(out), tuple(masks), attention, sections
+
+
+def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torch.Tensor, sample_rate: int,
+               hop_length: int, attention: torch.Tensor | None = None, title: str = "", beats=None,
+               sections: torch.Tensor | None = None) -> None:
+    """PNG: input and target masks (channels x time), the attention map if given, and the three waveforms; with
+    `beats` (s) the beat grid is drawn on the waveforms (thin red lines), with `sections` [frames] the section
+    starts on the masks (white dashes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m_in, m_tgt = (m[0] if m.dim() == 3 else m for m in masks)
+    seconds = m_in.shape[-1] * hop_length / sample_rate
+    rows = 5 + (attention is not None)
+    fig, axes = plt.subplots(rows, 1, figsize=(11, 2.1 * rows), constrained_layout=True,
+                             gridspec_kw=dict(height_ratios=[2, 2] + [3] * (attention is not None) + [1, 1, 1]))
+    for ax, mask, name in ((axes[0], m_in, "input mask"), (axes[1], m_tgt, "target mask")):
+        image = ax.imshow(mask.float().cpu().numpy(), aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=1,
+                          extent=(0, seconds, 0, mask.shape[0]), interpolation="nearest")
+        ax.set_ylabel(f"{name}\nchannel")
+        fig.colorbar(image, ax=ax, pad=0.01)
+        if sections is not None:
+            for f in torch.nonzero(torch.diff(sections)).flatten().tolist():
+                ax.axvline((f + 1) * hop_length / sample_rate, color="white", linewidth=0.6, linestyle="--")
+    row = 2
+    if attention is not None:
+        t = attention.shape[-1] * hop_length / sample_rate
+        image = axes[row].imshow(attention.float().cpu().numpy(), aspect="auto", origin="lower", cmap="viridis",
+                                 extent=(0, t, 0, t))
+        axes[row].set_ylabel("input frame (s)")
+        axes[row].set_title("cross-attention: which target frames (x) each input frame (y) attends to", fontsize=9)
+        fig.colorbar(image, ax=axes[row], pad=0.01)
+        row += 1
+    for ax, wave, name in zip(axes[row:], (inp, tgt, out), ("input", "target", "output"), strict=True):
+        wave = wave.detach().float().cpu().numpy()
+        ax.plot(np.arange(len(wave)) / sample_rate, wave, linewidth=0.4)
+        for b in [] if beats is None else beats:
+            ax.axvline(b, color="C3", linewidth=0.4, alpha=0.6)
+        ax.set_xlim(0, max(seconds, len(wave) / sample_rate))
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_ylabel(name)
+    axes[-1].set_xlabel("time (s)")
+    if title:
+        fig.suptitle(title)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def aligned_path(output: str) -> str:
+    """NAME.target_aligned.wav beside NAME.wav: the target as it enters the arrangement."""
+    return os.path.splitext(output)[0] + ".target_aligned.wav"
+
+
+def prepare_songs(song: torch.Tensor, other: torch.Tensor, sample_rate: int, match_key: bool = True,
+                  align_songs: bool = True, song_beats=None):
+    """(input grid, the target aligned to the input, Alignment or None): both songs' grids, then the target laid on
+    the input's tempo, beats, key and loudness (beats.align). `song_beats`: the input's beats where they are known
+    (a pair's, tracked on its whole song). AlignmentError for tempos too far apart."""
+    song_np = song.numpy()
+    grid = analyse(song_np, sample_rate, song_beats)
+    if not align_songs:
+        return grid, loop_to_length(other, len(song)), None
+    aligned, info = align(other.numpy(), song_np, sample_rate, input_grid=grid, match_key=match_key)
+    return grid, torch.from_numpy(aligned), info
+
+
+def summary_line(path: str, out: torch.Tensor, song: torch.Tensor, other: torch.Tensor, masks, grid: Grid,
+                 sample_rate: int, balance: float) -> str:
+    """What a listener hears, from the audio: input share, the sections in time, and the mask figures."""
+    metrics = mask_metrics(*masks)
+    share = input_share(out[None, None], song[None, None], other[None, None]).item()
+    t = in_time(out.numpy(), song.numpy(), other.numpy(), grid.beats if grid.has_pulse else None, sample_rate)
+    asked = f" (asked {balance:g})" if balance != 0.5 else ""
+    beats = (f" ({t['section_in_beats']:.1f} beats), {t['on_beat']:.0%} of switches on the beat (chance "
+             f"{t['on_beat_chance']:.0%}), tempo \u00d7{t['tempo_ratio']:.2f}" if grid.has_pulse else " (no beat grid)")
+    return (f"{path}: {len(out) / sample_rate:.1f} s at {sample_rate} Hz | input share {share:.2f}{asked} | "
+            f"{t['switches_per_s']:.2f} switches/s, median section {t['section_s']:.2f} s{beats}, loudness jump "
+            f"{t['loudness_jump_db']:.1f} dB (the input alone {t['input_jump_db']:.1f} dB) | temporal variation "
+            f"{temporal_variation(masks[0][None]).item():.2f}, "
+            f"complementarity {metrics['complementarity']:.1f}%, coverage {metrics['coverage']:.1f}%, "
+            f"balance {metrics['balance']:.2f}")
+
+
+@dataclass
+class Arrangement:
+    """What `Arranger.arrange` gives: the output [S] (the input's length), the target as it entered (aligned and
+    looped to the input), the masks [D, frames] each, the attention map of the first window (or None), each
+    frame's section, the input's beat grid and the alignment (None when not aligned)."""
+    output: torch.Tensor
+    target: torch.Tensor
+    masks: tuple
+    attention: torch.Tensor | None
+    sections: torch.Tensor
+    grid: Grid
+    alignment: Alignment | None
+
+    def notes(self) -> list[str]:
+        """What the alignment could not do (no pulse, a key left as it was)."""
+        return self.alignment.notes if self.alignment else [self.grid.note] if self.grid.note else []
+
+
+@dataclass
+class Arranger:
+    """A trained model ready to arrange: model, codec and latent statistics, on CPU, with the run's configuration."""
+    model: torch.nn.Module
+    codec: torch.nn.Module
+    norm: torch.nn.Module
+    config: Config
+    path: str = "checkpoint"  # where it came from, for messages
+
+    @classmethod
+    def load(cls, path: str) -> Arranger:
+        """From a checkpoint alone; CheckpointError names the file and what is wrong."""
+        state = load_checkpoint(path)
+        return cls(*model_from_checkpoint(state, path), upgrade(state["config"]), path)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    def check_balance(self, balance: float) -> None:
+        """CheckpointError unless this model can aim at the input share `balance`."""
+        if problem := balance_problem(self.config, balance):
+            raise CheckpointError(f"{self.path}: {problem}")
+
+    def style_latent(self, reference: torch.Tensor) -> torch.Tensor:
+        """A style reference song [S] as the normalised latent [1, D, T] that --style_reference conditions on."""
+        if self.model.style_encoder is None:
+            raise CheckpointError(f"{self.path}: --style_reference needs a checkpoint trained with --style_weight > 0")
+        with torch.no_grad():
+            return self.norm.normalize(self.codec.encode(reference[None, None]))
+
+    def arrange(self, song: torch.Tensor, other: torch.Tensor, balance: float = 0.5, hard: bool = False,
+                match_key: bool = True, align_songs: bool = True, style: torch.Tensor | None = None,
+                style_strength: float = 0.5, batch_size: int = 4, keep_attention: bool = False) -> Arrangement:
+        """Two whole songs [S_in], [S_tgt] at the model's sample rate -> their Arrangement. AlignmentError for
+        tempos too far apart."""
+        grid, other, alignment = prepare_songs(song, other, self.sample_rate, match_key, align_songs)
+        out, masks, attention, sections = arrange_song(
+            self.model, self.codec, self.norm, song, other, self.config.segment_samples, hard,
+            batch_size=batch_size, keep_attention=keep_attention, balance=balance, style=style,
+            style_strength=style_strength, song_grid=grid)
+        return Arrangement(out, other, masks, attention, sections, grid, alignment)
+
+
+def write_example(arranger: Arranger, song: torch.Tensor, other: torch.Tensor, folder: str, title: str = "",
+                  song_beats=None) -> None:
+    """The trainer's example: `song` arranged with `other` laid on its grid (`song_beats`: its known beats), written
+    to FOLDER/arrangement_example.wav with a picture of its masks and beat grid, FOLDER/masks_example.png."""
+    rate = arranger.sample_rate
+    grid, other, _ = prepare_songs(song, other, rate, song_beats=song_beats)
+    out, masks, attention, sections = arrange_song(arranger.model, arranger.codec, arranger.norm, song, other,
+                                                   arranger.config.segment_samples, song_grid=grid,
+                                                   keep_attention=arranger.model.use_creative_agent)
+    save_wave(os.path.join(folder, "arrangement_example.wav"), out, rate)
+    plot_masks(os.path.join(folder, "masks_example.png"), masks, song, other, out, rate, arranger.codec.hop_length,
+               attention, title=title, beats=grid.beats, sections=sections)

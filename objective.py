@@ -1,0 +1,240 @@
+"""The training objective in one place: what an arrangement is scored on, with every term and its weight.
+
+- reconstruction: the decoded output against both songs (losses.py: waveform, spectral, the farther song);
+- the agent's mask regularisation (`mask_regularization`; the agent evaluates it in its forward, where the masks,
+  the music's novelty and the songs' energies are at hand, and the model hands it back as `mask_reg_loss`);
+- style: the distance of the output's per-channel statistics to a style reference's (--style_weight);
+- adversarial: one discriminator on latents, trained by its own optimiser (--adversarial_weight).
+
+The trainer asks `Objective` for the loss of a batch and its detached terms. It imports nothing of the model.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from losses import reconstruction_loss, rms_loss
+
+# Weights of the agent's regularisation terms. The masks are pushed to be decided (complementarity), to give each
+# song its wanted share of every example (area by mask area, share by energy), to keep the loud parts rather than
+# the gaps (presence), to change over time (diversity) and to switch where the music changes rather than anywhere
+# (switching). With the reconstruction's `far_lsd` term (closeness to the farther song) they decide which song is
+# heard when. (`area` was called `balance` before.)
+TERM_WEIGHTS = dict(complementarity=30.0, area=30.0, diversity=10.0, switching=10.0, presence=10.0, share=30.0)
+
+
+def mask_regularization(input_mask: torch.Tensor, target_mask: torch.Tensor, change: torch.Tensor | None = None,
+                        energy: tuple | None = None, share: torch.Tensor | None = None,
+                        weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(weighted sum, unweighted terms) of: overlap -> 0 (decided cells), the wanted input share `share` [B, 1, 1]
+    (default 0.5) of the mask area in every example (area), masks that vary over time (diversity), few switches
+    except where the music changes (`change` [B, T] in [0, 1], novelty: switching) and, given the sources' energies
+    [B, D, T], as much of the music kept as possible (presence: no gaps where one song is quiet) with the wanted
+    share of what is kept for the input (share)."""
+    weights = {**TERM_WEIGHTS, **(weights or {})}
+    b = (share if share is not None else torch.full((1, 1, 1), 0.5, device=input_mask.device)).view(-1)
+    step = (input_mask[..., 1:] - input_mask[..., :-1]).abs().mean(dim=1)  # [B, T-1]
+    calm = 1.0 - change[:, 1:] if change is not None else torch.ones_like(step)
+    if energy is None:
+        energy = (torch.ones_like(input_mask), torch.ones_like(target_mask))
+    kept_in, kept_tgt = ((m * e).sum(dim=(1, 2)) for m, e in zip((input_mask, target_mask), energy, strict=True))
+    total = sum(e.sum(dim=(1, 2)) for e in energy).clamp_min(1e-8)
+    kept = (kept_in + kept_tgt).clamp_min(1e-8)
+    terms = {
+        "complementarity": (input_mask * target_mask).mean(),
+        "area": (2 * ((1 - b) * input_mask.mean(dim=(1, 2)) - b * target_mask.mean(dim=(1, 2)))).square().mean(),
+        "diversity": 0.5 - input_mask.std(dim=-1, unbiased=False).mean(),
+        "switching": (step * calm).sum(dim=-1).mean() / 8.0,  # per 8 switches of the whole mask
+        "presence": (1.0 - 2.0 * kept / total).mean(),  # 0 for an even split of equally loud songs
+        "share": (2 * ((1 - b) * kept_in - b * kept_tgt) / kept).square().mean(),
+    }
+    return sum(weights[name] * value for name, value in terms.items()), terms
+
+
+def style_statistics(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, standard deviation) over time of each channel of [B, D, T]: the level and movement of each band."""
+    latent = latent.float()
+    return latent.mean(dim=-1), latent.std(dim=-1, unbiased=False)
+
+
+def style_distance(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """[B]: mean absolute difference of the two latents' style statistics (per-channel mean and spread)."""
+    (m_out, s_out), (m_ref, s_ref) = style_statistics(output), style_statistics(reference)
+    return (m_out - m_ref).abs().mean(dim=-1) + (s_out - s_ref).abs().mean(dim=-1)
+
+
+class Discriminator(nn.Module):
+    """Strided Conv1d encoder of a latent [B, D, T] -> (real/fake logit [B, 1], style score [B, 1])."""
+
+    def __init__(self, encoding_dim: int, hidden_dim: int = 256):
+        super().__init__()
+        self.encoding_dim = encoding_dim
+        half = hidden_dim // 2
+        self.encoder = nn.Sequential(
+            nn.Conv1d(encoding_dim, half, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv1d(half, hidden_dim, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2),
+        )
+        self.real_fake = nn.Linear(hidden_dim, 1)
+        self.style = nn.Linear(2 * hidden_dim, 1)
+
+    def forward(self, pattern: torch.Tensor):
+        if pattern.dim() != 3 or pattern.shape[1] != self.encoding_dim:
+            raise ValueError(f"pattern must have shape [B, {self.encoding_dim}, T], got {tuple(pattern.shape)}")
+        if pattern.shape[-1] < 4:
+            raise ValueError(f"pattern needs at least 4 frames, got {pattern.shape[-1]}")
+        h = self.encoder(pattern)
+        mean, std = h.mean(dim=-1), h.std(dim=-1)
+        return self.real_fake(mean), self.style(torch.cat([mean, std], dim=-1))
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """`optimizer.step()` that leaves weights and moments as they are where `finite` is False, decided on the device
+    with no host sync: the fused AdamW kernels take the flag as `found_inf`, the way torch.amp.GradScaler passes it."""
+    optimizer.found_inf = (~finite).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
+def agent_term_weights(config) -> dict[str, float]:
+    """The agent's term weights that differ from TERM_WEIGHTS: --balance_loss_weight W adds W x the area term to
+    the training loss, folded into the agent's own weight of it (loss = mask_reg_weight x regularisation), so the
+    model needs to hand back nothing but its regularisation."""
+    if not config.balance_loss_weight or not config.use_creative_agent:
+        return {}
+    if config.mask_reg_weight <= 0:
+        raise ValueError("--balance_loss_weight needs --mask_reg_weight > 0 (it weighs a term of the regularisation)")
+    return {"area_weight": TERM_WEIGHTS["area"] + config.balance_loss_weight / config.mask_reg_weight}
+
+
+def loss_weights(config) -> dict[str, float]:
+    """The reconstruction loss weights of a run's configuration, by losses.py's names."""
+    c = config
+    return dict(wave_input=c.wave_input_weight, wave_target=c.wave_target_weight, stft_input=c.stft_input_weight,
+                stft_target=c.stft_target_weight, mel_input=c.mel_input_weight, mel_target=c.mel_target_weight,
+                far_lsd=c.far_lsd_weight)
+
+
+class Objective:
+    """The loss of one batch: encode both songs, run the model, decode, and add up the weighted terms.
+
+    `forward` is the model as training runs it (DDP-wrapped, compiled); `model` is the bare module, for
+    validation. The random draws (each example's wanted input share, whether it gets a style reference) are a
+    function of (seed, rank, step) alone, so data loading, compilation and resuming never change them.
+    """
+
+    def __init__(self, config, codec, norm, model, forward, device: torch.device, rank: int = 0, compile_fn=None):
+        self.config, self.codec, self.norm, self.model, self.forward = config, codec, norm, model, forward
+        self.device, self.rank, self.weights = device, rank, loss_weights(config)
+        self.frame_rate = codec.sample_rate / codec.hop_length
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.amp == "bf16"
+                    else nullcontext())
+        self.compiled_decode_loss = compile_fn(self.decode_loss) if compile_fn else self.decode_loss
+        self.disc = self.disc_ddp = self.disc_optimizer = None
+        if config.adversarial_weight > 0:  # trained by its own step on detached latents (see discriminator_step)
+            self.disc = Discriminator(codec.dim).to(device)
+            self.disc_ddp = (DDP(self.disc, device_ids=[device.index] if device.type == "cuda" else None,
+                                 find_unused_parameters=True) if torch.distributed.is_initialized() else self.disc)
+            self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=config.lr, betas=(0.5, 0.999),
+                                                    fused=True)
+        self.fake_real = None
+
+    def __call__(self, batch: list[torch.Tensor], step: int, training: bool) -> tuple[torch.Tensor, dict, tuple]:
+        """(loss, its detached terms, (output, input, target) waveforms) of a batch: waveforms, the input's beats
+        and cached latents if any. Training runs the compiled model and loss where --compile is set."""
+        beats = batch[2]
+        inp, tgt, *cached = (x.to(self.device, non_blocking=True) for i, x in enumerate(batch) if i != 2)
+        with torch.no_grad():
+            z_in, z_tgt = (self.norm.normalize(z) for z in (cached or (self.codec.encode(inp),
+                                                                       self.codec.encode(tgt))))
+        balance = self.draw_balance(inp.shape[0], step) if training else None
+        source = reference = None
+        if training and self.config.style_weight > 0:  # the target of the batch's previous pair, for half of them
+            source, present = z_tgt.roll(1, dims=0), (self.draws(z_tgt.shape[0], step, 1) < 0.5).float()
+            reference = source * present[:, None, None]  # all zeros: no reference
+        sections = self.model.sections(beats, z_in.shape[-1], self.frame_rate)
+        if sections is not None:
+            sections = sections.to(self.device, non_blocking=True)
+        with self.amp:
+            z_out, reg = (self.forward if training else self.model)(z_in, z_tgt, balance=balance,
+                                                                    style_reference=reference, sections=sections)
+        out, loss, terms = (self.compiled_decode_loss if training else self.decode_loss)(z_out, inp, tgt, balance)
+        terms["recon_loss"] = loss.detach()
+        if source is not None:  # examples without a reference add nothing
+            style = (style_distance(z_out.float(), source) * present).mean()
+            loss = loss + self.config.style_weight * style
+            terms["style_loss"] = style.detach()
+        if reg is not None:
+            loss = loss + self.config.mask_reg_weight * reg
+            terms["mask_reg_loss"] = reg.detach()
+        if self.disc is not None:
+            loss = loss + self.config.adversarial_weight * self.generator_loss(z_out.float(), z_tgt, terms)
+        with torch.no_grad():
+            terms["rms_in"], terms["rms_tgt"] = rms_loss(out, inp), rms_loss(out, tgt)
+        return loss, terms, (out.detach(), inp, tgt)
+
+    def decode_loss(self, z_out: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor, balance=None):
+        """Decode the output latents and score the waveform against both songs: (output, loss, terms)."""
+        out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : inp.shape[-1]]
+        loss, terms = reconstruction_loss(out, inp, tgt, self.config.sample_rate, self.weights, balance)
+        return out, loss, terms
+
+    def draws(self, batch: int, step: int, stream: int) -> torch.Tensor:
+        """`batch` uniform numbers in [0, 1) on the device, a function of (seed, rank, step, stream) alone."""
+        seed = ((self.config.seed * 4099 + self.rank) * 1_000_003 + step) * 7 + stream
+        return torch.rand(batch, generator=torch.Generator().manual_seed(seed)).to(self.device, non_blocking=True)
+
+    def draw_balance(self, batch: int, step: int) -> torch.Tensor | None:
+        """The agent's wanted input share for each training example, uniform in --balance_range (None: even)."""
+        lo, hi = self.config.balance_range
+        if not self.config.use_creative_agent or lo == hi == 0.5:
+            return None
+        return lo + (hi - lo) * self.draws(batch, step, 0)
+
+    def anneal_gumbel(self, step: int, total_steps: int) -> None:
+        """--hard_masks: the Gumbel temperature of this step, geometric from --gumbel_tau_start to --gumbel_tau_end
+        (set in place on the agent, so a compiled model is not recompiled)."""
+        c = self.config
+        progress = min(1.0, step / max(1, total_steps - 1))
+        self.model.creative_agent.mask_generator.tau.fill_(c.gumbel_tau_start * (c.gumbel_tau_end
+                                                                                 / c.gumbel_tau_start) ** progress)
+
+    def generator_loss(self, fake: torch.Tensor, real: torch.Tensor, terms: dict) -> torch.Tensor:
+        """The discriminator's verdict on the output latents as a loss for the model (the discriminator is frozen
+        here); keeps (fake, real) for the discriminator's own step."""
+        self.disc.requires_grad_(False)
+        logit, _ = self.disc(fake)
+        self.disc.requires_grad_(True)
+        gen_loss = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+        terms["adv_gen_loss"] = gen_loss.detach()
+        self.fake_real = (fake.detach(), real)
+        return gen_loss
+
+    def discriminator_step(self, terms: dict) -> None:
+        """One AdamW step of the discriminator: real target latents -> 1, the model's output latents -> 0."""
+        if self.disc is None:
+            return
+        fake, real = self.fake_real
+        logits, _ = self.disc_ddp(torch.cat([real, fake]))  # one forward: DDP wants one per backward
+        labels = torch.cat([torch.ones(len(real), 1), torch.zeros(len(fake), 1)]).to(logits)
+        disc_loss = F.binary_cross_entropy_with_logits(logits, labels)
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        disc_loss.backward()
+        step_if_finite(self.disc_optimizer, torch.isfinite(disc_loss))
+        terms["adv_disc_loss"] = disc_loss.detach()
+
+    def state_dict(self) -> dict:
+        """The discriminator and its optimiser, as checkpoints have always stored them (nothing without one)."""
+        if self.disc is None:
+            return {}
+        return dict(discriminator=self.disc.state_dict(), disc_optimizer=self.disc_optimizer.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.disc is not None:
+            self.disc.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])

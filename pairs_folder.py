@@ -1,0 +1,191 @@
+"""Writing a pairs folder: songs cut into consecutive segments, pair k = (segment k, segment k + 1) of one song,
+train and val split by song, each pair's beat grid in SPLIT/beats.json and manifest.csv; and the synthetic demo
+songs. make_pairs.py is its command line; the trainer generates the demo set through `make_demo`."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from beats import estimate_key, track_beats
+from config import SILENCE_DB
+from pairs_dataset import BEATS_FILE, pair_grid, silence_problem
+
+DEMO = dict(songs=8, seconds=16.0, segment_seconds=2.0, val_fraction=0.25)
+
+
+# ---------------------------------------------------------------- demo songs
+
+def _envelope(n: int, sr: int, attack: float, decay: float) -> np.ndarray:
+    t = np.arange(n) / sr
+    return np.minimum(t / attack, 1.0) * np.exp(-t / decay)
+
+
+def _place(track: np.ndarray, sound: np.ndarray, start: int) -> None:
+    end = min(len(track), start + len(sound))
+    if start < end:
+        track[start:end] += sound[: end - start]
+
+
+def synth_song(seed: int, seconds: float = 16.0, sr: int = 24000) -> np.ndarray:
+    """A deterministic little song: drums, bass, chords and a melody; tempo, key and timbre depend on `seed`."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    bpm, root = rng.uniform(84, 140), 40 + int(rng.integers(0, 12))  # root: MIDI note of the bass
+    beat = int(sr * 60 / bpm)
+    hz = lambda midi: 440.0 * 2 ** ((midi - 69) / 12)  # noqa: E731
+    progression = [[0, 4, 7], [7, 11, 14], [9, 12, 16], [5, 9, 12]][:: 1 if seed % 2 else -1]
+    scale = [0, 2, 4, 7, 9, 12, 14, 16]
+    drums, bass, chords, melody = (np.zeros(n) for _ in range(4))
+    for b, start in enumerate(range(0, n, beat)):
+        t = np.arange(beat) / sr
+        kick = np.sin(2 * np.pi * (50 + 100 * np.exp(-t * 30)) * t) * _envelope(beat, sr, 0.002, 0.12)
+        noise = rng.standard_normal(beat)
+        if b % 2 == 0:
+            _place(drums, kick, start)
+        else:
+            _place(drums, 0.5 * noise * _envelope(beat, sr, 0.001, 0.06), start)
+        hat = np.diff(noise, prepend=0) * _envelope(beat, sr, 0.001, 0.015)
+        _place(drums, 0.15 * hat, start + beat // 2)
+        chord = progression[(b // 4) % 4]
+        bass_hz = hz(root + chord[0])
+        saw = 2 * ((t * bass_hz) % 1.0) - 1
+        _place(bass, 0.4 * saw * _envelope(beat, sr, 0.005, 0.3), start)
+        if b % 4 == 0:
+            bar = np.arange(4 * beat) / sr
+            tone = sum(np.sin(2 * np.pi * hz(root + 24 + c) * bar) for c in chord) / 3
+            _place(chords, 0.3 * tone * _envelope(4 * beat, sr, 0.05, 1.5), start)
+        for half in range(2):
+            if rng.random() < 0.7:
+                note = hz(root + 36 + scale[int(rng.integers(0, len(scale)))])
+                m = np.arange(beat // 2) / sr
+                tone = np.sin(2 * np.pi * note * m + 0.3 * np.sin(2 * np.pi * 5 * m))
+                _place(melody, 0.25 * tone * _envelope(beat // 2, sr, 0.01, 0.2), start + half * beat // 2)
+    gains = rng.uniform(0.6, 1.0, size=4)
+    song = gains[0] * drums + gains[1] * bass + gains[2] * chords + gains[3] * melody
+    return (0.8 * song / np.abs(song).max()).astype(np.float32)
+
+
+# ---------------------------------------------------------------- reading songs
+
+AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".mp3", ".oga", ".opus", ".aif"}
+
+
+def read_song(path: str, sample_rate: int) -> np.ndarray:
+    """Any file soundfile reads -> mono float32 at `sample_rate` (resampled with soxr)."""
+    audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if not np.isfinite(audio).all():
+        raise ValueError("non-finite samples")
+    if sr != sample_rate:
+        import soxr
+
+        audio = soxr.resample(audio, sr, sample_rate).astype(np.float32)
+    return audio
+
+
+def find_songs(folder: str) -> list[str]:
+    """Audio files below `folder`, sorted, by extension."""
+    paths = []
+    for root, _, files in os.walk(folder):
+        paths += [os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in AUDIO_EXTENSIONS]
+    return sorted(paths)
+
+
+# ---------------------------------------------------------------- writing pairs
+
+@dataclass
+class Summary:
+    songs_read: int = 0
+    pairs: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    bad_files: list = field(default_factory=list)
+    no_pulse: list = field(default_factory=list)
+    beats: dict = field(default_factory=lambda: {"train": {}, "val": {}})  # split -> pair -> its grid (beats.json)
+
+    def report(self) -> str:
+        lines = [f"songs read: {self.songs_read}",
+                 f"pairs written: train {self.pairs['train']}, val {self.pairs['val']}"]
+        lines += [f"skipped: {count} {reason}" for reason, count in sorted(self.skipped.items())]
+        lines += [f"  bad file {path}: {reason}" for path, reason in self.bad_files]
+        if self.no_pulse:
+            lines.append(f"songs without a beat grid (their sections are fixed blocks of frames): {len(self.no_pulse)}")
+            lines += [f"  {song}: {note}" for song, note in self.no_pulse]
+        return "\n".join(lines)
+
+
+def split_songs(names: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Song -> 'train' or 'val', by song so no song is in both; at least one val song when there are two or more."""
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_val = min(len(names) - 1, max(1, round(val_fraction * len(names)))) if len(names) > 1 and val_fraction > 0 else 0
+    return {names[i]: ("val" if rank < n_val else "train") for rank, i in enumerate(order)}
+
+
+def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment: int, sample_rate: int,
+                     summary: Summary, rows: list, silence_db: float = SILENCE_DB) -> None:
+    """Cut one song into consecutive segments and write each (k, k+1) pair that is not silent, with the beat
+    times of both its segments, tracked on the whole song, and the song's tempo and key."""
+    n_segments = len(audio) // segment
+    if n_segments < 2:
+        summary.skipped["songs too short for one pair"] += 1
+        return
+    tempo, beats, note = track_beats(audio, sample_rate)
+    key, minor, _ = estimate_key(audio, sample_rate)
+    if note:
+        summary.no_pulse.append((song, note))
+    pieces = [audio[k * segment : (k + 1) * segment] for k in range(n_segments)]
+    loud = [silence_problem(p, silence_db) is None for p in pieces]
+    for k in range(n_segments - 1):
+        if not (loud[k] and loud[k + 1]):
+            summary.skipped["silent pairs"] += 1
+            continue
+        index = summary.pairs[split]
+        for role, piece in (("input", pieces[k]), ("output", pieces[k + 1])):
+            sf.write(os.path.join(out, split, f"pair_{index:04d}_{role}.wav"), np.clip(piece, -1, 1), sample_rate,
+                     subtype="PCM_16")
+        start, end = k * segment / sample_rate, (k + 1) * segment / sample_rate
+        summary.beats[split][f"pair_{index:04d}"] = pair_grid(beats, start, end, 2 * end - start, tempo, key, minor)
+        rows.append(dict(split=split, pair=f"pair_{index:04d}", song=song, input_offset_s=start,
+                         output_offset_s=end, tempo_bpm=round(tempo, 2)))
+        summary.pairs[split] += 1
+
+
+def make_pairs(songs, out: str, segment_seconds: float, sample_rate: int, val_fraction: float, seed: int,
+               progress: bool = True, silence_db: float = SILENCE_DB) -> Summary:
+    """`songs`: list of (name, loader) where loader() returns mono audio at `sample_rate` or raises."""
+    for split in ("train", "val"):
+        os.makedirs(os.path.join(out, split), exist_ok=True)
+    segment = int(round(segment_seconds * sample_rate))
+    splits = split_songs([name for name, _ in songs], val_fraction, seed)
+    summary, rows = Summary(), []
+    for name, load in tqdm(songs, desc="songs", unit="song", disable=not progress):
+        try:
+            audio = load()
+        except Exception as err:  # a bad song is listed and skipped, never a crash
+            summary.skipped["unreadable songs"] += 1
+            summary.bad_files.append((name, str(err).splitlines()[0] if str(err) else type(err).__name__))
+            continue
+        summary.songs_read += 1
+        write_song_pairs(audio, name, splits[name], out, segment, sample_rate, summary, rows, silence_db)
+    for split, grids in summary.beats.items():
+        with open(os.path.join(out, split, BEATS_FILE), "w") as f:
+            json.dump(grids, f)
+    with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["split", "pair", "song", "input_offset_s", "output_offset_s",
+                                               "tempo_bpm"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return summary
+
+
+def make_demo(out: str, sample_rate: int = 24000, seed: int = 0, progress: bool = True) -> Summary:
+    """The demo set: DEMO['songs'] synthetic songs, small enough to train on a laptop CPU in minutes."""
+    songs = [(f"demo_song_{i:02d}", lambda i=i: synth_song(seed * 1000 + i, DEMO["seconds"], sample_rate))
+             for i in range(DEMO["songs"])]
+    return make_pairs(songs, out, DEMO["segment_seconds"], sample_rate, DEMO["val_fraction"], seed, progress)
