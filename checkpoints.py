@@ -31,7 +31,7 @@ def build_model(config: Config, codec_dim: int) -> SimpleTransformer:
         mask_type=config.mask_type, temporal_segment_frames=config.temporal_segment_frames,
         frequency_split=config.frequency_split, gates=config.agent_gates, scales=tuple(config.agent_scales),
         hard_masks=config.hard_masks, agent=config.agent, block_frames=config.agent_block_frames,
-        style_dim=STYLE_DIM if config.style_weight > 0 else 0, fade_frames=config.fade_frames,
+        style_dim=STYLE_DIM if config.style_weight > 0 else 0, fade_frames=config.fade_frames, use_sdpa=config.sdpa,
         **agent_term_weights(config))
     model.section_beats = config.section_beats
     return model

@@ -172,6 +172,8 @@ class Config:
     compile: bool = flag(False, "speed", "torch.compile the model and the loss for training", action="store_true")
     cuda_graphs: bool = flag(False, "speed", "with --compile: CUDA graphs (mode reduce-overhead) to save kernel "
                              "launches on GPUs (implies --compile)", action="store_true")
+    sdpa: bool = flag(True, "speed", "fused scaled_dot_product_attention (default true; false: the textbook "
+                      "formula, to check the fused kernels against)", type=str2bool)
     cache_latents: bool = flag(False, "speed", "encode the pairs once into a memory-mapped cache "
                                "(SPLIT/.latent_cache), skipping the encoder", action="store_true")
     # ---- processes, outputs

@@ -201,9 +201,9 @@ def test_one_configuration_from_the_command_line_to_old_checkpoints(capsys):
     saved["num_transformer_layers"] = saved.pop("num_stages")  # as checkpoints before the rename have it
     for key in ("section_beats", "agent_block_frames", "far_lsd_weight"):
         del saved[key]
-    saved["sdpa"] = True  # a flag that is gone
+    saved["use_discriminator"] = False  # a setting no version reads any more
     old = upgrade(saved)
     assert old.num_stages == 2 and old.section_beats == 0 and old.agent_block_frames == 0
-    assert old.far_lsd_weight == LEGACY["far_lsd_weight"] == 0.0 and not hasattr(old, "sdpa")
+    assert old.far_lsd_weight == LEGACY["far_lsd_weight"] == 0.0 and not hasattr(old, "use_discriminator")
     today = parse_args(["--run_name", "r", "--agent_scales", "1,4"])
     assert upgrade(today.to_dict()) == today  # what a checkpoint stores comes back as it was
