@@ -144,12 +144,14 @@ class Config:
     anti_cheating: float = flag(0.0, "model", "relative noise on the target that later stages see (default 0)",
                                 type=float)
     # ---- loss weights: against the input and the target
-    wave_input_weight: float = flag(1.0, "loss", type=float)
-    wave_target_weight: float = flag(1.0, "loss", type=float)
-    stft_input_weight: float = flag(1.0, "loss", type=float)
-    stft_target_weight: float = flag(1.0, "loss", type=float)
-    mel_input_weight: float = flag(0.0, "loss", type=float)
-    mel_target_weight: float = flag(0.0, "loss", type=float)
+    wave_input_weight: float = flag(1.0, "loss", "RMS waveform distance to the input (default 1)", type=float)
+    wave_target_weight: float = flag(1.0, "loss", "RMS waveform distance to the target (default 1)", type=float)
+    stft_input_weight: float = flag(1.0, "loss", "multi-resolution STFT distance to the input (default 1)",
+                                    type=float)
+    stft_target_weight: float = flag(1.0, "loss", "multi-resolution STFT distance to the target (default 1)",
+                                     type=float)
+    mel_input_weight: float = flag(0.0, "loss", "log-mel distance to the input (default 0)", type=float)
+    mel_target_weight: float = flag(0.0, "loss", "log-mel distance to the target (default 0)", type=float)
     far_lsd_weight: float = flag(1.0, "loss", "weight of the log-spectral distance to the farther of the two songs "
                                  "(default 1): an arrangement must stay close to both, which copying one song "
                                  "cannot do", type=float)
@@ -227,6 +229,10 @@ MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_stages", "num_layers", "
               "agent_scales", "agent", "style_weight", "agent_block_frames", "section_beats", "fade_frames")
 
 
+GROUP_TITLES = dict(masks="masks: the agent (--agent KIND or --use_creative_agent true) or a rule (--mask_type)",
+                    loss="loss weights (against the input and the target)", run="processes, outputs")
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     """train_simple_ddp.py's parser: one flag per field of Config, in groups."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,7 +243,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         if group is None:
             continue
         if group not in groups:
-            groups[group] = parser.add_argument_group(group)
+            groups[group] = parser.add_argument_group(GROUP_TITLES.get(group, group))
         names = (f"--{f.name}", *options.pop("aliases", ()))
         default = [f.default] if options.get("nargs") == "+" else f.default
         groups[group].add_argument(*names, dest=f.name, default=default, **options)
