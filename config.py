@@ -92,10 +92,12 @@ class Config:
     use_creative_agent: bool = flag(False, "masks", "learn the masks with the attention agent (default false)",
                                     type=str2bool)
     agent: str = flag("attention", "masks", "learn the masks with this agent (implies --use_creative_agent true): "
-                      "attention masks each song; compositional splits each song into rhythm, harmony and timbre "
-                      "and takes each component from one song or the other", choices=("attention", "compositional"))
-    mask_type: str = flag("none", "masks", "the rule-based masks of a run without the agent (default none)",
-                          choices=MASK_TYPES)
+                      "attention masks each song (one song at a time); layered decides per section which song gives "
+                      "the rhythm and which the harmony (both heard at once; MDCT codec); compositional splits each "
+                      "song into rhythm, harmony and timbre by learned filters",
+                      choices=("attention", "layered", "compositional"))
+    mask_type: str = flag("none", "masks", "the rule-based masks of a run without the agent (default none; layers: "
+                          "the input's rhythm under the target's harmony, MDCT codec)", choices=MASK_TYPES)
     mask_reg_weight: float = flag(0.1, "masks", "weight of the agent's mask regularisation (default 0.1)",
                                   type=float)
     balance_loss_weight: float = flag(0.0, "masks", "extra weight on the regularisation's area-share term "
@@ -263,6 +265,10 @@ def parse_args(argv=None, description: str = "") -> Config:
     if config.use_creative_agent and config.mask_type != "none":
         parser.error(f"--mask_type {config.mask_type} is a rule for runs without the agent: drop it, or drop "
                      f"--use_creative_agent / --agent")
+    if (config.masks in ("layers",) or config.use_creative_agent and config.agent == "layered") and \
+            config.codec != "mdct":
+        parser.error("layering splits the MDCT latent into rhythm and harmony: --agent layered and --mask_type "
+                     "layers need --codec mdct")
     config.run_name_given = config.run_name
     config.run_name = config.run_name or f"{config.masks}_{time.strftime('%Y%m%d_%H%M%S')}"
     config.segment_samples = (round(config.segment_seconds * config.sample_rate) if config.segment_seconds

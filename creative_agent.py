@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fixed_masks import fade_switches
+from layers import LAYERS, split_layers
 from objective import TERM_WEIGHTS, mask_regularization
 
 
@@ -266,7 +267,58 @@ def smoothing_analyser(channels: int, frames: int) -> nn.Conv1d:
     return conv
 
 
-class CompositionalMaskGenerator(AttentionMaskGenerator):
+class ComponentMaskGenerator(AttentionMaskGenerator):
+    """An agent that decides per component of the songs (COMPONENTS, which sum to the song) and section which song
+    supplies it: frame gates [B, components, T], with the same rules as AttentionMaskGenerator's, the wanted share
+    included. Subclasses say how a latent splits (`components`)."""
+
+    COMPONENTS: tuple[str, ...] = ()
+
+    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gate_frames: int = 16,
+                 scales: tuple[int, ...] = (1,), hard_masks: bool = False, block_frames: int = BLOCK_FRAMES,
+                 fade_frames: int = 0, **term_weights: float):
+        super().__init__(encoding_dim, hidden_dim, num_heads, "frame", gate_frames, scales, hard_masks, block_frames,
+                         fade_frames, **term_weights)
+        rows = len(self.COMPONENTS)
+        self.input_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)
+        self.target_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)
+
+    def components(self, latent: torch.Tensor) -> torch.Tensor:
+        """[B, D, T] -> [B, components, D, T], summing to the latent."""
+        raise NotImplementedError
+
+    def compose(self, latent: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The latent's components weighted by its gates [B, components, T], summed: what this song gives."""
+        return (self.components(latent) * gates[:, :, None]).sum(dim=1)
+
+    def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
+        return score  # the heads give one score per component already
+
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None,
+                shift: torch.Tensor | None = None, sections: torch.Tensor | None = None):
+        """(input gates, target gates) [B, components, T] and the regularisation loss."""
+        check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
+        share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
+        input_gates = self.decisions(encoded_input, encoded_target, share, shift, sections)
+        change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
+        with torch.no_grad():
+            energy = tuple(self.components(z).float().square().sum(dim=2) for z in (encoded_input, encoded_target))
+        return input_gates, 1.0 - input_gates, self.regularization(input_gates, 1.0 - input_gates, change, energy,
+                                                                  share)
+
+
+class LayeredMaskGenerator(ComponentMaskGenerator):
+    """The layering agent: per section, which song supplies the rhythm and which the harmony (layers.py, by
+    harmonic-percussive separation of the MDCT latent), so an arrangement can hold one song's rhythm under the
+    other's harmony, both heard at once."""
+
+    COMPONENTS = LAYERS
+
+    def components(self, latent: torch.Tensor) -> torch.Tensor:
+        return split_layers(latent)
+
+
+class CompositionalMaskGenerator(ComponentMaskGenerator):
     """The compositional agent: each song is split into components, and each component of the arrangement comes
     from one song or the other, frame by frame, so it can take the rhythm of one song with the harmony of the other.
 
@@ -281,11 +333,8 @@ class CompositionalMaskGenerator(AttentionMaskGenerator):
     def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gate_frames: int = 16,
                  scales: tuple[int, ...] = (1,), hard_masks: bool = False, block_frames: int = BLOCK_FRAMES,
                  fade_frames: int = 0, **term_weights: float):
-        super().__init__(encoding_dim, hidden_dim, num_heads, "frame", gate_frames, scales, hard_masks, block_frames,
+        super().__init__(encoding_dim, hidden_dim, num_heads, gate_frames, scales, hard_masks, block_frames,
                          fade_frames, **term_weights)
-        rows = len(self.COMPONENTS)
-        self.input_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)
-        self.target_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)
         self.harmony_analyser = smoothing_analyser(encoding_dim, 9)
         self.timbre_analyser = smoothing_analyser(encoding_dim, 27)
 
@@ -294,27 +343,9 @@ class CompositionalMaskGenerator(AttentionMaskGenerator):
         medium, large = self.harmony_analyser(latent), self.timbre_analyser(latent)
         return torch.stack([latent - medium, medium - large, large], dim=1)
 
-    def compose(self, latent: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """The latent's components weighted by its gates [B, 3, T], summed: what this song gives the arrangement."""
-        return (self.components(latent) * gates[:, :, None]).sum(dim=1)
 
-    def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
-        return score  # the heads give one score per component already
-
-    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None,
-                shift: torch.Tensor | None = None, sections: torch.Tensor | None = None):
-        """(input gates, target gates) [B, 3, T] per component and the regularisation loss."""
-        check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
-        share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
-        input_gates = self.decisions(encoded_input, encoded_target, share, shift, sections)
-        change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
-        with torch.no_grad():
-            energy = tuple(self.components(z).float().square().sum(dim=2) for z in (encoded_input, encoded_target))
-        return input_gates, 1.0 - input_gates, self.regularization(input_gates, 1.0 - input_gates, change, energy,
-                                                                  share)
-
-
-AGENTS = {"attention": AttentionMaskGenerator, "compositional": CompositionalMaskGenerator}
+AGENTS = {"attention": AttentionMaskGenerator, "compositional": CompositionalMaskGenerator,
+          "layered": LayeredMaskGenerator}
 
 
 class CreativeAgent(nn.Module):
@@ -325,7 +356,7 @@ class CreativeAgent(nn.Module):
         super().__init__()
         if agent not in AGENTS:
             raise ValueError(f"unknown agent {agent!r}: expected one of {', '.join(AGENTS)}")
-        if agent == "compositional":
+        if agent != "attention":
             generator_options.pop("gates", None)  # it always decides per component and frame
         self.mask_generator = AGENTS[agent](encoding_dim, hidden_dim, num_heads, **generator_options)
         # a style reference's vector shifts the features that both songs are judged by (bias-free: none, no shift)
@@ -344,7 +375,7 @@ class CreativeAgent(nn.Module):
         if hard:
             input_mask = (input_mask >= target_mask).to(input_mask.dtype)
             target_mask = 1.0 - input_mask
-        if isinstance(generator, CompositionalMaskGenerator):
+        if isinstance(generator, ComponentMaskGenerator):
             masked = generator.compose(encoded_input, input_mask), generator.compose(encoded_target, target_mask)
             # for metrics and pictures: the input's share of the components in each frame
             input_mask = input_mask.mean(dim=1, keepdim=True).expand_as(encoded_input)

@@ -29,7 +29,7 @@ from beats import align
 from checkpoints import CheckpointError
 from config import SILENCE_DB
 from inference import Arranger, arrange_latents, plot_masks, ride_fader, save_wave
-from listening import distances_and_share, in_time, mean_in_time
+from listening import IN_TIME_KEYS, LAYER_KEYS, distances_and_share, in_time, layering, mean_in_time
 from losses import mask_metrics, mask_variability, reconstruction_loss, rms_loss, temporal_variation
 from objective import loss_weights
 from pairs_dataset import BadDataError, WavPairsDataset, pair_name
@@ -47,6 +47,9 @@ METRICS = (
     ("loudness_jump_db", "min", "median level change across a switch, 0.2 s either side (dB)"),
     ("input_jump_db", "min", "the input's own level change at the same times (dB; for scale)"),
     ("tempo_ratio", 1.0, "tempo of the output / tempo of the input"),
+    ("both_heard", "max", "share of the time both songs are heard at once (a frame's input share in 0.2..0.8)"),
+    ("rhythm_input_share", 0.5, "the input's share of the output's rhythm (percussive layer; 1: the input's rhythm)"),
+    ("harmony_input_share", 0.5, "the input's share of the output's harmony (harmonic layer)"),
     ("temporal_variation", "max", "how much the input mask changes over time (0: static, 0.5: even alternation)"),
     ("mask_variability", "max", "how much the masks differ from pair to pair (0: one pattern for all)"),
     ("val_loss", "min", "validation loss (the reconstruction objective, without mask regularisation)"),
@@ -135,13 +138,14 @@ def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_si
         count += len(batch)
         patterns.append(masks[0].float())
         for j in range(len(batch)):
-            timing.append(in_time(out[j, 0].numpy(), inp[j, 0].numpy(), tgt[j, 0].numpy(), beats[j].numpy(), sr))
+            waves = (out[j, 0].numpy(), inp[j, 0].numpy(), tgt[j, 0].numpy())
+            timing.append({**in_time(*waves, beats[j].numpy(), sr), **layering(*waves, sr)})
             if start + j < num_examples:
                 att = attention[j] if attention is not None else None
                 shown.append((start + j, inp[j, 0], tgt[j, 0], out[j, 0], (masks[0][j], masks[1][j]), att,
                               beats[j].numpy(), None if sections is None else sections[j]))
     row = {key: value / count for key, value in sums.items()}
-    row.update(mean_in_time(timing))
+    row.update(mean_in_time(timing, IN_TIME_KEYS + LAYER_KEYS))
     row["mask_variability"] = mask_variability(torch.cat(patterns))
     row["rms_ratio"] = row["rms_in"] / max(row["rms_tgt"], 1e-12)
     row["seconds_per_audio_minute"] = seconds / (count * segment / sr / 60)

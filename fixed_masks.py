@@ -5,14 +5,17 @@
              the beat grid where they are given (every N beats), each switch faded over `fade_frames` frames
 - frequency: channels below `split` * D from the input, the rest from the target
 - energy:    each cell goes to the source with more energy there, softly: m_in = e_in / (e_in + e_tgt)
-The complementary ones (all but none) sum to 1 everywhere.
+- layers:    the input's rhythm under the target's harmony (layers.py): both songs at once, in layers
+The complementary ones (all but none and layers) sum to 1 everywhere.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-MASK_TYPES = ("none", "temporal", "frequency", "energy")
+from layers import harmony_mask
+
+MASK_TYPES = ("none", "temporal", "frequency", "energy", "layers")
 
 
 def fade_switches(mask: torch.Tensor, frames: int) -> torch.Tensor:
@@ -64,4 +67,6 @@ def make_fixed_masks(mask_type: str, encoded_input: torch.Tensor, encoded_target
         return temporal_masks(encoded_input, segment_frames, sections, fade_frames)
     if mask_type == "frequency":
         return frequency_masks(encoded_input, split)
+    if mask_type == "layers":  # the seed system's intent: rhythm from the input, harmony from the target
+        return 1.0 - harmony_mask(encoded_input), harmony_mask(encoded_target)
     return energy_masks(encoded_input.detach(), encoded_target.detach())

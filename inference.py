@@ -17,7 +17,7 @@ import torch
 from beats import SWITCH_FADE_SECONDS, Alignment, Grid, align, analyse, level_switches, section_ids
 from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint
 from config import Config, upgrade
-from listening import in_time, input_share
+from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
 
@@ -272,13 +272,16 @@ def summary_line(path: str, out: torch.Tensor, song: torch.Tensor, other: torch.
     metrics = mask_metrics(*masks)
     share = input_share(out[None, None], song[None, None], other[None, None]).item()
     t = in_time(out.numpy(), song.numpy(), other.numpy(), grid.beats if grid.has_pulse else None, sample_rate)
+    layered = layering(out.numpy(), song.numpy(), other.numpy(), sample_rate)
     asked = f" (asked {balance:g})" if balance != 0.5 else ""
     beats = (f" ({t['section_in_beats']:.1f} beats), {t['on_beat']:.0%} of switches on the beat (chance "
              f"{t['on_beat_chance']:.0%}), tempo \u00d7{t['tempo_ratio']:.2f}" if grid.has_pulse else " (no beat grid)")
     return (f"{path}: {len(out) / sample_rate:.1f} s at {sample_rate} Hz | input share {share:.2f}{asked} | "
             f"{t['switches_per_s']:.2f} switches/s, median section {t['section_s']:.2f} s{beats}, loudness jump "
-            f"{t['loudness_jump_db']:.1f} dB (the input alone {t['input_jump_db']:.1f} dB) | temporal variation "
-            f"{temporal_variation(masks[0][None]).item():.2f}, "
+            f"{t['loudness_jump_db']:.1f} dB (the input alone {t['input_jump_db']:.1f} dB) | both songs heard "
+            f"{layered['both_heard']:.0%} of the time, the input's share of the rhythm "
+            f"{layered['rhythm_input_share']:.2f} and of the harmony {layered['harmony_input_share']:.2f} | "
+            f"temporal variation {temporal_variation(masks[0][None]).item():.2f}, "
             f"complementarity {metrics['complementarity']:.1f}%, coverage {metrics['coverage']:.1f}%, "
             f"balance {metrics['balance']:.2f}")
 

@@ -74,6 +74,37 @@ def tone_distance_db(wave: torch.Tensor, reference: torch.Tensor, sample_rate: i
     return (tone[0] - tone[1]).square().mean(dim=-1).sqrt()
 
 
+BOTH_HEARD = (0.2, 0.8)  # a frame whose input share lies in this range holds both songs at once
+LAYER_KEYS = ("both_heard", "rhythm_input_share", "harmony_input_share")
+
+
+@torch.no_grad()
+def frame_shares(o: torch.Tensor, a: torch.Tensor, b: torch.Tensor, floor_db: float = -40.0) -> torch.Tensor:
+    """The input's share of each frame [frames] that has sound (within `floor_db` of the loudest frame), from the
+    magnitude spectrograms [F, frames] of output, input and target (input_share frame by frame)."""
+    energy = o.square().sum(0)
+    loud = energy > energy.max() * 10 ** (floor_db / 10)
+    return share_of_magnitudes(*(m.T[loud] for m in (o, a, b)))
+
+
+def layering(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, sample_rate: int) -> dict:
+    """What is heard in layers, from the audio: `both_heard`, the share of the time both songs sound at once
+    (frames whose input share lies in BOTH_HEARD), and the input's share of the output's rhythm and of its harmony
+    (input_share of each layer against the songs' same layers, by librosa's harmonic-percussive separation)."""
+    import librosa
+
+    waves = [np.asarray(w, dtype=np.float32) for w in (output, input_wave, target_wave)]
+    o, a, b = magnitude(torch.from_numpy(np.stack(waves)), 1024, 256)
+    shares = frame_shares(o, a, b)
+    lo, hi = BOTH_HEARD
+    result = dict(both_heard=float(((shares >= lo) & (shares <= hi)).float().mean()) if len(shares) else math.nan)
+    layers = [librosa.effects.hpss(w) for w in waves]  # (harmonic, percussive) of each
+    for key, k in (("rhythm_input_share", 1), ("harmony_input_share", 0)):
+        parts = torch.from_numpy(np.stack([layer[k] for layer in layers]))[:, None]
+        result[key] = float(input_share(parts[:1], parts[1:2], parts[2:]))
+    return result
+
+
 def source_labels(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, sample_rate: int,
                   hop_seconds: float = 0.01) -> tuple[np.ndarray, float]:
     """Which song is heard in each frame of `hop_seconds` (True: the input): the one whose log-mel frame is nearer
@@ -135,10 +166,10 @@ def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray,
     return result
 
 
-def mean_in_time(rows: list[dict[str, float]]) -> dict[str, float]:
-    """The mean of each in-time figure over arrangements, NaN ones left out (NaN where all are)."""
+def mean_in_time(rows: list[dict[str, float]], keys: tuple[str, ...] = IN_TIME_KEYS) -> dict[str, float]:
+    """The mean of each figure (in time, or `keys`) over arrangements, NaN ones left out (NaN where all are)."""
     out = {}
-    for key in IN_TIME_KEYS:
+    for key in keys:
         values = [r[key] for r in rows if math.isfinite(r[key])]
         out[key] = float(np.mean(values)) if values else math.nan
     return out

@@ -1,0 +1,103 @@
+"""Issue 26: layered arrangements. The rhythm and harmony layers of the MDCT latent, the `layers` rule, the layering
+agent, and what is heard in layers, measured from the audio."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import SR, tiny_args
+
+import arrange
+from audio_codec import MDCTCodec
+from config import parse_args
+from creative_agent import CreativeAgent
+from fixed_masks import make_fixed_masks
+from layers import harmony_mask, split_layers
+from listening import layering
+from model_simple_transformer import SimpleTransformer
+from train_simple_worker import run
+
+RATE = 24000
+
+
+def drums(seconds: float = 4.0, sr: int = RATE) -> np.ndarray:
+    """Noise bursts that die away in 10 ms, four a second: a drums-only song."""
+    rng, out = np.random.default_rng(0), np.zeros(int(seconds * sr))
+    n = int(0.08 * sr)
+    for start in range(0, len(out) - n, sr // 4):
+        out[start : start + n] += 0.5 * rng.standard_normal(n) * np.exp(-np.arange(n) / (0.01 * sr))
+    return out
+
+
+def chord(seconds: float = 4.0, sr: int = RATE, root: float = 261.6) -> np.ndarray:
+    """A sustained major chord: a harmony-only song."""
+    t = np.arange(int(seconds * sr)) / sr
+    return sum(0.15 * np.sin(2 * np.pi * root * r * t) for r in (1.0, 1.26, 1.5))
+
+
+@pytest.mark.parametrize("name, make, layer", [("drums", drums, 0), ("chord", chord, 1)])
+def test_layers_sum_back_and_separate_drums_from_chords(name, make, layer):
+    codec = MDCTCodec()
+    wave = torch.tensor(make(), dtype=torch.float32)[None, None]
+    z = codec.encode(wave)
+    parts = split_layers(z)
+    assert parts.shape == (1, 2, *z.shape[1:])
+    assert (parts.sum(dim=1) - z).abs().max() <= 1e-4 * z.abs().max()  # exactly the latent again
+    decoded = [codec.decode(parts[:, k])[..., : wave.shape[-1]] for k in range(2)]
+    assert (decoded[0] + decoded[1] - wave).abs().max() < 1e-4  # and the song again
+    energy = [float(d.square().sum()) for d in decoded]
+    assert energy[layer] / sum(energy) >= 0.9, f"{name}: {energy}"
+
+
+def test_the_layers_rule_takes_the_inputs_rhythm_and_the_targets_harmony():
+    z_in, z_tgt = (MDCTCodec().encode(torch.tensor(x(), dtype=torch.float32)[None, None]) for x in (drums, chord))
+    m_in, m_tgt = make_fixed_masks("layers", z_in, z_tgt)
+    assert torch.equal(m_in, 1 - harmony_mask(z_in)) and torch.equal(m_tgt, harmony_mask(z_tgt))
+    model = SimpleTransformer(encoding_dim=128, nhead=2, num_layers=1, mask_type="layers").eval()
+    out, reg = model(z_in, z_tgt)  # untrained: the masked mix, the drums' rhythm under the chord's harmony
+    assert reg is None and torch.allclose(out, split_layers(z_in)[:, 0] + split_layers(z_tgt)[:, 1], atol=1e-5)
+
+
+def test_the_layering_agent_decides_each_layer_per_section_and_trains():
+    torch.manual_seed(0)
+    agent = CreativeAgent(16, hidden_dim=16, agent="layered")
+    x, y = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
+    sections = (torch.arange(64) // 16).expand(2, -1)
+    gates, _, reg = agent.mask_generator(x, y, sections=sections)
+    assert gates.shape == (2, 2, 64)  # rhythm and harmony, every frame
+    for s in range(4):  # one decision per section and layer, 0 or 1
+        part = gates[..., s * 16 : (s + 1) * 16]
+        assert torch.equal(part, part[..., :1].expand_as(part)) and set(part.unique().tolist()) <= {0.0, 1.0}
+    masked_in, masked_tgt, reg = agent.generate_creative_masks(x, y, sections=sections)
+    want = (split_layers(x) * gates[:, :, None]).sum(1)
+    assert torch.allclose(masked_in, want, atol=1e-6)
+    (masked_in.square().mean() + masked_tgt.square().mean() + reg).backward()
+    assert agent.mask_generator.input_head.weight.grad.abs().sum() > 0
+    assert not hasattr(agent.mask_generator, "harmony_analyser")  # no learned filters: nothing DDP could leave unused
+
+
+def test_layering_is_measured_from_the_audio():
+    a, b = drums() + 0.3 * chord(root=220.0), chord() + 0.1 * drums()[::-1]
+    alone = layering(a, a, b, RATE)
+    assert alone["both_heard"] == 0.0 and alone["rhythm_input_share"] > 0.95 and alone["harmony_input_share"] > 0.95
+    mixed = layering(a + b, a, b, RATE)
+    assert mixed["both_heard"] > 0.5
+    layered = layering(drums() + chord(), a, b, RATE)  # a's rhythm under b's harmony
+    assert layered["rhythm_input_share"] > 0.7 and layered["harmony_input_share"] < 0.5
+
+
+def test_layering_needs_the_mdct_codec(capsys):
+    for flags in (["--agent", "layered"], ["--mask_type", "layers"]):
+        with pytest.raises(SystemExit):
+            parse_args([*flags, "--codec", "encodec"])
+        assert "need --codec mdct" in capsys.readouterr().err
+
+
+def test_a_layered_agent_trains_and_arranges_in_layers(tmp_path, pairs_dir, capsys):
+    assert run(0, 1, 0, tiny_args(tmp_path, pairs_dir, "--agent", "layered")) == 0
+    song = tmp_path / "song.wav"
+    sf.write(str(song), (drums(2.0, SR) + chord(2.0, SR)).astype(np.float32), SR)
+    out = tmp_path / "mix.wav"
+    assert arrange.main(["--checkpoint", str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt"), "--input",
+                         str(song), "--target", str(song), "--output", str(out), "--align", "false"]) == 0
+    line = capsys.readouterr().out
+    assert "both songs heard" in line and "share of the rhythm" in line and out.is_file()
