@@ -18,6 +18,7 @@ from audio_codec import CodecUnavailable
 from beats import AlignmentError
 from checkpoints import CheckpointError
 from config import SILENCE_DB, str2bool
+from creative_agent import component_names
 from inference import Arranger, AudioInputError, aligned_path, load_audio, plot_masks, save_wave, summary_line
 from listening import tone_distance_db
 
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     if args.mask_plot:
         plot_masks(args.mask_plot, result.masks, song, result.target, out, sr, arranger.codec.hop_length,
                    result.attention, title=os.path.basename(args.output), beats=result.grid.beats,
-                   sections=result.sections)
+                   sections=result.sections, components=component_names(arranger.model))
     if result.alignment is not None:
         print(f"aligned target ({aligned_path(args.output)}): {result.alignment.line()}")
     print(summary_line(args.output, out, song, result.target, result.masks, result.grid, sr, args.balance))

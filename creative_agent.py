@@ -313,6 +313,11 @@ class LayeredMaskGenerator(ComponentMaskGenerator):
     other's harmony, both heard at once."""
 
     COMPONENTS = LAYERS
+    LAYERING_WEIGHT = 10.0  # without it both layers follow the same scores and come from one song (both heard 6 %)
+
+    def __init__(self, *args, **options):
+        options.setdefault("layering_weight", self.LAYERING_WEIGHT)
+        super().__init__(*args, **options)
 
     def components(self, latent: torch.Tensor) -> torch.Tensor:
         return split_layers(latent)
@@ -377,14 +382,25 @@ class CreativeAgent(nn.Module):
             target_mask = 1.0 - input_mask
         if isinstance(generator, ComponentMaskGenerator):
             masked = generator.compose(encoded_input, input_mask), generator.compose(encoded_target, target_mask)
-            # for metrics and pictures: the input's share of the components in each frame
-            input_mask = input_mask.mean(dim=1, keepdim=True).expand_as(encoded_input)
+            # for metrics and pictures: one band of channels per component, holding its gate
+            input_mask = component_bands(input_mask, encoded_input.shape[1])
             target_mask = 1.0 - input_mask
         else:
             masked = encoded_input * input_mask, encoded_target * target_mask
         if keeps_state():
             self.last_masks = (input_mask.detach(), target_mask.detach())
         return *masked, reg_loss
+
+
+def component_bands(gates: torch.Tensor, channels: int) -> torch.Tensor:
+    """Gates [B, components, T] as a mask [B, channels, T]: component k fills the k-th band of channels."""
+    return gates.repeat_interleave(-(-channels // gates.shape[1]), dim=1)[:, :channels]
+
+
+def component_names(model) -> tuple[str, ...]:
+    """The components a model's agent decides per band of its mask pictures, () where it masks channel x frame cells."""
+    agent = model.creative_agent.mask_generator if model.creative_agent is not None else None
+    return agent.COMPONENTS if isinstance(agent, ComponentMaskGenerator) else ()
 
 
 def count_parameters(module: nn.Module) -> int:

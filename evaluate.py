@@ -28,8 +28,9 @@ from audio_codec import CodecUnavailable
 from beats import align
 from checkpoints import CheckpointError
 from config import SILENCE_DB
+from creative_agent import component_names
 from inference import Arranger, arrange_latents, plot_masks, ride_fader, save_wave
-from listening import IN_TIME_KEYS, LAYER_KEYS, distances_and_share, in_time, layering, mean_in_time
+from listening import IN_TIME_KEYS, LAYER_KEYS, distances_and_share, heard_in_time_and_layers, mean_in_time
 from losses import mask_metrics, mask_variability, reconstruction_loss, rms_loss, temporal_variation
 from objective import loss_weights
 from pairs_dataset import BadDataError, WavPairsDataset, pair_name
@@ -50,6 +51,7 @@ METRICS = (
     ("both_heard", "max", "share of the time both songs are heard at once (a frame's input share in 0.2..0.8)"),
     ("rhythm_input_share", 0.5, "the input's share of the output's rhythm (percussive layer; 1: the input's rhythm)"),
     ("harmony_input_share", 0.5, "the input's share of the output's harmony (harmonic layer)"),
+    ("harmony_match", "max", "where both are heard, how alike the two songs' chroma are (low: the layers clash)"),
     ("temporal_variation", "max", "how much the input mask changes over time (0: static, 0.5: even alternation)"),
     ("mask_variability", "max", "how much the masks differ from pair to pair (0: one pattern for all)"),
     ("val_loss", "min", "validation loss (the reconstruction objective, without mask regularisation)"),
@@ -139,7 +141,7 @@ def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_si
         patterns.append(masks[0].float())
         for j in range(len(batch)):
             waves = (out[j, 0].numpy(), inp[j, 0].numpy(), tgt[j, 0].numpy())
-            timing.append({**in_time(*waves, beats[j].numpy(), sr), **layering(*waves, sr)})
+            timing.append(heard_in_time_and_layers(*waves, beats[j].numpy(), sr))
             if start + j < num_examples:
                 att = attention[j] if attention is not None else None
                 shown.append((start + j, inp[j, 0], tgt[j, 0], out[j, 0], (masks[0][j], masks[1][j]), att,
@@ -150,7 +152,7 @@ def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_si
     row["rms_ratio"] = row["rms_in"] / max(row["rms_tgt"], 1e-12)
     row["seconds_per_audio_minute"] = seconds / (count * segment / sr / 60)
     row["pairs"] = count
-    return row, shown, (sr, codec.hop_length)
+    return row, shown, (sr, codec.hop_length, component_names(model))
 
 
 def best_of(rows: dict[str, dict], key: str, goal) -> str:
@@ -290,7 +292,7 @@ def write_all(work: str, results: dict, dataset_folder: str) -> None:
     """Audio, mask pictures, the comparison figure, report.md and report.html into the folder `work`."""
     os.makedirs(os.path.join(work, "audio"))
     os.makedirs(os.path.join(work, "plots"))
-    for name, (_, shown, (sr, hop), prefix) in results.items():
+    for name, (_, shown, (sr, hop, components), prefix) in results.items():
         for index, inp, tgt, out, masks, attention, beats, sections in shown:
             stem = f"{prefix}_{index:04d}"
             for role, wave in (("input", inp), ("target", tgt)):
@@ -299,7 +301,8 @@ def write_all(work: str, results: dict, dataset_folder: str) -> None:
                     save_wave(source, wave, sr)
             save_wave(os.path.join(work, "audio", f"{stem}_{name}.wav"), out, sr)
             plot_masks(os.path.join(work, "plots", f"{stem}_{name}_masks.png"), masks, inp, tgt, out, sr, hop,
-                       attention, title=f"{name}: {stem}", beats=beats[np.isfinite(beats)], sections=sections)
+                       attention, title=f"{name}: {stem}", beats=beats[np.isfinite(beats)], sections=sections,
+                       components=components)
     rows = {name: result[0] for name, result in results.items()}
     plot_comparison(os.path.join(work, "plots", "comparison.png"), rows)
     pairs = next(iter(rows.values()))["pairs"]

@@ -17,6 +17,7 @@ import torch
 from beats import SWITCH_FADE_SECONDS, Alignment, Grid, align, analyse, level_switches, section_ids
 from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint
 from config import Config, upgrade
+from creative_agent import component_names
 from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
@@ -200,7 +201,7 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
 
 def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torch.Tensor, sample_rate: int,
                hop_length: int, attention: torch.Tensor | None = None, title: str = "", beats=None,
-               sections: torch.Tensor | None = None) -> None:
+               sections: torch.Tensor | None = None, components: tuple[str, ...] = ()) -> None:
     """PNG: input and target masks (channels x time), the attention map if given, and the three waveforms; with
     `beats` (s) the beat grid is drawn on the waveforms (thin red lines), with `sections` [frames] the section
     starts on the masks (white dashes)."""
@@ -217,7 +218,10 @@ def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torc
     for ax, mask, name in ((axes[0], m_in, "input mask"), (axes[1], m_tgt, "target mask")):
         image = ax.imshow(mask.float().cpu().numpy(), aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=1,
                           extent=(0, seconds, 0, mask.shape[0]), interpolation="nearest")
-        ax.set_ylabel(f"{name}\nchannel")
+        ax.set_ylabel(f"{name}\n{'component' if components else 'channel'}")
+        if components:  # one band per component (creative_agent.component_bands)
+            band = mask.shape[0] / len(components)
+            ax.set_yticks([band * (k + 0.5) for k in range(len(components))], components)
         fig.colorbar(image, ax=ax, pad=0.01)
         if sections is not None:
             for f in torch.nonzero(torch.diff(sections)).flatten().tolist():
@@ -280,7 +284,8 @@ def summary_line(path: str, out: torch.Tensor, song: torch.Tensor, other: torch.
             f"{t['switches_per_s']:.2f} switches/s, median section {t['section_s']:.2f} s{beats}, loudness jump "
             f"{t['loudness_jump_db']:.1f} dB (the input alone {t['input_jump_db']:.1f} dB) | both songs heard "
             f"{layered['both_heard']:.0%} of the time, the input's share of the rhythm "
-            f"{layered['rhythm_input_share']:.2f} and of the harmony {layered['harmony_input_share']:.2f} | "
+            f"{layered['rhythm_input_share']:.2f} and of the harmony {layered['harmony_input_share']:.2f}, harmony "
+            f"match {layered['harmony_match']:.2f} where both are heard | "
             f"temporal variation {temporal_variation(masks[0][None]).item():.2f}, "
             f"complementarity {metrics['complementarity']:.1f}%, coverage {metrics['coverage']:.1f}%, "
             f"balance {metrics['balance']:.2f}")
@@ -359,4 +364,4 @@ def write_example(arranger: Arranger, song: torch.Tensor, other: torch.Tensor, f
                                                    keep_attention=arranger.model.use_creative_agent)
     save_wave(os.path.join(folder, "arrangement_example.wav"), out, rate)
     plot_masks(os.path.join(folder, "masks_example.png"), masks, song, other, out, rate, arranger.codec.hop_length,
-               attention, title=title, beats=grid.beats, sections=sections)
+               attention, title=title, beats=grid.beats, sections=sections, components=component_names(arranger.model))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from beats import extend_grid, level_db, track_beats
+from layers import harmony_mask
 from losses import DB_PER_NEPER, lsd_of_magnitudes, magnitude, mel_filterbank
 
 ON_BEAT_SECONDS = 0.07  # a switch this close to a beat is on the beat
@@ -75,34 +76,45 @@ def tone_distance_db(wave: torch.Tensor, reference: torch.Tensor, sample_rate: i
 
 
 BOTH_HEARD = (0.2, 0.8)  # a frame whose input share lies in this range holds both songs at once
-LAYER_KEYS = ("both_heard", "rhythm_input_share", "harmony_input_share")
+LAYER_KEYS = ("both_heard", "rhythm_input_share", "harmony_input_share", "harmony_match")
+STFT_LAYER_FRAMES, STFT_LAYER_BINS = 31, 31  # the median filters of the layers in a 1024-point STFT (0.33 s, 730 Hz)
 
 
 @torch.no_grad()
-def frame_shares(o: torch.Tensor, a: torch.Tensor, b: torch.Tensor, floor_db: float = -40.0) -> torch.Tensor:
-    """The input's share of each frame [frames] that has sound (within `floor_db` of the loudest frame), from the
-    magnitude spectrograms [F, frames] of output, input and target (input_share frame by frame)."""
-    energy = o.square().sum(0)
-    loud = energy > energy.max() * 10 ** (floor_db / 10)
-    return share_of_magnitudes(*(m.T[loud] for m in (o, a, b)))
-
-
 def layering(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, sample_rate: int) -> dict:
     """What is heard in layers, from the audio: `both_heard`, the share of the time both songs sound at once
-    (frames whose input share lies in BOTH_HEARD), and the input's share of the output's rhythm and of its harmony
-    (input_share of each layer against the songs' same layers, by librosa's harmonic-percussive separation)."""
-    import librosa
-
-    waves = [np.asarray(w, dtype=np.float32) for w in (output, input_wave, target_wave)]
-    o, a, b = magnitude(torch.from_numpy(np.stack(waves)), 1024, 256)
-    shares = frame_shares(o, a, b)
+    (frames whose input share lies in BOTH_HEARD); the input's share of the output's rhythm and of its harmony
+    (input_share of each layer against the songs' same layers: harmonic-percussive separation of the three
+    spectrograms, layers.harmony_mask); and `harmony_match`, where both are heard, how alike the two songs' harmony
+    is (cosine of their chroma, 1: the same notes; low means the layers clash)."""
+    waves = torch.from_numpy(np.stack([np.asarray(w, dtype=np.float32) for w in (output, input_wave, target_wave)]))
+    mags = magnitude(waves, 1024, 256)  # [3, F, frames]
+    o, a, b = mags
+    energy = o.square().sum(0)
+    loud = energy > energy.max() * 1e-4  # frames with sound: within 40 dB of the loudest
+    shares = share_of_magnitudes(*(m.T[loud] for m in (o, a, b)))
     lo, hi = BOTH_HEARD
-    result = dict(both_heard=float(((shares >= lo) & (shares <= hi)).float().mean()) if len(shares) else math.nan)
-    layers = [librosa.effects.hpss(w) for w in waves]  # (harmonic, percussive) of each
-    for key, k in (("rhythm_input_share", 1), ("harmony_input_share", 0)):
-        parts = torch.from_numpy(np.stack([layer[k] for layer in layers]))[:, None]
-        result[key] = float(input_share(parts[:1], parts[1:2], parts[2:]))
-    return result
+    both = torch.zeros_like(loud)
+    both[loud] = (shares >= lo) & (shares <= hi)
+    harmony = mags * harmony_mask(mags, STFT_LAYER_FRAMES, STFT_LAYER_BINS)
+    rhythm = mags - harmony
+    chroma = chroma_frames(harmony[1:], sample_rate)  # [2, 12, frames]: input's and target's harmony
+    cosine = (chroma[0] * chroma[1]).sum(0) / (chroma[0].norm(dim=0) * chroma[1].norm(dim=0)).clamp_min(1e-12)
+    return dict(both_heard=float(both[loud].float().mean()) if loud.any() else math.nan,
+                rhythm_input_share=float(share_of_magnitudes(*rhythm[:, None])),
+                harmony_input_share=float(share_of_magnitudes(*harmony[:, None])),
+                harmony_match=float(cosine[both].mean()) if both.any() else math.nan)
+
+
+def chroma_frames(mags: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """[N, F, frames] magnitude spectrograms (n_fft = 2 (F - 1)) -> [N, 12, frames] chroma: each bin's power added to
+    its pitch class, from 55 Hz to 4 kHz."""
+    n_fft = 2 * (mags.shape[1] - 1)
+    freqs = torch.arange(mags.shape[1]) * sample_rate / n_fft
+    keep = (freqs >= 55) & (freqs <= 4000)
+    pitch_class = (torch.round(12 * torch.log2(freqs[keep] / 440.0)) % 12).long()
+    chroma = torch.zeros(mags.shape[0], 12, mags.shape[-1], dtype=mags.dtype)
+    return chroma.index_add_(1, pitch_class, mags[:, keep].square())
 
 
 def source_labels(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, sample_rate: int,
@@ -173,3 +185,10 @@ def mean_in_time(rows: list[dict[str, float]], keys: tuple[str, ...] = IN_TIME_K
         values = [r[key] for r in rows if math.isfinite(r[key])]
         out[key] = float(np.mean(values)) if values else math.nan
     return out
+
+
+def heard_in_time_and_layers(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray,
+                             beats: np.ndarray | None, sample_rate: int) -> dict[str, float]:
+    """in_time and layering of one arrangement, in one record (training's validation, evaluate.py)."""
+    return {**in_time(output, input_wave, target_wave, beats, sample_rate),
+            **layering(output, input_wave, target_wave, sample_rate)}

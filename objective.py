@@ -23,8 +23,10 @@ from losses import reconstruction_loss, rms_loss
 # song its wanted share of every example (area by mask area, share by energy), to keep the loud parts rather than
 # the gaps (presence), to change over time (diversity) and to switch where the music changes rather than anywhere
 # (switching). With the reconstruction's `far_lsd` term (closeness to the farther song) they decide which song is
-# heard when. (`area` was called `balance` before.)
-TERM_WEIGHTS = dict(complementarity=30.0, area=30.0, diversity=10.0, switching=10.0, presence=10.0, share=30.0)
+# heard when. (`area` was called `balance` before.) `layering` (the layered agent's: its layers from different songs,
+# so both are heard at once) is off for the others.
+TERM_WEIGHTS = dict(complementarity=30.0, area=30.0, diversity=10.0, switching=10.0, presence=10.0, share=30.0,
+                    layering=0.0)
 
 
 def mask_regularization(input_mask: torch.Tensor, target_mask: torch.Tensor, change: torch.Tensor | None = None,
@@ -34,7 +36,8 @@ def mask_regularization(input_mask: torch.Tensor, target_mask: torch.Tensor, cha
     (default 0.5) of the mask area in every example (area), masks that vary over time (diversity), few switches
     except where the music changes (`change` [B, T] in [0, 1], novelty: switching) and, given the sources' energies
     [B, D, T], as much of the music kept as possible (presence: no gaps where one song is quiet) with the wanted
-    share of what is kept for the input (share)."""
+    share of what is kept for the input (share); with components as rows, their coming from different songs
+(layering)."""
     weights = {**TERM_WEIGHTS, **(weights or {})}
     b = (share if share is not None else torch.full((1, 1, 1), 0.5, device=input_mask.device)).view(-1)
     step = (input_mask[..., 1:] - input_mask[..., :-1]).abs().mean(dim=1)  # [B, T-1]
@@ -51,6 +54,8 @@ def mask_regularization(input_mask: torch.Tensor, target_mask: torch.Tensor, cha
         "switching": (step * calm).sum(dim=-1).mean() / 8.0,  # per 8 switches of the whole mask
         "presence": (1.0 - 2.0 * kept / total).mean(),  # 0 for an even split of equally loud songs
         "share": (2 * ((1 - b) * kept_in - b * kept_tgt) / kept).square().mean(),
+        # rows are components (layers): 1 where all come from one song, 0 where they come from different songs
+        "layering": 1.0 - (input_mask.amax(dim=1) - input_mask.amin(dim=1)).mean(),
     }
     return sum(weights[name] * value for name, value in terms.items()), terms
 

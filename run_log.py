@@ -7,7 +7,7 @@ import os
 
 from checkpoints import atomic_write
 
-PANELS = (("train_loss", "val_loss"), ("mask_reg_loss",), ("input_share",), ("temporal_variation",),
+PANELS = (("train_loss", "val_loss"), ("mask_reg_loss",), ("input_share",), ("both_heard",), ("temporal_variation",),
           ("complementarity",), ("coverage",), ("balance",))
 
 

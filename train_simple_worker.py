@@ -43,7 +43,7 @@ from distributed import (
     start_process_group,
 )
 from inference import Arranger, write_example
-from listening import IN_TIME_KEYS, distances_and_share, in_time
+from listening import IN_TIME_KEYS, LAYER_KEYS, distances_and_share, heard_in_time_and_layers
 from losses import mask_metrics, temporal_variation
 from objective import Objective, step_if_finite
 from pairs_dataset import BadDataError, TrainingData
@@ -181,15 +181,16 @@ class Trainer:
             sums = [s + v * len(out) for s, v in zip(sums, values, strict=True)]
             count += len(out)
             waves = [w[:, 0].float().cpu().numpy() for w in (out, inp, tgt)]
-            timing += [in_time(o, i, t, beats.numpy(), self.config.sample_rate)
+            timing += [heard_in_time_and_layers(o, i, t, beats.numpy(), self.config.sample_rate)
                        for o, i, t, beats in islice(zip(*waves, batch[2], strict=True), IN_TIME_PAIRS - len(timing))]
             m = m_in.float()
             masks = [m.sum(0), m.square().sum(0)] if not masks else [masks[0] + m.sum(0), masks[1] + m.square().sum(0)]
         reduced = all_reduce_sum(sums + [count], self.device)
         result = {k: v / max(reduced[-1], 1.0) for k, v in zip(VALIDATION_KEYS, reduced, strict=False)}
         result["mask_variability"] = mask_variability_across_ranks(masks, reduced[-1])
-        totals = all_reduce_sum([v for k in IN_TIME_KEYS for v in finite_sum(r[k] for r in timing)], self.device)
-        for i, key in enumerate(IN_TIME_KEYS):  # the mean of the finite values of every rank
+        keys = IN_TIME_KEYS + LAYER_KEYS
+        totals = all_reduce_sum([v for k in keys for v in finite_sum(r[k] for r in timing)], self.device)
+        for i, key in enumerate(keys):  # the mean of the finite values of every rank
             total, n = totals[2 * i : 2 * i + 2]
             result[key] = total / n if n else math.nan
         return result
@@ -349,7 +350,7 @@ def epoch_record(epoch: int, step: int, train: dict, val: dict, lr: float, secon
     """The line of metrics.jsonl for one epoch: training means, validation figures, the learning rate and time."""
     record = dict(epoch=epoch, step=step, train_loss=train.get("loss", math.nan), val_loss=val["loss"],
                   mask_reg_loss=train.get("mask_reg_loss"),
-                  **{k: val[k] for k in VALIDATION_KEYS[1:] + ("mask_variability",) + IN_TIME_KEYS},
+                  **{k: val[k] for k in VALIDATION_KEYS[1:] + ("mask_variability",) + IN_TIME_KEYS + LAYER_KEYS},
                   lr=lr, seconds=seconds, skipped_steps=train["skipped_steps"])
     record.update({k: train[k] for k in ("adv_gen_loss", "adv_disc_loss", "style_loss") if k in train})
     return record
@@ -362,7 +363,7 @@ def epoch_line(r: dict) -> str:
             f"rms_tgt={r['rms_tgt']:.4f}, Mask reg={reg}, Complementarity={r['complementarity']:.1f}%, "
             f"Coverage={r['coverage']:.1f}%, Input share={r['input_share']:.2f}, "
             f"Temporal var={r['temporal_variation']:.2f}, Switches/s={r['switches_per_s']:.2f}, "
-            f"On beat={r['on_beat']:.0%} (chance {r['on_beat_chance']:.0%})"
+            f"On beat={r['on_beat']:.0%} (chance {r['on_beat_chance']:.0%}), Both heard={r['both_heard']:.0%}"
             + (f", skipped {r['skipped_steps']} non-finite step(s)" if r["skipped_steps"] else ""))
 
 

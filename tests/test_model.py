@@ -43,7 +43,7 @@ def test_reg_terms_are_logged_and_weighted():
                                  diversity_weight=0.0, switching_weight=0.0, presence_weight=0.0, share_weight=0.0,
                                  gates="cell")
     m_in, m_tgt, reg = gen(*latents())
-    assert set(gen.last_terms) == {"complementarity", "area", "diversity", "switching", "presence", "share"}
+    assert set(gen.last_terms) == {"complementarity", "area", "diversity", "switching", "presence", "share", "layering"}
     assert reg.item() == pytest.approx(2.0 * (m_in * m_tgt).mean().item(), rel=1e-5)
     assert gen.last_terms["area"].requires_grad  # the trainer's --balance_loss_weight trains through it
 
