@@ -313,11 +313,18 @@ class LayeredMaskGenerator(ComponentMaskGenerator):
     other's harmony, both heard at once."""
 
     COMPONENTS = LAYERS
-    LAYERING_WEIGHT = 10.0  # without it both layers follow the same scores and come from one song (both heard 6 %)
+    LAYERING_WEIGHT = 10.0  # the regularisation's reward for layers from different songs
 
     def __init__(self, *args, **options):
         options.setdefault("layering_weight", self.LAYERING_WEIGHT)
         super().__init__(*args, **options)
+
+    def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
+        """The harmony's score is its own minus the rhythm's: a section whose rhythm the input gives leans to the
+        target's harmony, so the layers come from different songs unless the music says otherwise. With two
+        independent scores both followed the same ranking, and both layers came from one song in 95 % of the
+        frames even with the layering term (3 epochs on real music: both songs heard 5-7 % of the time)."""
+        return torch.stack([score[:, 0], score[:, 1] - score[:, 0]], dim=1)
 
     def components(self, latent: torch.Tensor) -> torch.Tensor:
         return split_layers(latent)
