@@ -107,14 +107,12 @@ def layering(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray
 
 
 def chroma_frames(mags: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """[N, F, frames] magnitude spectrograms (n_fft = 2 (F - 1)) -> [N, 12, frames] chroma: each bin's power added to
-    its pitch class, from 55 Hz to 4 kHz."""
-    n_fft = 2 * (mags.shape[1] - 1)
-    freqs = torch.arange(mags.shape[1]) * sample_rate / n_fft
-    keep = (freqs >= 55) & (freqs <= 4000)
-    pitch_class = (torch.round(12 * torch.log2(freqs[keep] / 440.0)) % 12).long()
-    chroma = torch.zeros(mags.shape[0], 12, mags.shape[-1], dtype=mags.dtype)
-    return chroma.index_add_(1, pitch_class, mags[:, keep].square())
+    """[N, F, frames] magnitude spectrograms (n_fft = 2 (F - 1)) -> [N, 12, frames] chroma of their power, through
+    librosa's chroma filter bank."""
+    import librosa
+
+    bank = torch.from_numpy(librosa.filters.chroma(sr=sample_rate, n_fft=2 * (mags.shape[1] - 1))).to(mags.dtype)
+    return bank @ mags.square()
 
 
 def source_labels(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, sample_rate: int,
