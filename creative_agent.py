@@ -1,8 +1,10 @@
 """The creative agent: learns by cross-attention which channel x frame cells of each song go into the arrangement.
 
 `AttentionMaskGenerator` looks at both latents and returns two soft masks in [0, 1] and their regularisation loss
-(defined in objective.py); `CompositionalMaskGenerator` decides per component (rhythm, harmony, timbre);
-`CreativeAgent` wraps either and applies the masks. `python creative_agent.py` runs a self-test on random latents.
+(defined in objective.py); the component agents decide per component of the songs which song supplies it:
+`LayeredMaskGenerator` the rhythm and the harmony layers (layers.py), `CompositionalMaskGenerator` rhythm, harmony and
+timbre from learned filters. `CreativeAgent` wraps any of them and applies the masks. `python creative_agent.py`
+runs a self-test on random latents.
 """
 from __future__ import annotations
 
