@@ -131,6 +131,7 @@ class Bench:
         self.frames = self.codec.num_frames(self.samples)
         torch.manual_seed(0)
         self.model = SimpleTransformer(encoding_dim=self.codec.dim, use_creative_agent=args.use_creative_agent,
+                                       agent=args.agent,
                                        nhead=args.nhead, use_sdpa=args.sdpa).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.cuda_graphs = args.cuda_graphs
@@ -279,7 +280,7 @@ def run(args) -> dict:
     return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores,"
                 f" {torch.get_num_threads()} threads)",
                 config=dict(batch_size=args.batch_size, seconds=args.seconds, codec=args.codec, frames=bench.frames,
-                            use_creative_agent=args.use_creative_agent, nhead=args.nhead,
+                            use_creative_agent=args.use_creative_agent, agent=args.agent, nhead=args.nhead,
                             amp=args.amp if device.type == "cuda" else "none", compile=args.compile,
                             cuda_graphs=args.cuda_graphs, sdpa=args.sdpa, num_workers=args.num_workers,
                             parameters=sum(p.numel() for p in bench.model.parameters())),
@@ -313,6 +314,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--codec", default="mdct", choices=("mdct", "encodec"),
                    help="mdct, or encodec with random weights (same speed as the real ones)")
     p.add_argument("--use_creative_agent", type=str2bool, default=True, help="include the agent (default true)")
+    p.add_argument("--agent", default="attention", choices=("attention", "layered", "compositional"),
+                   help="which agent (default attention; layered splits the latent into rhythm and harmony)")
     p.add_argument("--nhead", type=int, nargs="+", default=[4], metavar="N",
                    help="attention heads, for every stage or one count per stage (default 4, as in training)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (FLOPs still counted eagerly)")

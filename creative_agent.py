@@ -289,22 +289,25 @@ class ComponentMaskGenerator(AttentionMaskGenerator):
         """[B, D, T] -> [B, components, D, T], summing to the latent."""
         raise NotImplementedError
 
-    def compose(self, latent: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """The latent's components weighted by its gates [B, components, T], summed: what this song gives."""
-        return (self.components(latent) * gates[:, :, None]).sum(dim=1)
+    def compose(self, latent: torch.Tensor, gates: torch.Tensor, parts: torch.Tensor | None = None) -> torch.Tensor:
+        """The latent's components (`parts`, if known) weighted by its gates [B, components, T], summed: what this
+        song gives the arrangement."""
+        parts = self.components(latent) if parts is None else parts
+        return (parts * gates[:, :, None]).sum(dim=1)
 
     def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
         return score  # the heads give one score per component already
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None,
-                shift: torch.Tensor | None = None, sections: torch.Tensor | None = None):
-        """(input gates, target gates) [B, components, T] and the regularisation loss."""
+                shift: torch.Tensor | None = None, sections: torch.Tensor | None = None, parts: tuple | None = None):
+        """(input gates, target gates) [B, components, T] and the regularisation loss; `parts`: both songs'
+        components where the caller has them already (they are not cheap: the layers' median filters)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
         input_gates = self.decisions(encoded_input, encoded_target, share, shift, sections)
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
-        with torch.no_grad():
-            energy = tuple(self.components(z).float().square().sum(dim=2) for z in (encoded_input, encoded_target))
+        parts = parts or (self.components(encoded_input), self.components(encoded_target))
+        energy = tuple(p.detach().float().square().sum(dim=2) for p in parts)
         return input_gates, 1.0 - input_gates, self.regularization(input_gates, 1.0 - input_gates, change, energy,
                                                                   share)
 
@@ -385,12 +388,16 @@ class CreativeAgent(nn.Module):
         `sections` [B, T]: each frame's section of the beat grid."""
         generator = self.mask_generator
         shift = self.style(style) if style is not None and self.style is not None else None
-        input_mask, target_mask, reg_loss = generator(encoded_input, encoded_target, balance, shift, sections)
+        components = isinstance(generator, ComponentMaskGenerator)
+        parts = (generator.components(encoded_input), generator.components(encoded_target)) if components else None
+        inputs = (encoded_input, encoded_target, balance, shift, sections)
+        input_mask, target_mask, reg_loss = generator(*inputs, parts=parts) if components else generator(*inputs)
         if hard:
             input_mask = (input_mask >= target_mask).to(input_mask.dtype)
             target_mask = 1.0 - input_mask
-        if isinstance(generator, ComponentMaskGenerator):
-            masked = generator.compose(encoded_input, input_mask), generator.compose(encoded_target, target_mask)
+        if components:
+            masked = (generator.compose(encoded_input, input_mask, parts[0]),
+                      generator.compose(encoded_target, target_mask, parts[1]))
             # for metrics and pictures: one band of channels per component, holding its gate
             input_mask = component_bands(input_mask, encoded_input.shape[1])
             target_mask = 1.0 - input_mask

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 LAYERS = ("rhythm", "harmony")
-TIME_FRAMES = 31  # median over time: 0.17 s at the MDCT's 187.5 frames/s keeps what is sustained (harmony)
-BINS = 15  # median over frequency: 1.4 kHz at 94 Hz a bin keeps what is broadband (rhythm)
+TIME_FRAMES = 17  # median over time: 0.09 s at the MDCT's 187.5 frames/s keeps what is sustained (harmony)
+BINS = 9  # median over frequency: 0.85 kHz at 94 Hz a bin keeps what is broadband (rhythm)
 
 
 def median_filter(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
