@@ -18,8 +18,7 @@ from audio_codec import CodecUnavailable
 from beats import AlignmentError
 from checkpoints import CheckpointError
 from config import SILENCE_DB, str2bool
-from creative_agent import component_names
-from inference import Arranger, AudioInputError, aligned_path, load_audio, plot_masks, save_wave, summary_line
+from inference import Arranger, AudioInputError, aligned_path, load_audio, save_wave, summary_line
 from listening import tone_distance_db
 
 
@@ -76,9 +75,7 @@ def main(argv=None) -> int:
     save_wave(args.output, out, sr)
     save_wave(aligned_path(args.output), result.target, sr)
     if args.mask_plot:
-        plot_masks(args.mask_plot, result.masks, song, result.target, out, sr, arranger.codec.hop_length,
-                   result.attention, title=os.path.basename(args.output), beats=result.grid.beats,
-                   sections=result.sections, components=component_names(arranger.model))
+        arranger.picture(args.mask_plot, song, result, title=os.path.basename(args.output))
     if result.alignment is not None:
         print(f"aligned target ({aligned_path(args.output)}): {result.alignment.line()}")
     print(summary_line(args.output, out, song, result.target, result.masks, result.grid, sr, args.balance))

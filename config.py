@@ -265,8 +265,8 @@ def parse_args(argv=None, description: str = "") -> Config:
     if config.use_creative_agent and config.mask_type != "none":
         parser.error(f"--mask_type {config.mask_type} is a rule for runs without the agent: drop it, or drop "
                      f"--use_creative_agent / --agent")
-    if (config.masks in ("layers",) or config.use_creative_agent and config.agent == "layered") and \
-            config.codec != "mdct":
+    layering = config.masks == "layers" or config.use_creative_agent and config.agent == "layered"
+    if layering and config.codec != "mdct":
         parser.error("layering splits the MDCT latent into rhythm and harmony: --agent layered and --mask_type "
                      "layers need --codec mdct")
     config.run_name_given = config.run_name

@@ -342,26 +342,28 @@ class Arranger:
 
     def arrange(self, song: torch.Tensor, other: torch.Tensor, balance: float = 0.5, hard: bool = False,
                 match_key: bool = True, align_songs: bool = True, style: torch.Tensor | None = None,
-                style_strength: float = 0.5, batch_size: int = 4, keep_attention: bool = False) -> Arrangement:
-        """Two whole songs [S_in], [S_tgt] at the model's sample rate -> their Arrangement. AlignmentError for
-        tempos too far apart."""
-        grid, other, alignment = prepare_songs(song, other, self.sample_rate, match_key, align_songs)
+                style_strength: float = 0.5, batch_size: int = 4, keep_attention: bool = False,
+                song_beats=None) -> Arrangement:
+        """Two whole songs [S_in], [S_tgt] at the model's sample rate -> their Arrangement (`song_beats`: the
+        input's beats where they are known already). AlignmentError for tempos too far apart."""
+        grid, other, alignment = prepare_songs(song, other, self.sample_rate, match_key, align_songs, song_beats)
         out, masks, attention, sections = arrange_song(
             self.model, self.codec, self.norm, song, other, self.config.segment_samples, hard,
             batch_size=batch_size, keep_attention=keep_attention, balance=balance, style=style,
             style_strength=style_strength, song_grid=grid)
         return Arrangement(out, other, masks, attention, sections, grid, alignment)
 
+    def picture(self, path: str, song: torch.Tensor, result: Arrangement, title: str = "") -> None:
+        """The mask picture of an arrangement of `song`: masks, attention, the three waves with the beat grid."""
+        plot_masks(path, result.masks, song, result.target, result.output, self.sample_rate, self.codec.hop_length,
+                   result.attention, title=title, beats=result.grid.beats, sections=result.sections,
+                   components=component_names(self.model))
+
 
 def write_example(arranger: Arranger, song: torch.Tensor, other: torch.Tensor, folder: str, title: str = "",
                   song_beats=None) -> None:
     """The trainer's example: `song` arranged with `other` laid on its grid (`song_beats`: its known beats), written
     to FOLDER/arrangement_example.wav with a picture of its masks and beat grid, FOLDER/masks_example.png."""
-    rate = arranger.sample_rate
-    grid, other, _ = prepare_songs(song, other, rate, song_beats=song_beats)
-    out, masks, attention, sections = arrange_song(arranger.model, arranger.codec, arranger.norm, song, other,
-                                                   arranger.config.segment_samples, song_grid=grid,
-                                                   keep_attention=arranger.model.use_creative_agent)
-    save_wave(os.path.join(folder, "arrangement_example.wav"), out, rate)
-    plot_masks(os.path.join(folder, "masks_example.png"), masks, song, other, out, rate, arranger.codec.hop_length,
-               attention, title=title, beats=grid.beats, sections=sections, components=component_names(arranger.model))
+    result = arranger.arrange(song, other, keep_attention=arranger.model.use_creative_agent, song_beats=song_beats)
+    save_wave(os.path.join(folder, "arrangement_example.wav"), result.output, arranger.sample_rate)
+    arranger.picture(os.path.join(folder, "masks_example.png"), song, result, title)
