@@ -6,12 +6,14 @@
 - frequency: channels below `split` * D from the input, the rest from the target
 - energy:    each cell goes to the source with more energy there, softly: m_in = e_in / (e_in + e_tgt)
 - layers:    the input's rhythm under the target's harmony (layers.py): both songs at once, in layers
-The complementary ones (all but none and layers) sum to 1 everywhere.
+The complementary ones (all but none and layers) sum to 1 everywhere. `RuleMix` arranges with a rule alone, nothing
+learned: the web page's approach for a user without a trained checkpoint.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from layers import harmony_mask
 
@@ -70,3 +72,29 @@ def make_fixed_masks(mask_type: str, encoded_input: torch.Tensor, encoded_target
     if mask_type == "layers":  # the seed system's intent: rhythm from the input, harmony from the target
         return 1.0 - harmony_mask(encoded_input), harmony_mask(encoded_target)
     return energy_masks(encoded_input.detach(), encoded_target.detach())
+
+
+class RuleMix(nn.Module):
+    """A rule's masks applied to both latents and summed, with nothing learned: `model(x, y, sections=...)` gives
+    (output latent, None) as SimpleTransformer does, so inference.arrange_song arranges with it. With the temporal
+    rule on the beat grid and the songs aligned (beats.py), that is a beat-synchronous arrangement that a codec
+    which reconstructs exactly (MDCT) renders without a trained model."""
+
+    creative_agent = style_encoder = None
+    use_creative_agent = False
+
+    def __init__(self, mask_type: str, section_beats: int = 2, fade_frames: int = 0, segment_frames: int = 32,
+                 split: float = 0.5):
+        super().__init__()
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
+        self.mask_type, self.section_beats, self.fade_frames = mask_type, section_beats, fade_frames
+        self.temporal_segment_frames, self.frequency_split = segment_frames, split
+        self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None,
+                style_reference=None, style_strength: float = 0.0, sections: torch.Tensor | None = None):
+        m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target, self.temporal_segment_frames,
+                                       self.frequency_split, sections, self.fade_frames)
+        self.last_masks = (m_in, m_tgt)
+        return encoded_input * m_in + encoded_target * m_tgt, None

@@ -14,10 +14,12 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from beats import SWITCH_FADE_SECONDS, Alignment, Grid, align, analyse, level_switches, section_ids
+from audio_codec import LatentNorm, build_codec
+from beats import SWITCH_FADE_SECONDS, Alignment, Grid, align, analyse, level_switches, section_ids, switch_fade_frames
 from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint
 from config import Config, upgrade
 from creative_agent import component_names
+from fixed_masks import RuleMix
 from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
@@ -27,17 +29,22 @@ class AudioInputError(ValueError):
     """An input song that cannot be used; the message names the file and why."""
 
 
-def load_audio(path: str, sample_rate: int, silence_db: float = SILENCE_DB) -> torch.Tensor:
-    """A song as a mono float32 tensor [S] at `sample_rate`; AudioInputError if it is missing, unreadable or silent."""
+def load_audio(path: str, sample_rate: int, silence_db: float = SILENCE_DB, start: float = 0.0,
+               seconds: float | None = None) -> torch.Tensor:
+    """A song, or its excerpt of `seconds` from `start` (s), as a mono float32 tensor [S] at `sample_rate`;
+    AudioInputError if it is missing, unreadable, silent or shorter than `start`."""
     if problem := path_problem(path):
         raise AudioInputError(f"{path}: {problem}")
     try:
-        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+        sr = sf.info(path).samplerate
+        first, count = round(start * sr), -1 if seconds is None else max(1, round(seconds * sr))
+        audio, sr = sf.read(path, start=first, frames=count, dtype="float32", always_2d=True)
     except Exception as err:
-        raise AudioInputError(f"{path}: unreadable or not audio ({str(err).splitlines()[0][:120]})") from err
+        reason = str(err).splitlines()[0].replace(f"Error opening {path!r}: ", "")  # soundfile names the path
+        raise AudioInputError(f"{path}: unreadable or not audio ({reason[:120]})") from err
     audio = audio.mean(axis=1)
     if len(audio) == 0:
-        raise AudioInputError(f"{path}: holds no samples")
+        raise AudioInputError(f"{path}: holds no samples" + (f" after {start:g} s" if start > 0 else ""))
     if not np.isfinite(audio).all():
         raise AudioInputError(f"{path}: non-finite samples (NaN or Inf)")
     if problem := silence_problem(audio, silence_db):
@@ -323,6 +330,20 @@ class Arranger:
         """From a checkpoint alone; CheckpointError names the file and what is wrong."""
         state = load_checkpoint(path)
         return cls(*model_from_checkpoint(state, path), upgrade(state["config"]), path)
+
+    @classmethod
+    def rule(cls, mask_type: str = "temporal", sample_rate: int = 24000, section_beats: int = 2,
+             window_seconds: float = 8.0) -> Arranger:
+        """A rule with nothing learned (fixed_masks.RuleMix) over the MDCT codec, which reconstructs exactly: the
+        temporal rule switches songs every `section_beats` beats of the input, the layers rule lays the input's
+        rhythm under the target's harmony. Arranges in windows of `window_seconds`."""
+        codec = build_codec("mdct", sample_rate)
+        fade = switch_fade_frames(codec.sample_rate / codec.hop_length)
+        config = Config(mask_type=mask_type, sample_rate=sample_rate, section_beats=section_beats,
+                        segment_seconds=window_seconds, segment_samples=round(window_seconds * sample_rate),
+                        fade_frames=fade)
+        model = RuleMix(mask_type, section_beats, fade)
+        return cls(model.eval(), codec.eval(), LatentNorm(codec.dim), config, f"the {mask_type} rule")
 
     @property
     def sample_rate(self) -> int:
