@@ -2,7 +2,7 @@
 and whether the data loader keeps up.
 
   python bench.py --device cpu --json
-  python bench.py --device cuda --batch_size 8 --seconds 16 --codec encodec --amp bf16 --compile
+  python bench.py --device cuda --batch_size 8 --seconds 16 --codec encodec --compile none   # eager, to compare
   python bench.py --scan                     # step time and peak memory for 2, 4, 8, 16 and 32 s segments
 
 Model step: forward + backward + AdamW step of SimpleTransformer at the default configuration on random latents at
@@ -30,11 +30,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from audio_codec import LatentNorm, MDCTCodec
-from config import head_counts, str2bool
+from config import COMPILE_CHOICES, head_counts, str2bool
 from losses import reconstruction_loss
 from model_simple_transformer import SimpleTransformer
 from objective import step_if_finite
-from train_simple_worker import compiled, keep_freed_memory
+from train_simple_worker import compile_mode, compiled, keep_freed_memory
 
 # dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (without sparsity)
 GPU_PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -134,7 +134,7 @@ class Bench:
                                        agent=args.agent,
                                        nhead=args.nhead, use_sdpa=args.sdpa).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
-        self.cuda_graphs = args.cuda_graphs
+        self.cuda_graphs = args.compile == "graphs"
         # as in training: the model, and the decoder with the loss
         self.forward, self.decode_loss = compiled(self.model, args), compiled(self.eager_decode_loss, args)
         self.amp = args.amp == "bf16" and self.device.type == "cuda"
@@ -282,7 +282,7 @@ def run(args) -> dict:
                 config=dict(batch_size=args.batch_size, seconds=args.seconds, codec=args.codec, frames=bench.frames,
                             use_creative_agent=args.use_creative_agent, agent=args.agent, nhead=args.nhead,
                             amp=args.amp if device.type == "cuda" else "none", compile=args.compile,
-                            cuda_graphs=args.cuda_graphs, sdpa=args.sdpa, num_workers=args.num_workers,
+                            sdpa=args.sdpa, num_workers=args.num_workers,
                             parameters=sum(p.numel() for p in bench.model.parameters())),
                 step_ms=step_s * 1e3, e2e_step_ms=e2e_s * 1e3, decoder_loss_ms=loss_s * 1e3,
                 frames_per_s=args.batch_size * bench.frames / step_s,
@@ -316,11 +316,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use_creative_agent", type=str2bool, default=True, help="include the agent (default true)")
     p.add_argument("--agent", default="attention", choices=("attention", "layered", "compositional"),
                    help="which agent (default attention; layered splits the latent into rhythm and harmony)")
-    p.add_argument("--nhead", type=int, nargs="+", default=[4], metavar="N",
-                   help="attention heads, for every stage or one count per stage (default 4, as in training)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (FLOPs still counted eagerly)")
-    p.add_argument("--cuda_graphs", action="store_true",
-                   help="compile with CUDA graphs (mode reduce-overhead; implies --compile)")
+    p.add_argument("--nhead", type=int, nargs="+", default=[0], metavar="N",
+                   help="attention heads, for every stage or one count per stage (default 0, as in training: heads "
+                        "of dimension 128)")
+    p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES, nargs="?", const="default",
+                   help="as in training: auto (default) = graphs on a GPU, none on a CPU; graphs = torch.compile with "
+                        "CUDA graphs; default = torch.compile (a bare --compile); none = eager. FLOPs are counted "
+                        "eagerly")
+    p.add_argument("--cuda_graphs", action="store_true", help="the same as --compile graphs")
     p.add_argument("--amp", default="bf16", choices=("bf16", "none"), help="bf16 autocast on CUDA (default)")
     p.add_argument("--sdpa", type=str2bool, default=True, help="fused attention kernels (default true)")
     p.add_argument("--num_workers", type=int, default=None, help="loader workers (default 4 GPU, 0 CPU)")
@@ -336,7 +339,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    args.compile = args.compile or args.cuda_graphs
+    args.compile = compile_mode("graphs" if args.cuda_graphs else args.compile, torch.device(args.device))
     args.nhead = head_counts(args.nhead)
     args.batch_size = args.batch_size or (8 if gpu else 4)
     args.seconds = args.seconds or (16.0 if gpu else 2.0)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from audio_codec import CODECS
 from fixed_masks import MASK_TYPES
 
+COMPILE_CHOICES = ("auto", "graphs", "default", "none")  # --compile: what auto means depends on the device
 SILENCE_DB = -60.0  # RMS level (dBFS) below which a song or segment is silent: the usual silence-detection level
 
 
@@ -139,9 +140,9 @@ class Config:
     num_stages: int = flag(2, "model", "cascade stages (default 2; also spelt --num_transformer_layers)", type=int,
                            aliases=("--num_transformer_layers",))
     num_layers: int = flag(6, "model", "transformer layers per stage (default 6)", type=int)
-    nhead: int | list = flag(4, "model", "attention heads, for every stage or one count per stage (default 4: "
-                             "head dims 64 and 96 at the default widths, fast on GPUs)", type=int, nargs="+",
-                             metavar="N")
+    nhead: int | list = flag(0, "model", "attention heads, for every stage or one count per stage (default 0: heads "
+                             "of dimension 128, 2 and 3 at the default widths 256 and 384, the fastest on GPUs; the "
+                             "seed's model had 8)", type=int, nargs="+", metavar="N")
     dropout: float = flag(0.1, "model", "dropout on the residual paths (default 0.1)", type=float)
     anti_cheating: float = flag(0.0, "model", "relative noise on the target that later stages see (default 0)",
                                 type=float)
@@ -173,9 +174,12 @@ class Config:
     # ---- speed
     device: str = flag("auto", "speed", "auto: cuda when available", choices=("auto", "cpu", "cuda"))
     amp: str = flag("bf16", "speed", "bf16 autocast on CUDA (default bf16)", choices=("bf16", "none"))
-    compile: bool = flag(False, "speed", "torch.compile the model and the loss for training", action="store_true")
-    cuda_graphs: bool = flag(False, "speed", "with --compile: CUDA graphs (mode reduce-overhead) to save kernel "
-                             "launches on GPUs (implies --compile)", action="store_true")
+    compile: str = flag("auto", "speed", "torch.compile the model and the loss: auto (default) = graphs on a GPU, "
+                        "none on a CPU; graphs = with CUDA graphs (mode reduce-overhead); default = torch.compile's "
+                        "default mode (a bare --compile); none = eager. If compiling fails, training says why in one "
+                        "line and goes on eagerly", choices=COMPILE_CHOICES, nargs="?", const="default")
+    cuda_graphs: bool = flag(False, "speed", "the same as --compile graphs (kept for old command lines)",
+                             action="store_true")
     sdpa: bool = flag(True, "speed", "fused scaled_dot_product_attention (default true; false: the textbook "
                       "formula, to check the fused kernels against)", type=str2bool)
     cache_latents: bool = flag(False, "speed", "encode the pairs once into a memory-mapped cache "
@@ -221,6 +225,8 @@ def upgrade(saved: dict) -> Config:
     """The configuration a checkpoint was trained with: its stored values under today's names, the LEGACY meaning
     of settings it predates, today's defaults for the rest; keys no longer used are dropped."""
     values = {**LEGACY, **{RENAMED.get(k, k): v for k, v in saved.items()}}
+    if isinstance(values.get("compile"), bool):  # before --compile took a choice: a switch, with --cuda_graphs
+        values["compile"] = ("graphs" if values.get("cuda_graphs") else "default") if values["compile"] else "none"
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in values.items() if k in known})
 
@@ -274,7 +280,7 @@ def parse_args(argv=None, description: str = "") -> Config:
     config.segment_samples = (round(config.segment_seconds * config.sample_rate) if config.segment_seconds
                               else None)
     config.cache_latents = config.cache_latents or config.prepare_only
-    config.compile = config.compile or config.cuda_graphs
+    config.compile = "graphs" if config.cuda_graphs else config.compile
     if config.align_targets and config.cache_latents:
         parser.error("--align_targets changes the targets every epoch, so their latents cannot be cached: drop "
                      "--cache_latents (or --prepare_only)")

@@ -111,15 +111,26 @@ class Stage(nn.Module):
         return self.proj_out(self.norm(h))
 
 
+HEAD_DIM = 128  # nhead 0: heads of this dimension, the fastest of the fused attention kernels (docs/performance.md)
+
+
+def heads_of_dim(width: int, head_dim: int) -> int:
+    """The head count closest to `width` / `head_dim` (at least 1) that divides `width`: 2 for 256, 3 for 384."""
+    heads = max(1, round(width / head_dim))
+    while width % heads:
+        heads -= 1
+    return heads
+
+
 class SimpleTransformer(nn.Module):
     """`encoded_output, mask_reg_loss = model(encoded_input, encoded_target)` on normalised latents [B, D, T].
 
     `mask_reg_loss` is None without the creative agent. `last_masks` holds the (input, target) masks of the
     last eager forward, detached, for metrics and pictures; a compiled forward keeps nothing (CUDA-graph safe).
-    `nhead` is one head count for every stage or one per stage.
+    `nhead` is one head count for every stage or one per stage; 0 means heads of HEAD_DIM dimensions.
     """
 
-    def __init__(self, encoding_dim: int = 128, nhead: int | list[int] = 4, num_layers: int = 6,
+    def __init__(self, encoding_dim: int = 128, nhead: int | list[int] = 0, num_layers: int = 6,
                  num_stages: int = 2, dropout: float = 0.1, anti_cheating: float = 0.0,
                  use_creative_agent: bool = False, mask_type: str = "none", stage_widths: list[int] | None = None,
                  agent_hidden_dim: int = 256, agent_heads: int = 4,
@@ -138,6 +149,7 @@ class SimpleTransformer(nn.Module):
         heads = [nhead] * num_stages if isinstance(nhead, int) else list(nhead)
         if len(heads) != num_stages:
             raise ValueError(f"nhead needs 1 or {num_stages} entries, got {len(heads)}")
+        heads = [h or heads_of_dim(w, HEAD_DIM) for h, w in zip(heads, widths, strict=True)]
         self.encoding_dim, self.anti_cheating, self.mask_type = d, anti_cheating, mask_type
         self.temporal_segment_frames, self.frequency_split = temporal_segment_frames, frequency_split
         self.fade_frames = fade_frames  # a switch between the songs ramps over this many frames (0: a cut)

@@ -406,7 +406,7 @@ class TrainingData:
         pin = device.type == "cuda"
         self.workers = loader_workers(c.num_workers, pin, log)
         # a compiled step drops each epoch's last, smaller batch: one graph then serves every step
-        drop_last = c.compile and len(self.train_data) // world_size > c.batch_size
+        drop_last = c.compile != "none" and len(self.train_data) // world_size > c.batch_size
         self.train_loader, self.train_sampler = build_loader(self.train_data, c.batch_size, world_size, rank, True,
                                                              c.seed, self.workers, pin, drop_last)
         self.val_loader, _ = build_loader(self.val_data, c.batch_size, world_size, rank, False, c.seed,

@@ -68,6 +68,7 @@ class Trainer:
         self.config = c = replace(config)  # this run's copy: the data, codec and resume fill in some fields
         use_cuda = torch.cuda.is_available() and c.device != "cpu"
         self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        c.compile = compile_mode(c.compile, self.device)
         self.codec = build_codec(c.codec, c.sample_rate, c.codec_dim, path=c.codec_path).to(self.device)
         c.codec_dim, frame_rate = self.codec.dim, self.codec.sample_rate / self.codec.hop_length
         c.fade_frames = switch_fade_frames(frame_rate) if c.section_beats > 0 else 0
@@ -77,14 +78,15 @@ class Trainer:
         self.norm = LatentNorm(self.codec.dim).to(self.device)
         self.ddp = (DDP(self.model, device_ids=[self.device.index] if use_cuda else None,
                         gradient_as_bucket_view=True, find_unused_parameters=False) if world_size > 1 else self.model)
-        self.objective = Objective(c, self.codec, self.norm, self.model, compiled(self.ddp, c), self.device, rank,
-                                   compile_fn=lambda fn: compiled(fn, c))
+        self.objective = Objective(c, self.codec, self.norm, self.model, compiled(self.ddp, c, self.log), self.device,
+                                   rank, compile_fn=lambda fn: compiled(fn, c, self.log))
         torch.manual_seed(c.seed + rank)  # then different dropout and noise on each rank
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay, fused=True)
         self.total_steps = max(1, c.num_epochs * len(self.data.train_loader))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, c.warmup_steps, c.lr_schedule))
         self.epoch, self.batch_in_epoch, self.step, self.best_val = 0, 0, 0, math.inf
+        self.first_step = True  # this process's first: the console says what it cost (compiling) and the agent's term
         self.nonfinite_in_row = torch.zeros((), dtype=torch.long, device=self.device)
         self.stop, self.stopped = StopFlag(), False
         self.ckpt_dir = os.path.join(c.checkpoint_dir, c.run_name)
@@ -109,7 +111,7 @@ class Trainer:
         finite, and then no weight changed. That is decided on the device, so the step never waits for it."""
         c = self.config
         self.ddp.train()
-        if c.cuda_graphs:  # the outputs of the last step are dead: CUDA graphs may reuse their memory
+        if c.compile == "graphs":  # the outputs of the last step are dead: CUDA graphs may reuse their memory
             torch.compiler.cudagraph_mark_step_begin()
         if c.hard_masks and c.use_creative_agent:
             self.objective.anneal_gumbel(self.step, self.total_steps)
@@ -144,11 +146,14 @@ class Trainer:
                    desc=f"Epoch {self.epoch + 1}/{self.config.num_epochs}", disable=not self.main, leave=False,
                    dynamic_ncols=True)
         for count, batch in enumerate(bar, 1):
-            terms = self.train_step(batch)
+            started, compiled_fns = time.perf_counter(), (self.objective.forward, self.objective.compiled_decode_loss)
+            terms = first_step(self.train_step, batch, compiled_fns) if self.first_step else self.train_step(batch)
             self.batch_in_epoch += 1
-            if self.step == 1 and "mask_reg_loss" in terms:
-                self.log(f"🎨 Creative Agent mask regularization loss: {terms['mask_reg_loss'].item():.4f} "
-                         f"(weight={self.config.mask_reg_weight})")
+            if self.first_step:
+                self.first_step = False
+                eager = self.config.compile == "none" or any(getattr(f, "failed", False) for f in compiled_fns)
+                for line in first_step_lines(self.config, terms, time.perf_counter() - started, self.step, eager):
+                    self.log(line)
             finite = terms.pop("finite")
             for k, v in terms.items():  # a skipped step adds nothing to the means
                 sums[k] = sums.get(k, 0) + torch.where(finite, v, torch.zeros_like(v))
@@ -233,16 +238,6 @@ class Trainer:
 
     # ---------------------------------------------------- the run
 
-    def banner(self) -> None:
-        c, data = self.config, self.data
-        self.log("🎨 Creative Agent ENABLED" if c.use_creative_agent else f"Creative Agent disabled, masking: "
-                 f"{c.mask_type}")
-        n_params = sum(p.numel() for p in self.model.parameters())
-        self.log(f"Run {c.run_name}: {len(data.train_set)} train / {len(data.val_set)} val pairs, "
-                 f"{data.segment_samples / c.sample_rate:.2f} s segments, codec {c.codec} (D={self.codec.dim}), "
-                 f"{n_params / 1e6:.2f}M parameters, {self.world_size} process(es) on {self.device.type}, "
-                 f"{data.workers} data-loader worker(s) and {torch.get_num_threads()} thread(s) per process")
-
     def start(self) -> None:
         """Resume where --resume says, or start anew (fitting the latent statistics)."""
         c = self.config
@@ -293,7 +288,8 @@ class Trainer:
 
     def fit(self) -> int:
         self.start()
-        self.banner()
+        for line in banner(self.config, self.data, self.model, self.codec.dim, self.world_size, self.device):
+            self.log(line)
         while self.epoch < self.config.num_epochs:
             start = time.time()
             train = self.train_epoch()
@@ -367,10 +363,74 @@ def epoch_line(r: dict) -> str:
             + (f", skipped {r['skipped_steps']} non-finite step(s)" if r["skipped_steps"] else ""))
 
 
-def compiled(fn, config):
-    """`fn` as training runs it: compiled with --compile, and with CUDA graphs (mode reduce-overhead) with
-    --cuda_graphs; bench.py times the same."""
-    return torch.compile(fn, mode="reduce-overhead" if config.cuda_graphs else None) if config.compile else fn
+def banner(c: Config, data: TrainingData, model, codec_dim: int, world_size: int, device: torch.device) -> list[str]:
+    """The console's first lines: what masks, what data, what model, on what, compiled how."""
+    n_params = sum(p.numel() for p in model.parameters())
+    how = dict(graphs="torch.compile with CUDA graphs", default="torch.compile", none="eager")[c.compile]
+    return ["🎨 Creative Agent ENABLED" if c.use_creative_agent else f"Creative Agent disabled, masking: {c.mask_type}",
+            f"Run {c.run_name}: {len(data.train_set)} train / {len(data.val_set)} val pairs, "
+            f"{data.segment_samples / c.sample_rate:.2f} s segments, codec {c.codec} (D={codec_dim}), "
+            f"{n_params / 1e6:.2f}M parameters, {world_size} process(es) on {device.type} ({how}), "
+            f"{data.workers} data-loader worker(s) and {torch.get_num_threads()} thread(s) per process"]
+
+
+def first_step_lines(c: Config, terms: dict, seconds: float, step: int, eager: bool) -> list[str]:
+    """After this process's first step: how long it took where it compiled, and the agent's term in a new run."""
+    lines = [] if eager else [f"⚡ first step {seconds:.1f} s, compiling ({c.compile}); the next steps are fast"]
+    if step == 1 and "mask_reg_loss" in terms:
+        lines.append(f"🎨 Creative Agent mask regularization loss: {terms['mask_reg_loss'].item():.4f} "
+                     f"(weight={c.mask_reg_weight})")
+    return lines
+
+
+def compile_mode(choice: str, device: torch.device) -> str:
+    """What --compile CHOICE means on `device`: auto is CUDA graphs on a GPU (twice the eager speed, docs/
+    performance.md) and eager on a CPU (where compiling takes minutes and saves little)."""
+    return ("graphs" if device.type == "cuda" else "none") if choice == "auto" else choice
+
+
+class EagerOnFailure:
+    """A compiled function that, if compiling fails (an old driver, an op the compiler cannot take), says why in one
+    line and calls the eager function from then on: training never stops for the compiler."""
+
+    def __init__(self, compiled_fn, eager_fn, log):
+        self.compiled_fn, self.eager_fn, self.log, self.failed = compiled_fn, eager_fn, log, False
+
+    def give_up(self, err: Exception) -> None:
+        if not self.failed:
+            self.failed = True
+            self.log(f"⚠️  torch.compile failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:160]}); "
+                     f"going on eagerly (--compile none skips compiling)")
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled_fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001  whatever the compiler raises; an error of the code recurs below
+                self.give_up(err)
+        return self.eager_fn(*args, **kwargs)
+
+
+def first_step(step, batch, compiled_fns):
+    """`step(batch)`, once more eagerly if it fails while compiled: a backward that fails to compile fails in
+    loss.backward(), outside the compiled functions (whose own failures they catch)."""
+    try:
+        return step(batch)
+    except Exception as err:  # noqa: BLE001
+        live = [f for f in compiled_fns if isinstance(f, EagerOnFailure) and not f.failed]
+        if not live:
+            raise
+        for f in live:
+            f.give_up(err)
+        return step(batch)
+
+
+def compiled(fn, config, log=print):
+    """`fn` as training runs it, by --compile (resolved by compile_mode): eager, torch.compile'd, or with CUDA graphs
+    (mode reduce-overhead), falling back to eager if compiling fails; bench.py times the same."""
+    if config.compile in ("none", "auto"):
+        return fn
+    return EagerOnFailure(torch.compile(fn, mode="reduce-overhead" if config.compile == "graphs" else None), fn, log)
 
 
 def finite_sum(values) -> tuple[float, int]:

@@ -15,7 +15,7 @@ from config import upgrade
 from model_simple_transformer import SimpleTransformer
 from pairs_dataset import CachedLatents, WavPairsDataset
 from train_simple_ddp import parse_args
-from train_simple_worker import Trainer, run
+from train_simple_worker import EagerOnFailure, Trainer, compile_mode, first_step, run
 
 
 def train_losses(tmp_path, pairs_dir, *switches):
@@ -58,21 +58,75 @@ def test_fast_path_switches_change_no_result(tmp_path, pairs_dir, reference, swi
         assert got == pytest.approx(want, rel=5e-4, abs=1e-5)
 
 
-def test_compile_changes_no_result(tmp_path, pairs_dir):
-    """--compile --cuda_graphs trains and validates alike (on a CPU, CUDA graphs compile as plain --compile does,
-    so this covers both). Batches of 3 divide the 9 training pairs, so dropping the last batch changes nothing; an
-    even balance keeps the farther-song term's max() from tipping on float noise. The first epoch's loss agrees to
-    1e-5; AdamW's first steps normalise tiny gradients to whole steps and so amplify rounding (eager against eager
-    with the loss's STFTs batched differently drifts 6e-4 in 6 steps), hence the looser bound after it."""
-    common = ["--batch_size", "3", "--balance_range", "0.5,0.5"]
-    reference = train_losses(tmp_path / "eager", pairs_dir, *common)
+COMMON = ["--batch_size", "3", "--balance_range", "0.5,0.5"]  # 3 divides the 9 training pairs: no batch dropped
+
+
+@pytest.fixture(scope="module")
+def eager_reference(tmp_path_factory, pairs_dir):
+    return train_losses(tmp_path_factory.mktemp("eager"), pairs_dir, *COMMON)
+
+
+def test_compile_changes_no_result(tmp_path, pairs_dir, eager_reference, capsys):
+    """--compile graphs trains and validates alike (on a CPU, CUDA graphs compile as plain --compile does, so this
+    covers both). Batches of 3 divide the 9 training pairs, so dropping the last batch changes nothing; an even
+    balance keeps the farther-song term's max() from tipping on float noise. The first epoch's loss agrees to 1e-5;
+    AdamW's first steps normalise tiny gradients to whole steps and so amplify rounding (eager against eager with
+    the loss's STFTs batched differently drifts 6e-4 in 6 steps), hence the looser bound after it."""
     try:
-        losses = train_losses(tmp_path / "compiled", pairs_dir, *common, "--compile", "--cuda_graphs")
+        losses = train_losses(tmp_path / "compiled", pairs_dir, *COMMON, "--compile", "graphs")
     except Exception as err:  # no C++ toolchain for inductor on this machine
         pytest.skip(f"torch.compile is not usable here: {str(err).splitlines()[0][:200]}")
-    assert losses[0][0] == pytest.approx(reference[0][0], rel=1e-4)
-    for got, want in zip(losses, reference, strict=True):
+    assert "compiling (graphs); the next steps are fast" in capsys.readouterr().out
+    assert losses[0][0] == pytest.approx(eager_reference[0][0], rel=1e-4)
+    for got, want in zip(losses, eager_reference, strict=True):
         assert got == pytest.approx(want, rel=3e-3, abs=1e-4)
+
+
+def test_compile_auto_means_graphs_on_a_gpu_and_eager_on_a_cpu():
+    assert compile_mode("auto", torch.device("cpu")) == "none"
+    assert compile_mode("auto", torch.device("cuda", 0)) == "graphs"
+    assert compile_mode("default", torch.device("cpu")) == "default"
+    given = ([], ["--compile"], ["--cuda_graphs"], ["--compile", "none"], ["--compile", "graphs"])
+    assert [parse_args(argv).compile for argv in given] == ["auto", "default", "graphs", "none", "graphs"]
+    # checkpoints from before the choice stored a switch
+    assert [upgrade(saved).compile for saved in ({"compile": True, "cuda_graphs": True}, {"compile": True},
+                                                 {"compile": False})] == ["graphs", "default", "none"]
+
+
+def test_a_failing_compiler_says_so_and_training_goes_on_eagerly(tmp_path, pairs_dir, eager_reference, monkeypatch,
+                                                                  capsys):
+    def broken_compile(fn, **options):  # what an old driver or an op inductor cannot take does at the first call
+        def compiled_fn(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C++ compiler found\nmore detail")
+        return compiled_fn
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    assert train_losses(tmp_path, pairs_dir, *COMMON, "--compile", "graphs") == eager_reference
+    out = capsys.readouterr().out
+    assert out.count("torch.compile failed (RuntimeError: InductorError: no working C++ compiler found); going on "
+                     "eagerly") == 2  # the model, and the decoder with the losses
+    assert "compiling (graphs)" not in out
+
+
+def test_a_first_step_that_fails_while_compiled_is_taken_again_eagerly():
+    """A backward that fails to compile fails in loss.backward(), outside the compiled functions."""
+    said = []
+    fn = EagerOnFailure(lambda x: x, lambda x: x, said.append)
+    tries = []
+
+    def step(batch):
+        tries.append(fn.failed)
+        if not fn.failed:
+            raise RuntimeError("triton: no kernel for this GPU")
+        return batch
+
+    assert first_step(step, 7, (fn,)) == 7 and tries == [False, True] and "no kernel for this GPU" in said[0]
+
+    def wrong(batch):
+        raise ValueError("a shape error of the code itself")
+
+    with pytest.raises(ValueError, match="code itself"):  # eager already: the error is not hidden
+        first_step(wrong, 7, (fn,))
 
 
 def test_compiled_training_drops_the_last_smaller_batch(tmp_path, pairs_dir):
@@ -106,7 +160,8 @@ def test_head_counts_per_stage_train_and_come_back_from_the_checkpoint(tmp_path,
     assert run(0, 1, 0, tiny_args(tmp_path, pairs_dir, "--nhead", "2", "3")) == 0  # head dim 32 in both stages
     config = load_checkpoint(str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt"))["config"]
     assert [stage.blocks[0].nhead for stage in build_model(upgrade(config), 32).stages] == [2, 3]
-    assert parse_args([]).nhead == 4
+    default = parse_args([])
+    assert default.nhead == 0 and [stage.blocks[0].nhead for stage in build_model(default, 128).stages] == [2, 3]
     with pytest.raises(SystemExit):
         parse_args(["--nhead", "2", "3", "4"])
     assert "--nhead takes 1 or 2 counts (one per stage), got 3" in capsys.readouterr().err
