@@ -31,10 +31,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from audio_codec import LatentNorm, MDCTCodec
 from config import COMPILE_CHOICES, head_counts, str2bool
+from fast_path import compile_mode, compiled, keep_freed_memory
 from losses import reconstruction_loss
 from model_simple_transformer import SimpleTransformer
 from objective import step_if_finite
-from train_simple_worker import compile_mode, compiled, keep_freed_memory
 
 # dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (without sparsity)
 GPU_PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -136,16 +136,22 @@ class Bench:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.cuda_graphs = args.compile == "graphs"
         # as in training: the model, and the decoder with the loss
-        self.forward, self.decode_loss = compiled(self.model, args), compiled(self.eager_decode_loss, args)
+        say = lambda line: print(line, file=sys.stderr)  # noqa: E731  stdout is the report
+        self.forward, self.decode_loss = (compiled(fn, args, say) for fn in (self.model, self.eager_decode_loss))
         self.amp = args.amp == "bf16" and self.device.type == "cuda"
         self.norm = LatentNorm(self.codec.dim).to(self.device)
         b = args.batch_size
         self.z = [torch.randn(b, self.codec.dim, self.frames, device=self.device) for _ in range(2)]
+        # as in training: sections of 2 beats on a beat grid (120 BPM here), computed outside the compiled model
+        self.model.section_beats = 2
+        beats = torch.arange(0.0, seconds, 0.5).expand(b, -1)
+        sections = self.model.sections(beats, self.frames, self.codec.sample_rate / self.codec.hop_length)
+        self.sections = sections.to(self.device) if sections is not None else None
         self.waves = [0.1 * torch.randn(b, 1, self.samples, device=self.device) for _ in range(2)]
 
     def model_loss(self, model=None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out, reg = (model or self.forward)(*self.z)
+            out, reg = (model or self.forward)(*self.z, sections=self.sections)
             loss = out.float().square().mean()
         return loss + 0.1 * reg if reg is not None else loss
 
@@ -154,7 +160,7 @@ class Bench:
         with torch.no_grad():
             z_in, z_tgt = (self.norm.normalize(self.codec.encode(w)) for w in (inp, tgt))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            z_out, reg = self.forward(z_in, z_tgt)
+            z_out, reg = self.forward(z_in, z_tgt, sections=self.sections)
         loss = self.decode_loss(z_out, inp, tgt)
         return loss + 0.1 * reg if reg is not None else loss
 
@@ -187,10 +193,14 @@ class Bench:
         return float(counter.get_total_flops())
 
 
-def loader_pairs_per_s(batch_size: int, seconds: float, num_workers: int, sample_rate: int = 24000) -> float:
-    """Pairs per second that the training data loader delivers from WAV files of `seconds` length."""
-    from pairs_dataset import WavPairsDataset, build_loader
-    from pairs_folder import make_pairs, synth_song
+def loader_pairs_per_s(batch_size: int, seconds: float, num_workers: int, sample_rate: int = 24000) -> float | None:
+    """Pairs per second that the training data loader delivers from WAV files of `seconds` length; None where the
+    data's packages (soundfile, librosa, ...: requirements.txt) are missing, as on a bare GPU image."""
+    try:
+        from pairs_dataset import WavPairsDataset, build_loader
+        from pairs_folder import make_pairs, synth_song
+    except ImportError:
+        return None
 
     with tempfile.TemporaryDirectory() as folder:
         songs = [(f"s{i}", lambda i=i: synth_song(i, seconds * 9, sample_rate)) for i in range(2)]
@@ -280,11 +290,13 @@ def run(args) -> dict:
     return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores,"
                 f" {torch.get_num_threads()} threads)",
                 config=dict(batch_size=args.batch_size, seconds=args.seconds, codec=args.codec, frames=bench.frames,
-                            use_creative_agent=args.use_creative_agent, agent=args.agent, nhead=args.nhead,
+                            use_creative_agent=args.use_creative_agent, agent=args.agent,
+                            nhead=[stage.blocks[0].nhead for stage in bench.model.stages],
                             amp=args.amp if device.type == "cuda" else "none", compile=args.compile,
                             sdpa=args.sdpa, num_workers=args.num_workers,
                             parameters=sum(p.numel() for p in bench.model.parameters())),
                 step_ms=step_s * 1e3, e2e_step_ms=e2e_s * 1e3, decoder_loss_ms=loss_s * 1e3,
+                ms_per_audio_s=step_s * 1e3 / (args.batch_size * args.seconds),
                 frames_per_s=args.batch_size * bench.frames / step_s,
                 model_tflop_per_step=flops / 1e12, achieved_tflops=achieved, peak_tflops=peak,
                 peak_source=peak_source, mfu=mfu, best_peak_tflops=best_peak, mfu_vs_best_peak=achieved / best_peak,
@@ -375,7 +387,9 @@ def main(argv=None) -> int:
             ("MFU", f"{result['mfu']:.2f}"),
             ("MFU against the best peak", f"{result['mfu_vs_best_peak']:.2f} "
                                           f"({result['best_peak_tflops']:.3f} TFLOP/s)"),
-            ("loader pairs/s", f"{result['loader_pairs_per_s']:.1f}"),
+            ("model step per second of audio", f"{result['ms_per_audio_s']:.2f} ms"),
+            ("loader pairs/s", "n/a (pip install -r requirements.txt)" if result["loader_pairs_per_s"] is None
+             else f"{result['loader_pairs_per_s']:.1f}"),
             ("training step pairs/s", f"{result['step_pairs_per_s']:.1f}"),
             ("peak memory", f"{result['peak_mem_mb']:,.0f} MB")]
     for name, value in rows:

@@ -168,11 +168,17 @@ class SimpleTransformer(nn.Module):
 
     def sections(self, beats: torch.Tensor | None, frames: int, frame_rate: float) -> torch.Tensor | None:
         """Each frame's section [B, frames] of the input's beat grid `beats` [B, K] (seconds, NaN-padded): sections
-        of `section_beats` beats, fixed blocks for an example without a pulse; None where this model decides in
-        fixed blocks of frames (it was trained so) or no beats are given."""
-        if self.section_beats <= 0 or beats is None:
-            return None
+        of `section_beats` beats, fixed blocks for an example without a pulse, and the agent's fixed blocks of
+        frames for a model trained to decide in blocks; None where no beats are given or the model has no sections.
+        Computed here, outside a compiled forward: inductor miscompiles the agent's own block index (torch 2.13 on
+        CPU, the index of its scatter is garbage), and a graph input is safe."""
         generator = self.creative_agent.mask_generator if self.creative_agent is not None else None
+        if beats is None:
+            return None
+        if self.section_beats <= 0:
+            if generator is None or generator.gates != "frame" or generator.block_frames <= 0:
+                return None
+            return (torch.arange(frames) // generator.block_frames).expand(len(beats), -1)
         block = generator.block_frames if generator is not None else self.temporal_segment_frames
         return batch_section_ids(beats, frames, frame_rate, self.section_beats, block or 32)
 
