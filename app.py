@@ -27,6 +27,7 @@ import torch
 from audio_codec import CodecUnavailable
 from beats import AlignmentError
 from checkpoints import CheckpointError
+from config import str2bool
 from inference import Arranger, AudioInputError, load_audio, save_wave, summary_line
 
 RULES = {"Rule: switch songs every few beats (no training)": "temporal",
@@ -46,7 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the longest excerpt of a song that is arranged, in seconds (default 120)")
     p.add_argument("--max_upload_mb", type=float, default=50.0, help="the largest upload, in MB (default 50)")
     p.add_argument("--queue_size", type=int, default=16, help="jobs that may wait for the one running (default 16)")
+    p.add_argument("--server_paths", type=str2bool, default=None,
+                   help="let the page read songs and checkpoints by their path on this machine (default: true when "
+                        "serving this machine only, false when --host serves the network)")
     args = p.parse_args(argv)
+    if args.server_paths is None:
+        args.server_paths = args.host in ("127.0.0.1", "localhost", "::1")
     if args.max_seconds < MIN_SECONDS:
         p.error(f"--max_seconds must be at least {MIN_SECONDS:g}")
     for name in ("checkpoint", "checkpoints_dir"):
@@ -73,11 +79,15 @@ class Song:
     start: float = 0.0
     seconds: float = 30.0
 
-    def load(self, name: str, sample_rate: int, max_seconds: float) -> torch.Tensor:
+    def load(self, name: str, sample_rate: int, max_seconds: float, server_paths: bool = True) -> torch.Tensor:
         """The excerpt [S] at `sample_rate`; AudioInputError (naming the `name` song) for what cannot be used."""
         source = self.upload or (self.path or "").strip()
         if not source:
-            raise AudioInputError(f"{name}: upload a song or give its path on the server")
+            hint = " or give its path on the server" if server_paths else ""
+            raise AudioInputError(f"{name}: upload a song{hint}")
+        if not self.upload and not server_paths:
+            raise AudioInputError(f"{name}: this page reads no paths on the server (app.py --server_paths true); "
+                                  f"upload the song")
         if self.start < 0 or not MIN_SECONDS <= self.seconds <= max_seconds:
             raise AudioInputError(f"{name}: the excerpt must start at 0 s or later and last {MIN_SECONDS:g} to "
                                   f"{max_seconds:g} s (got {self.start:g} s for {self.seconds:g} s)")
@@ -108,8 +118,9 @@ class Job:
 class Studio:
     """What the page arranges with: the approaches on offer, the arrangers loaded so far, its working folder."""
 
-    def __init__(self, checkpoints: list[str], folder: str, max_seconds: float = 120.0):
+    def __init__(self, checkpoints: list[str], folder: str, max_seconds: float = 120.0, server_paths: bool = True):
         self.checkpoints, self.folder, self.max_seconds = checkpoints, folder, max_seconds
+        self.server_paths = server_paths  # may songs and checkpoints be read by a path the page gives?
         self.loaded: dict[tuple, Arranger] = {}
         self.jobs = 0
 
@@ -122,6 +133,9 @@ class Studio:
         if approach in RULES:
             key = (RULES[approach], int(section_beats))
         else:
+            if approach not in self.checkpoints and not self.server_paths:
+                raise CheckpointError(f"{approach}: not one of the offered checkpoints (app.py --server_paths true "
+                                      f"reads any path)")
             if not os.path.isfile(approach):
                 raise CheckpointError(f"{approach}: no such checkpoint on the server")
             key = (approach, os.path.getmtime(approach))
@@ -146,8 +160,8 @@ class Studio:
         arranger = self.arranger(job.approach, job.section_beats)
         arranger.check_balance(job.balance)
         sr = arranger.sample_rate
-        song = job.song.load("input", sr, self.max_seconds)
-        other = job.other.load("target", sr, self.max_seconds)
+        song = job.song.load("input", sr, self.max_seconds, self.server_paths)
+        other = job.other.load("target", sr, self.max_seconds, self.server_paths)
         style = None
         if job.style_upload:
             if arranger.model.style_encoder is None:
@@ -180,13 +194,13 @@ class Studio:
         arranger.arrange(song, other)
 
 
-def song_inputs(gr, name: str):
-    """The page's inputs for one song: upload, or a path on the server, and the excerpt."""
+def song_inputs(gr, name: str, server_paths: bool):
+    """The page's inputs for one song: upload, or a path on the server (where allowed), and the excerpt."""
     with gr.Column():
         gr.Markdown(f"### {name} song")
         upload = gr.Audio(label=f"{name} song (wav, flac, ogg, mp3)", type="filepath", sources=["upload"],
                           elem_id=f"{name.lower()}_song")
-        path = gr.Textbox(label="or its path on the server", placeholder="/path/to/song.flac")
+        path = gr.Textbox(label="or its path on the server", placeholder="/path/to/song.flac", visible=server_paths)
         with gr.Row():
             start = gr.Number(label="start (s)", value=0, minimum=0)
             seconds = gr.Number(label="length (s)", value=30, minimum=MIN_SECONDS)
@@ -213,11 +227,12 @@ def build_page(studio: Studio):
         gr.Markdown("# Creative Agent: arrange two songs\nThe input song sets the grid: the target is laid on its "
                     "tempo, beats, key and loudness, then the two are arranged section by section.")
         with gr.Row():
-            inputs = song_inputs(gr, "Input") + song_inputs(gr, "Target")
+            inputs = song_inputs(gr, "Input", studio.server_paths) + song_inputs(gr, "Target", studio.server_paths)
         with gr.Row():
             approach = gr.Dropdown(studio.approaches, value=studio.approaches[0], label="approach",
-                                   allow_custom_value=True, info="a trained checkpoint (or its path on the server), "
-                                   "or a rule that needs no training", scale=3)
+                                   allow_custom_value=studio.server_paths, scale=3,
+                                   info="a trained checkpoint" + (" (or its path on the server)" * studio.server_paths)
+                                   + ", or a rule that needs no training")
             beats = gr.Slider(1, 16, value=4, step=1, label="beats per section (rules)")
             balance = gr.Slider(0, 1, value=0.5, step=0.05, label="input share (agent checkpoints trained with "
                                 "--balance_range)")
@@ -250,7 +265,8 @@ def working_folder() -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     folder = working_folder()
-    studio = Studio(find_checkpoints(args.checkpoint, args.checkpoints_dir), folder, args.max_seconds)
+    studio = Studio(find_checkpoints(args.checkpoint, args.checkpoints_dir), folder, args.max_seconds,
+                    args.server_paths)
     print(f"working folder {folder} (removed at exit); warming up the beat tracker ...", flush=True)
     studio.warm_up()
     page = build_page(studio)

@@ -90,6 +90,15 @@ def test_the_page_says_what_is_wrong_with_its_input(songs, tmp_path, bad, messag
     assert os.listdir(tmp_path) == []  # nothing written for a refused job
 
 
+def test_serving_the_network_reads_no_paths_on_the_server(songs, tmp_path):
+    folder, (a, b) = songs
+    studio = Studio([], str(tmp_path), server_paths=False)  # app.py --host 0.0.0.0
+    with pytest.raises(EXPECTED, match="reads no paths on the server"):
+        studio.arrange(Job(Song(a, ""), Song(None, b), TEMPORAL))  # the target by its path
+    with pytest.raises(EXPECTED, match="not one of the offered checkpoints"):
+        studio.arrange(Job(Song(a, ""), Song(b, ""), str(folder / "broken.pt")))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
