@@ -140,6 +140,7 @@ class Studio:
                 raise CheckpointError(f"{approach}: no such checkpoint on the server")
             key = (approach, os.path.getmtime(approach))
         if key not in self.loaded:
+            self.loaded = {k: v for k, v in self.loaded.items() if k[0] != key[0]}  # a changed file: drop the old
             self.loaded[key] = (Arranger.rule(key[0], section_beats=key[1]) if approach in RULES
                                 else Arranger.load(approach))
         return self.loaded[key]
