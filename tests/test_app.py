@@ -113,7 +113,8 @@ def server(tmp_path_factory, checkpoints):
     cwd = tmp_path_factory.mktemp("app_cwd")
     port = free_port()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--port", str(port), "--checkpoint",
-                             checkpoints["agent"], "--max_seconds", "20"], cwd=cwd, stdout=subprocess.PIPE,
+                             checkpoints["agent"], "--max_seconds", "20", "--max_upload_mb", "1"], cwd=cwd,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     lines, deadline = [], time.time() + 120
     while time.time() < deadline and not any("Running on local URL" in line for line in lines):
@@ -155,6 +156,11 @@ def test_server_arranges_uploads_refuses_bad_files_and_keeps_serving(server, son
         ask(client, str(folder / "text.mp3"), b, TEMPORAL)
     with pytest.raises(Exception, match="not a Creative Agent checkpoint|unreadable|broken"):
         ask(client, a, b, str(folder / "broken.pt"))
+    with pytest.raises(Exception, match=r"last 1 to 20 s"):  # app.py --max_seconds 20
+        ask(client, a, b, TEMPORAL, seconds=30.0)
+    big = write_song(str(tmp_path / "big.wav"), 4, seconds=70.0)  # 1.1 MB: 16-bit samples at 8 kHz
+    with pytest.raises(Exception, match=r"(?i)exceeds the maximum"):  # app.py --max_upload_mb 1
+        ask(client, big, b, TEMPORAL)
     wav, *_ = ask(client, b, a, TEMPORAL, seconds=3.0)  # the next request still succeeds
     assert len(sf.read(wav)[0]) == round(3.0 * 24000) and proc.poll() is None
 
