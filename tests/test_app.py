@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 from conftest import ROOT, SR
 
-from app import EXPECTED, RULES, Job, Song, Studio
+from app import EXPECTED, RULES, Job, Song, Studio, find_checkpoints
 from inference import Arranger
 from pairs_folder import synth_song
 
@@ -97,6 +97,18 @@ def test_serving_the_network_reads_no_paths_on_the_server(songs, tmp_path):
         studio.arrange(Job(Song(a, ""), Song(None, b), TEMPORAL))  # the target by its path
     with pytest.raises(EXPECTED, match="not one of the offered checkpoints"):
         studio.arrange(Job(Song(a, ""), Song(b, ""), str(folder / "broken.pt")))
+
+
+def test_the_page_offers_each_runs_checkpoints_then_the_rules(tmp_path):
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        for name in ("checkpoint_best.pt", "checkpoint_last.pt", "checkpoint_epoch_3.pt"):
+            (tmp_path / run / name).write_bytes(b"")
+    given = str(tmp_path / "b" / "checkpoint_last.pt")
+    found = find_checkpoints(given, str(tmp_path))
+    assert found == [given] + [str(tmp_path / r / "checkpoint_best.pt") for r in "ab"] + [
+        str(tmp_path / "a" / "checkpoint_last.pt")]  # the given one first, once; no epoch checkpoints
+    assert Studio(found, str(tmp_path)).approaches == found + list(RULES)
 
 
 def free_port() -> int:
