@@ -24,7 +24,7 @@ row() {  # NAME, then bench.py's flags
     tail -3 "$out/$name.err" >&2
   fi
 }
-row default                                        # what training runs: --compile auto (graphs), heads of dim 128
+row default --profile                              # what training runs: --compile auto (graphs), heads of dim 128
 row eager --compile none                           # no compiling
 row eager_4heads --compile none --nhead 4          # the eager row (the old default heads)
 row graphs_4heads --compile graphs --nhead 4       # the issue's --cuda_graphs row
@@ -46,3 +46,6 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json")), key=os.path.g
           f"| {r['step_ms']:.1f} ms | {r['ms_per_audio_s']:.2f} ms | {r['mfu']:.2f} | {r['e2e_over_model']:.2f} "
           f"| {r['decoder_loss_ms']:.1f} ms |")
 PY
+echo
+echo "Where the default step's time goes (bench.py --profile: the model step, then the end-to-end step):"
+grep -v "^---" "$out/default.err" | head -70
