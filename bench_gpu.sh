@@ -2,7 +2,7 @@
 # Every GPU speed figure of docs/performance.md's table in one call, on a machine with a CUDA GPU and torch alone
 # (the music packages are not needed; the loader figure is then n/a):
 #
-#   bash bench_gpu.sh                  # about 8 minutes on one H200, most of it compiling; a table at the end
+#   bash bench_gpu.sh                  # an estimated 8 minutes on one H200, most of it compiling; a table at the end
 #
 # Each row is one bench.py process (compiled graphs are not shared between configurations): batch 8, 16 s of audio
 # (3001 MDCT frames, or 1200 EnCodec frames with random weights), the agent on.

@@ -365,7 +365,8 @@ def epoch_line(r: dict) -> str:
 def banner(c: Config, data: TrainingData, model, codec_dim: int, world_size: int, device: torch.device) -> list[str]:
     """The console's first lines: what masks, what data, what model, on what, compiled how."""
     n_params = sum(p.numel() for p in model.parameters())
-    how = dict(graphs="torch.compile with CUDA graphs", default="torch.compile", none="eager")[c.compile]
+    graphs = "torch.compile with CUDA graphs" if device.type == "cuda" else "torch.compile, mode reduce-overhead"
+    how = dict(graphs=graphs, default="torch.compile", none="eager")[c.compile]
     return ["🎨 Creative Agent ENABLED" if c.use_creative_agent else f"Creative Agent disabled, masking: {c.mask_type}",
             f"Run {c.run_name}: {len(data.train_set)} train / {len(data.val_set)} val pairs, "
             f"{data.segment_samples / c.sample_rate:.2f} s segments, codec {c.codec} (D={codec_dim}), "
