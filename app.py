@@ -174,8 +174,9 @@ class Studio:
         progress(0.8, desc="writing the audio and the picture")
         folder = self.new_job_folder()
         waves = dict(arrangement=result.output, input=song, target_aligned=result.target)
+        wav = {name: os.path.join(folder, f"{name}.wav") for name in waves}
         for name, wave in waves.items():
-            save_wave(os.path.join(folder, f"{name}.wav"), wave, sr)
+            save_wave(wav[name], wave, sr)
         picture = os.path.join(folder, "masks.png")
         arranger.picture(picture, song, result, title=job.approach if job.approach in RULES else
                          os.path.basename(os.path.dirname(job.approach)))
@@ -183,8 +184,7 @@ class Studio:
         lines += [f"aligned target: {result.alignment.line()}"] if result.alignment is not None else []
         lines.append(summary_line("arrangement", result.output, song, result.target, result.masks, result.grid, sr,
                                   job.balance))
-        wav = lambda name: os.path.join(folder, f"{name}.wav")  # noqa: E731
-        return wav("arrangement"), picture, "\n".join(lines), wav("input"), wav("target_aligned")
+        return wav["arrangement"], picture, "\n".join(lines), wav["input"], wav["target_aligned"]
 
     def warm_up(self) -> None:
         """Arrange two short synthetic songs once, so the first visitor does not wait for the beat tracker's JIT."""
