@@ -122,12 +122,16 @@ def chroma_frames(mags: torch.Tensor, sample_rate: int) -> torch.Tensor:
 def source_labels(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, sample_rate: int,
                   hop_seconds: float = 0.01) -> tuple[np.ndarray, float]:
     """Which song is heard in each frame of `hop_seconds` (True: the input): the one whose log-mel frame is nearer
-    the output's, smoothed by a majority over LABEL_SMOOTH_SECONDS. Returns (labels, frame hop in seconds)."""
+    the output's in shape, each frame's mean log level taken out first, smoothed by a majority over
+    LABEL_SMOOTH_SECONDS. Returns (labels, frame hop in seconds). A song played louder or softer is still that song:
+    alignment and the fader at a switch change the songs' levels by up to 12 dB, which a level-sensitive distance
+    heard as the other song, several times a section."""
     hop = max(1, int(round(hop_seconds * sample_rate)))
     n_fft = 1 << int(math.ceil(math.log2(4 * hop)))
     waves = torch.from_numpy(np.stack([output, input_wave, target_wave]).astype(np.float32))
     mags = magnitude(waves, n_fft, hop)
     mel = torch.log(mel_filterbank(sample_rate, n_fft, 40) @ mags + 1e-5)
+    mel = mel - mel.mean(dim=1, keepdim=True)
     near_input = ((mel[0] - mel[1]).abs().mean(0) < (mel[0] - mel[2]).abs().mean(0)).numpy().astype(np.float64)
     k = max(1, int(round(LABEL_SMOOTH_SECONDS / (hop / sample_rate)))) | 1
     smoothed = np.convolve(np.pad(near_input, k // 2, mode="edge"), np.ones(k) / k, mode="valid")

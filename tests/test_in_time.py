@@ -14,7 +14,7 @@ import arrange
 from beats import AlignmentError, align, analyse, key_shift, loudness_lufs, section_ids, tempo_ratio
 from creative_agent import AttentionMaskGenerator
 from fixed_masks import make_fixed_masks
-from listening import in_time
+from listening import in_time, source_labels
 
 RATE = 22050
 
@@ -148,6 +148,10 @@ def test_in_time_figures_of_a_switching_mix():
     assert figures["on_beat"] >= 0.9 and figures["on_beat_chance"] < 0.4
     copy = in_time(a.copy(), a, b, beats, sr)
     assert copy["switches_per_s"] == 0.0
+    ridden = np.where(take_a, a, b * 10 ** (np.sin(t) * 12 / 20)).astype(np.float32)  # the fader moves b by ±12 dB
+    assert in_time(ridden, a, b, beats, sr)["switches_per_s"] == figures["switches_per_s"]
+    for gain in (0.25, 4.0):  # a song played softer or louder is still that song
+        assert (source_labels(gain * out, a, b, sr)[0] == source_labels(out, a, b, sr)[0]).all()
 
 
 def test_arrange_aligns_switches_on_the_beat_and_writes_the_aligned_target(tmp_path, checkpoints, capsys):
