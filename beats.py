@@ -313,9 +313,11 @@ def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_g
         pulse, ratio = False, 1.0
         notes.append(f"tempo left alone: {err}")
     semitones = key_shift(input_grid, target_grid) if match_key else 0
-    out = stretch(np.asarray(target, dtype=np.float32), sample_rate, ratio, semitones)
+    period = 60.0 / input_grid.tempo if pulse else 0.0
+    # stretch only what the arrangement takes (the input's length, and a beat for the offset), not a long tail
+    used = math.ceil((len(input_song) / sample_rate + period + 0.1) * ratio * sample_rate)
+    out = stretch(np.asarray(target[:used], dtype=np.float32), sample_rate, ratio, semitones)
     if pulse:  # start the stretched target where its beats fall on the input's
-        period = 60.0 / input_grid.tempo
         offset = (beat_phase(target_grid.beats / ratio, period) - beat_phase(input_grid.beats, period)) % period
         out = out[int(round(offset * sample_rate)) :]
     out = loop_to(out, len(input_song))

@@ -69,6 +69,9 @@ def test_a_100_bpm_track_is_laid_on_the_grid_of_a_120_bpm_one():
     found = onsets(aligned)
     assert len(found) >= 14
     assert np.abs(found[:, None] - grid[None]).min(axis=1).max() < 0.02  # every beat within 20 ms of the grid
+    longer = np.concatenate([other, clicks(100, 30, offset=0.4)])  # a long tail the arrangement never takes
+    grids = analyse(other, RATE), analyse(song, RATE)
+    np.testing.assert_allclose(align(longer, song, RATE, *grids)[0], align(other, song, RATE, *grids)[0], atol=1e-6)
 
 
 def test_octave_errors_fold_and_tempos_too_far_apart_are_refused():
