@@ -18,7 +18,7 @@ from audio_codec import CodecUnavailable
 from beats import AlignmentError
 from checkpoints import CheckpointError
 from config import SILENCE_DB, str2bool
-from inference import Arranger, AudioInputError, aligned_path, load_audio, save_wave, summary_line
+from inference import Arranger, AudioInputError, aligned_path, load_audio, save_wave, stem_layers, summary_line
 from listening import tone_distance_db
 
 
@@ -38,6 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--style_strength", type=float, default=0.5,
                    help="with --style_reference: how far the arrangement's band levels move towards the reference's, "
                         "0 (only the learned conditioning) to 1 (all the way); default 0.5")
+    p.add_argument("--input_stems", default=None, metavar="FOLDER",
+                   help="the input's stems from a separator (a Demucs output folder: drums, bass, other, vocals): "
+                        "the layering agent takes drums + bass as the rhythm and the rest as the harmony, instead of "
+                        "harmonic-percussive separation (checkpoints trained with --agent layered)")
+    p.add_argument("--target_stems", default=None, metavar="FOLDER", help="the target's stems, likewise")
     p.add_argument("--match_key", type=str2bool, default=True,
                    help="shift the target to the input's key by the smallest step, -6..+5 semitones (default true)")
     p.add_argument("--align", type=str2bool, default=True,
@@ -60,11 +65,17 @@ def main(argv=None) -> int:
         sr = arranger.sample_rate
         song, other = load_audio(args.input, sr, args.silence_db), load_audio(args.target, sr, args.silence_db)
         reference = load_audio(args.style_reference, sr, args.silence_db) if args.style_reference else None
+        rhythm = None
+        if args.input_stems or args.target_stems:
+            arranger.check_stems()
+            rhythm = tuple(stem_layers(folder, audio, sr) if folder else None
+                           for folder, audio in ((args.input_stems, song), (args.target_stems, other)))
         style = arranger.style_latent(reference) if reference is not None else None
         if os.path.isdir(args.output):
             raise AudioInputError(f"{args.output}: is a folder, but the output is a file to write")
         result = arranger.arrange(song, other, args.balance, args.hard, args.match_key, args.align, style,
-                                  args.style_strength, args.batch_size, keep_attention=bool(args.mask_plot))
+                                  args.style_strength, args.batch_size, keep_attention=bool(args.mask_plot),
+                                  rhythm=rhythm)
     except (CheckpointError, AudioInputError, CodecUnavailable, AlignmentError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -221,6 +221,9 @@ class Alignment:
     lufs_in: float
     lufs_tgt: float
     notes: list
+    used: int = 0  # samples of the target that were stretched (0: all)
+    offset: int = 0  # samples of the stretched target skipped, so its beats fall on the input's
+    gain: float = 1.0  # the loudness match, as a factor
 
     def line(self) -> str:
         tempo = (f"tempo {self.tempo_tgt:.1f}\u2192{self.tempo_in:.1f} BPM (\u00d7{self.ratio:.3f})"
@@ -316,14 +319,23 @@ def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_g
     period = 60.0 / input_grid.tempo if pulse else 0.0
     # stretch only what the arrangement takes (the input's length, and a beat for the offset), not a long tail
     used = math.ceil((len(input_song) / sample_rate + period + 0.1) * ratio * sample_rate)
-    out = stretch(np.asarray(target[:used], dtype=np.float32), sample_rate, ratio, semitones)
+    offset = 0
     if pulse:  # start the stretched target where its beats fall on the input's
         offset = (beat_phase(target_grid.beats / ratio, period) - beat_phase(input_grid.beats, period)) % period
-        out = out[int(round(offset * sample_rate)) :]
-    out = loop_to(out, len(input_song))
-    lufs_tgt, lufs_in = loudness_lufs(out, sample_rate), input_grid.loudness
-    if math.isfinite(lufs_tgt) and math.isfinite(lufs_in):
-        out = out * np.float32(10 ** ((lufs_in - lufs_tgt) / 20))
+        offset = int(round(offset * sample_rate))
     info = Alignment(input_grid.tempo, target_grid.tempo, ratio, input_grid.key_name, target_grid.key_name, semitones,
-                     lufs_in, target_grid.loudness, notes)
-    return out.astype(np.float32), info
+                     input_grid.loudness, target_grid.loudness, notes, used, offset)
+    out = lay_on_grid(target, info, len(input_song), sample_rate)
+    lufs_tgt = loudness_lufs(out, sample_rate)
+    if math.isfinite(lufs_tgt) and math.isfinite(info.lufs_in):
+        info.gain = 10 ** ((info.lufs_in - lufs_tgt) / 20)
+    return (out * np.float32(info.gain)).astype(np.float32), info
+
+
+def lay_on_grid(audio: np.ndarray, alignment: Alignment, length: int, sample_rate: int) -> np.ndarray:
+    """A recording of the target (the target itself, or one of its stems) laid on the input's grid as `align` laid
+    the target: stretched and shifted alike, started at the same offset, looped or cut to `length` samples and
+    levelled by the same gain. Stems laid this way still sum to the aligned target, up to Rubber Band's rounding."""
+    a = alignment
+    out = stretch(np.asarray(audio[: a.used or None], dtype=np.float32), sample_rate, a.ratio, a.semitones)
+    return loop_to(out[a.offset :], length) * np.float32(a.gain)

@@ -382,14 +382,22 @@ class CreativeAgent(nn.Module):
 
     def generate_creative_masks(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
                                 balance=None, style: torch.Tensor | None = None,
-                                sections: torch.Tensor | None = None):
+                                sections: torch.Tensor | None = None, rhythm: tuple | None = None):
         """Masked input, masked target and the mask regularisation loss; `hard`: 0/1 complementary masks;
         `balance`: the wanted input share (a number or [B], default 0.5); `style`: a reference's style vector;
-        `sections` [B, T]: each frame's section of the beat grid."""
+        `sections` [B, T]: each frame's section of the beat grid; `rhythm` (the layering agent): the latents of
+        the input's and the target's rhythm from a stem separator (drums and bass), either one None where the
+        layers come from harmonic-percussive separation."""
         generator = self.mask_generator
         shift = self.style(style) if style is not None and self.style is not None else None
         components = isinstance(generator, ComponentMaskGenerator)
-        parts = (generator.components(encoded_input), generator.components(encoded_target)) if components else None
+        if rhythm is not None and not isinstance(generator, LayeredMaskGenerator):
+            raise ValueError("rhythm stems are the layers of the layering agent (--agent layered) only")
+        parts = None
+        if components:
+            given = rhythm or (None, None)
+            parts = tuple(generator.components(z) if r is None else torch.stack([r, z - r], dim=1)
+                          for z, r in zip((encoded_input, encoded_target), given, strict=True))
         inputs = (encoded_input, encoded_target, balance, shift, sections)
         input_mask, target_mask, reg_loss = generator(*inputs, parts=parts) if components else generator(*inputs)
         if hard:

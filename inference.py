@@ -16,10 +16,20 @@ import soundfile as sf
 import torch
 
 from audio_codec import LatentNorm, build_codec
-from beats import SWITCH_FADE_SECONDS, Alignment, Grid, align, analyse, level_switches, section_ids, switch_fade_frames
+from beats import (
+    SWITCH_FADE_SECONDS,
+    Alignment,
+    Grid,
+    align,
+    analyse,
+    lay_on_grid,
+    level_switches,
+    section_ids,
+    switch_fade_frames,
+)
 from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint
 from config import Config, upgrade
-from creative_agent import component_names
+from creative_agent import LayeredMaskGenerator, component_names
 from fixed_masks import RuleMix
 from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
@@ -57,6 +67,28 @@ def load_audio(path: str, sample_rate: int, silence_db: float = SILENCE_DB, star
     return torch.from_numpy(np.ascontiguousarray(audio))
 
 
+RHYTHM_STEMS = ("drums", "bass")  # of a separator's stems (Demucs: drums, bass, other, vocals), the rhythm layer
+
+
+def stem_layers(folder: str, song: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """The rhythm layer [S] of `song` [S] from a stem separator's output folder (as Demucs writes one per song:
+    drums, bass, other, vocals, in any format soundfile reads): its drums and bass, summed. The harmony layer is
+    the song minus it, so the layers sum to the song exactly and whatever the separator left out stays in the
+    harmony. AudioInputError for a folder without drums or bass, or stems of another length than the song."""
+    if problem := path_problem(folder, "folder"):
+        raise AudioInputError(f"{folder}: {problem}")
+    names = {os.path.splitext(f)[0].lower(): f for f in sorted(os.listdir(folder))}
+    found = [os.path.join(folder, names[stem]) for stem in RHYTHM_STEMS if stem in names]
+    if not found:
+        raise AudioInputError(f"{folder}: no {' or '.join(RHYTHM_STEMS)} stem (a separator's output folder, with "
+                              f"files such as drums.wav and bass.wav, is expected)")
+    rhythm = sum(load_audio(path, sample_rate, silence_db=-np.inf) for path in found)
+    if abs(len(rhythm) - len(song)) > sample_rate // 10:
+        raise AudioInputError(f"{folder}: stems of {len(rhythm) / sample_rate:.2f} s for a song of "
+                              f"{len(song) / sample_rate:.2f} s: stems of another recording?")
+    return torch.nn.functional.pad(rhythm, (0, max(0, len(song) - len(rhythm))))[: len(song)]
+
+
 def save_wave(path: str, wave: torch.Tensor, sample_rate: int) -> None:
     """Write a mono WAV atomically (temporary file, then rename): a crash never leaves a partial file."""
     audio = np.nan_to_num(wave.detach().float().cpu().numpy())
@@ -79,19 +111,22 @@ def peak_limit(wave: torch.Tensor, ceiling: float = 0.99) -> torch.Tensor:
 @torch.no_grad()
 def arrange_latents(model, codec, norm, inp: torch.Tensor, tgt: torch.Tensor, hard: bool = False,
                     keep_attention: bool = False, balance: float | None = None, style: torch.Tensor | None = None,
-                    style_strength: float = 0.5, sections: torch.Tensor | None = None):
+                    style_strength: float = 0.5, sections: torch.Tensor | None = None, rhythm: tuple | None = None):
     """One window: waveforms [B, 1, S] -> (output [B, 1, S], (input mask, target mask) [B, D, T], attention).
     `balance`: the input share the agent should aim at (default 0.5); `style`: a style reference's normalised
     latent [1, D, T'] (models trained with --style_weight), whose statistics the output takes `style_strength` of;
-    `sections` [B, T]: each frame's section of the input's beat grid (model.sections)."""
+    `sections` [B, T]: each frame's section of the input's beat grid (model.sections); `rhythm` (the layering
+    agent): the input's and the target's rhythm stems [B, 1, S], either one None (stem_layers)."""
     agent = model.creative_agent.mask_generator if model.use_creative_agent else None
     if agent is not None:
         agent.keep_attention = keep_attention
+    if rhythm is not None:  # on the normalised latents' scale: the layers sum to the normalised latent
+        rhythm = tuple(None if r is None else codec.encode(r) / norm.std for r in rhythm)
     try:
         z_out, _ = model(norm.normalize(codec.encode(inp)), norm.normalize(codec.encode(tgt)), hard=hard,
                          balance=balance, style_reference=None if style is None else style.expand(len(inp), -1, -1),
                          style_strength=style_strength,
-                         sections=None if sections is None else sections.to(inp.device))
+                         sections=None if sections is None else sections.to(inp.device), rhythm=rhythm)
     finally:
         if agent is not None:
             agent.keep_attention = False
@@ -161,9 +196,11 @@ def window_sections(sections: torch.Tensor, begin_frame: int, frames: int) -> to
 @torch.no_grad()
 def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, window: int, hard: bool = False,
                  batch_size: int = 4, keep_attention: bool = False, balance: float | None = None,
-                 style: torch.Tensor | None = None, style_strength: float = 0.5, song_grid: Grid | None = None):
+                 style: torch.Tensor | None = None, style_strength: float = 0.5, song_grid: Grid | None = None,
+                 rhythm: tuple | None = None):
     """Whole songs [S_in], [S_tgt] (the target aligned to the input) -> (output [S_in], masks [D, frames] each,
-    attention of the first window, each frame's section [frames]).
+    attention of the first window, each frame's section [frames]). `rhythm`: the songs' rhythm stems, laid like
+    the songs (either one None), for the layering agent.
 
     The song is cut into windows of `window` samples on the boundaries of its sections (beats.py), so every
     section is decided once, by one window; neighbouring windows cross-fade only across a section boundary,
@@ -177,6 +214,7 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
     plan = plan_windows(sections, hop, length, window, margin=max(2 * fade, window // 8) // hop * hop)
     pad = lambda x: torch.nn.functional.pad(x, (0, window + 2 * fade))  # noqa: E731  windows past the end: silence
     song_p, other_p = pad(song), pad(other)
+    rhythm_p = [None if r is None else pad(loop_to_length(r, length)) for r in rhythm or (None, None)]
     out, weight = torch.zeros(length + window + 2 * fade), torch.zeros(length + window + 2 * fade)
     frames = codec.num_frames(window)
     masks = [torch.zeros(codec.dim, sections.shape[0]), torch.zeros(codec.dim, sections.shape[0])]
@@ -187,9 +225,11 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
         inp = torch.stack([song_p[b : b + window] for b, _, _ in batch])[:, None]
         tgt = torch.stack([other_p[b : b + window] for b, _, _ in batch])[:, None]
         parts = torch.stack([window_sections(sections, b // hop, frames) for b, _, _ in batch])
+        layers = None if rhythm is None else tuple(
+            None if r is None else torch.stack([r[b : b + window] for b, _, _ in batch])[:, None] for r in rhythm_p)
         y, (m_in, m_tgt), att = arrange_latents(model, codec, norm, inp, tgt, hard, keep_attention and i == 0,
                                                 balance, style, style_strength,
-                                                parts if model.section_beats > 0 else None)
+                                                parts if model.section_beats > 0 else None, layers)
         attention = att[0].cpu() if att is not None else attention
         for j, (begin, kept, end) in enumerate(batch):
             rise = ((positions + begin - kept + fade) / (2 * fade)).clamp(0, 1) if kept > 0 else 1.0
@@ -354,6 +394,14 @@ class Arranger:
     def sample_rate(self) -> int:
         return self.config.sample_rate
 
+    def check_stems(self) -> None:
+        """CheckpointError unless this model's agent takes its layers from stems (the layering agent)."""
+        generator = self.model.creative_agent.mask_generator if self.model.use_creative_agent else None
+        if not isinstance(generator, LayeredMaskGenerator):
+            raise CheckpointError(f"{self.path}: stems are the layers of the layering agent, and this checkpoint "
+                                  f"has {'no agent' if generator is None else f'the {self.config.agent} agent'} "
+                                  f"(train one with --agent layered)")
+
     def check_balance(self, balance: float) -> None:
         """CheckpointError unless this model can aim at the input share `balance`."""
         if problem := balance_problem(self.config, balance):
@@ -369,14 +417,18 @@ class Arranger:
     def arrange(self, song: torch.Tensor, other: torch.Tensor, balance: float = 0.5, hard: bool = False,
                 match_key: bool = True, align_songs: bool = True, style: torch.Tensor | None = None,
                 style_strength: float = 0.5, batch_size: int = 4, keep_attention: bool = False,
-                song_beats=None) -> Arrangement:
+                song_beats=None, rhythm: tuple | None = None) -> Arrangement:
         """Two whole songs [S_in], [S_tgt] at the model's sample rate -> their Arrangement (`song_beats`: the
-        input's beats where they are known already). AlignmentError for tempos too far apart."""
+        input's beats where they are known already; `rhythm`: the songs' rhythm stems [S] from a separator,
+        either one None (stem_layers), for the layering agent). AlignmentError for tempos too far apart."""
         grid, other, alignment = prepare_songs(song, other, self.sample_rate, match_key, align_songs, song_beats)
+        if rhythm is not None and rhythm[1] is not None and alignment is not None:  # laid like the target
+            laid = lay_on_grid(rhythm[1].numpy(), alignment, len(song), self.sample_rate)
+            rhythm = (rhythm[0], torch.from_numpy(laid))
         out, masks, attention, sections = arrange_song(
             self.model, self.codec, self.norm, song, other, self.config.segment_samples, hard,
             batch_size=batch_size, keep_attention=keep_attention, balance=balance, style=style,
-            style_strength=style_strength, song_grid=grid)
+            style_strength=style_strength, song_grid=grid, rhythm=rhythm)
         return Arrangement(out, other, masks, attention, sections, grid, alignment)
 
     def picture(self, path: str, song: torch.Tensor, result: Arrangement, title: str = "") -> None:

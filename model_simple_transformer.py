@@ -183,11 +183,14 @@ class SimpleTransformer(nn.Module):
         return batch_section_ids(beats, frames, frame_rate, self.section_beats, block or 32)
 
     def masked_sources(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
-                       balance=None, style: torch.Tensor | None = None, sections: torch.Tensor | None = None):
+                       balance=None, style: torch.Tensor | None = None, sections: torch.Tensor | None = None,
+                       rhythm: tuple | None = None):
         """(masked input, masked target, mask_reg_loss or None); sets `last_masks` (in eager runs)."""
+        if rhythm is not None and self.creative_agent is None:
+            raise ValueError("rhythm stems are the layers of the layering agent (--agent layered) only")
         if self.creative_agent is not None:
-            masked_in, masked_tgt, reg = self.creative_agent.generate_creative_masks(encoded_input, encoded_target,
-                                                                                     hard, balance, style, sections)
+            masked_in, masked_tgt, reg = self.creative_agent.generate_creative_masks(
+                encoded_input, encoded_target, hard, balance, style, sections, rhythm)
             if keeps_state():
                 self.last_masks = self.creative_agent.last_masks
             return masked_in, masked_tgt, reg
@@ -201,13 +204,16 @@ class SimpleTransformer(nn.Module):
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None,
                 style_reference: torch.Tensor | None = None, style_strength: float = 0.0,
-                sections: torch.Tensor | None = None):
+                sections: torch.Tensor | None = None, rhythm: tuple | None = None):
         """`balance` (creative agent only): the wanted input share, a number or one per example [B] (default 0.5).
         `style_reference` (models built with style_dim > 0): the latent [B, D, T'] of a song whose style the
         arrangement should take, any length; all zeros, or None, means no reference. It conditions the agent and
         every stage, and `style_strength` > 0 also moves the output that far towards its statistics (restyle).
         `sections` [B, T] (int64): the section of the input's beat grid that each frame belongs to (beats.py); the
-        agent's frame gates and the temporal rule decide once per section (None: fixed blocks of frames)."""
+        agent's frame gates and the temporal rule decide once per section (None: fixed blocks of frames).
+        `rhythm` (the layering agent): the normalised-scale latents of the input's and the target's rhythm stems
+        (drums and bass from a separator such as Demucs), the layers instead of harmonic-percussive separation;
+        either one None keeps the separation for that song."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         style = None
         if style_reference is not None:
@@ -215,7 +221,7 @@ class SimpleTransformer(nn.Module):
                 raise ValueError("this model was built without style conditioning (style_dim=0)")
             style = self.style_encoder(style_reference)
         masked_in, masked_tgt, reg_loss = self.masked_sources(encoded_input, encoded_target, hard, balance, style,
-                                                              sections)
+                                                              sections, rhythm)
         x, y = masked_in.transpose(1, 2), masked_tgt.transpose(1, 2)  # [B, T, D]
         if len(self.stages) == 1:
             out = x + self.stages[0](x, style)

@@ -11,7 +11,7 @@ import torch
 from conftest import SR
 
 import arrange
-from beats import AlignmentError, align, analyse, key_shift, loudness_lufs, section_ids, tempo_ratio
+from beats import AlignmentError, align, analyse, key_shift, lay_on_grid, loudness_lufs, section_ids, tempo_ratio
 from creative_agent import AttentionMaskGenerator
 from fixed_masks import make_fixed_masks
 from listening import in_time, source_labels
@@ -72,6 +72,8 @@ def test_a_100_bpm_track_is_laid_on_the_grid_of_a_120_bpm_one():
     longer = np.concatenate([other, clicks(100, 30, offset=0.4)])  # a long tail the arrangement never takes
     grids = analyse(other, RATE), analyse(song, RATE)
     np.testing.assert_allclose(align(longer, song, RATE, *grids)[0], align(other, song, RATE, *grids)[0], atol=1e-6)
+    half = lay_on_grid(other / 2, info, len(song), RATE)  # a stem of the target, laid as the target was
+    assert np.linalg.norm(2 * half - aligned) < 0.01 * np.linalg.norm(aligned)  # Rubber Band is nearly linear
 
 
 def test_octave_errors_fold_and_tempos_too_far_apart_are_refused():

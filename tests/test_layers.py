@@ -7,10 +7,11 @@ import torch
 from conftest import SR, tiny_args
 
 import arrange
-from audio_codec import MDCTCodec
-from config import parse_args
+from audio_codec import LatentNorm, MDCTCodec
+from config import Config, parse_args
 from creative_agent import CreativeAgent
 from fixed_masks import make_fixed_masks
+from inference import Arranger, AudioInputError, stem_layers
 from layers import harmony_mask, split_layers
 from listening import layering
 from model_simple_transformer import SimpleTransformer
@@ -108,12 +109,50 @@ def test_layering_needs_the_mdct_codec(capsys):
         assert "need --codec mdct" in capsys.readouterr().err
 
 
-def test_a_layered_agent_trains_and_arranges_in_layers(tmp_path, pairs_dir, capsys):
+def test_a_layered_agent_trains_and_arranges_in_layers(tmp_path, pairs_dir, checkpoints, capsys):
     assert run(0, 1, 0, tiny_args(tmp_path, pairs_dir, "--agent", "layered")) == 0
-    song = tmp_path / "song.wav"
+    song, stems = tmp_path / "song.wav", tmp_path / "stems"
     sf.write(str(song), (drums(2.0, SR) + chord(2.0, SR)).astype(np.float32), SR)
+    stems.mkdir()
+    sf.write(str(stems / "drums.flac"), drums(2.0, SR).astype(np.float32), SR)
     out = tmp_path / "mix.wav"
-    assert arrange.main(["--checkpoint", str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt"), "--input",
-                         str(song), "--target", str(song), "--output", str(out), "--align", "false"]) == 0
+    common = ["--input", str(song), "--target", str(song), "--output", str(out), "--align", "false"]
+    layered = ["--checkpoint", str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt")]
+    assert arrange.main(layered + common) == 0
     line = capsys.readouterr().out
     assert "both songs heard" in line and "share of the rhythm" in line and out.is_file()
+    assert arrange.main(layered + common + ["--input_stems", str(stems), "--target_stems", str(stems)]) == 0
+    assert "share of the rhythm" in capsys.readouterr().out
+    assert arrange.main(layered + common + ["--input_stems", str(tmp_path / "nothing")]) == 2
+    assert "nothing: does not exist" in capsys.readouterr().err
+    assert arrange.main(["--checkpoint", checkpoints["agent"], *common, "--target_stems", str(stems)]) == 2
+    assert "layers of the layering agent" in capsys.readouterr().err
+
+
+def test_stems_from_a_separator_are_the_layers_the_agent_composes(tmp_path):
+    """With a separator's stems the rhythm is the drums and bass, the harmony the rest of the song, exactly:
+    an agent that takes the input's rhythm and the target's harmony plays the input's drums with the target's
+    chord, where harmonic-percussive separation leaves some of each in the other layer."""
+    model = SimpleTransformer(encoding_dim=128, nhead=2, num_layers=1, use_creative_agent=True, agent="layered").eval()
+    generator = model.creative_agent.mask_generator
+    generator.decisions = lambda z_in, *rest: torch.stack(  # rhythm from the input, harmony from the target
+        [torch.ones_like(z_in[:, 0]), torch.zeros_like(z_in[:, 0])], dim=1)
+    arranger = Arranger(model, MDCTCodec(), LatentNorm(128), Config(agent="layered", use_creative_agent=True,
+                                                                    segment_samples=2 * RATE))
+    kick, snare = (torch.tensor(drums(6.0) * g, dtype=torch.float32) for g in (0.4, 0.3))
+    song = kick + torch.tensor(chord(6.0), dtype=torch.float32)
+    other = snare + torch.tensor(chord(6.0, root=329.6), dtype=torch.float32)
+    for name, stem, wave in (("a", kick, song), ("b", snare, other)):
+        (tmp_path / name).mkdir()
+        sf.write(str(tmp_path / name / "drums.wav"), stem.numpy(), RATE)
+        sf.write(str(tmp_path / name / "vocals.wav"), (wave - stem).numpy(), RATE)  # not read: the rest is harmony
+    rhythm = tuple(stem_layers(str(tmp_path / n), w, RATE) for n, w in (("a", song), ("b", other)))
+    wanted = kick + torch.tensor(chord(6.0, root=329.6), dtype=torch.float32)
+    with_stems = arranger.arrange(song, other, align_songs=False, rhythm=rhythm).output
+    separated = arranger.arrange(song, other, align_songs=False).output
+    error = lambda out: float((out - wanted).norm() / wanted.norm())  # noqa: E731
+    assert error(with_stems) < 1e-3 < 0.05 < error(separated)
+    with pytest.raises(AudioInputError, match="no drums or bass stem"):
+        stem_layers(str(tmp_path), song, RATE)
+    with pytest.raises(AudioInputError, match="another recording"):
+        stem_layers(str(tmp_path / "a"), song[: 3 * RATE], RATE)
