@@ -93,7 +93,10 @@ class RuleMix(nn.Module):
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None,
-                style_reference=None, style_strength: float = 0.0, sections: torch.Tensor | None = None):
+                style_reference=None, style_strength: float = 0.0, sections: torch.Tensor | None = None,
+                rhythm: tuple | None = None):
+        if rhythm is not None:
+            raise ValueError("rhythm stems are the layers of the layering agent (--agent layered) only")
         m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target, self.temporal_segment_frames,
                                        self.frequency_split, sections, self.fade_frames)
         self.last_masks = (m_in, m_tgt)
