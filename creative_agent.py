@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fixed_masks import fade_switches
-from layers import LAYERS, split_layers
+from layers import LAYERS, STEMS_ONLY_LAYERED, split_layers
 from objective import TERM_WEIGHTS, mask_regularization
 
 
@@ -392,7 +392,7 @@ class CreativeAgent(nn.Module):
         shift = self.style(style) if style is not None and self.style is not None else None
         components = isinstance(generator, ComponentMaskGenerator)
         if rhythm is not None and not isinstance(generator, LayeredMaskGenerator):
-            raise ValueError("rhythm stems are the layers of the layering agent (--agent layered) only")
+            raise ValueError(STEMS_ONLY_LAYERED)
         parts = None
         if components:
             given = rhythm or (None, None)

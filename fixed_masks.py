@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers import harmony_mask
+from layers import STEMS_ONLY_LAYERED, harmony_mask
 
 MASK_TYPES = ("none", "temporal", "frequency", "energy", "layers")
 
@@ -96,7 +96,7 @@ class RuleMix(nn.Module):
                 style_reference=None, style_strength: float = 0.0, sections: torch.Tensor | None = None,
                 rhythm: tuple | None = None):
         if rhythm is not None:
-            raise ValueError("rhythm stems are the layers of the layering agent (--agent layered) only")
+            raise ValueError(STEMS_ONLY_LAYERED)
         m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target, self.temporal_segment_frames,
                                        self.frequency_split, sections, self.fade_frames)
         self.last_masks = (m_in, m_tgt)

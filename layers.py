@@ -16,6 +16,7 @@ import torch.nn.functional as F
 LAYERS = ("rhythm", "harmony")
 TIME_FRAMES = 17  # median over time: 0.09 s at the MDCT's 187.5 frames/s keeps what is sustained (harmony)
 BINS = 9  # median over frequency: 0.85 kHz at 94 Hz a bin keeps what is broadband (rhythm)
+STEMS_ONLY_LAYERED = "rhythm stems are the layers of the layering agent (--agent layered) only"
 
 
 def median_filter(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from beats import batch_section_ids
 from creative_agent import CreativeAgent, check_latent_pair, keeps_state
 from fixed_masks import MASK_TYPES, make_fixed_masks
+from layers import STEMS_ONLY_LAYERED
 from objective import style_statistics
 
 
@@ -187,7 +188,7 @@ class SimpleTransformer(nn.Module):
                        rhythm: tuple | None = None):
         """(masked input, masked target, mask_reg_loss or None); sets `last_masks` (in eager runs)."""
         if rhythm is not None and self.creative_agent is None:
-            raise ValueError("rhythm stems are the layers of the layering agent (--agent layered) only")
+            raise ValueError(STEMS_ONLY_LAYERED)
         if self.creative_agent is not None:
             masked_in, masked_tgt, reg = self.creative_agent.generate_creative_masks(
                 encoded_input, encoded_target, hard, balance, style, sections, rhythm)

@@ -156,3 +156,8 @@ def test_stems_from_a_separator_are_the_layers_the_agent_composes(tmp_path):
         stem_layers(str(tmp_path), song, RATE)
     with pytest.raises(AudioInputError, match="another recording"):
         stem_layers(str(tmp_path / "a"), song[: 3 * RATE], RATE)
+    z = torch.zeros(1, 128, 40)
+    for other_model in (SimpleTransformer(encoding_dim=128, nhead=2, num_layers=1, mask_type="temporal"),
+                        SimpleTransformer(encoding_dim=128, nhead=2, num_layers=1, use_creative_agent=True)):
+        with pytest.raises(ValueError, match="layering agent"):
+            other_model(z, z, rhythm=(z, None))
