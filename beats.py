@@ -221,8 +221,8 @@ class Alignment:
     lufs_in: float
     lufs_tgt: float
     notes: list
-    used: int = 0  # samples of the target that were stretched (0: all)
-    offset: int = 0  # samples of the stretched target skipped, so its beats fall on the input's
+    used: int  # samples of the target that were stretched
+    offset: int  # samples of the stretched target skipped, so its beats fall on the input's
     gain: float = 1.0  # the loudness match, as a factor
 
     def line(self) -> str:
@@ -319,10 +319,10 @@ def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_g
     period = 60.0 / input_grid.tempo if pulse else 0.0
     # stretch only what the arrangement takes (the input's length, and a beat for the offset), not a long tail
     used = math.ceil((len(input_song) / sample_rate + period + 0.1) * ratio * sample_rate)
-    offset = 0
-    if pulse:  # start the stretched target where its beats fall on the input's
-        offset = (beat_phase(target_grid.beats / ratio, period) - beat_phase(input_grid.beats, period)) % period
-        offset = int(round(offset * sample_rate))
+    offset = 0  # samples: the stretched target starts where its beats fall on the input's
+    if pulse:
+        phase = (beat_phase(target_grid.beats / ratio, period) - beat_phase(input_grid.beats, period)) % period
+        offset = int(round(phase * sample_rate))
     info = Alignment(input_grid.tempo, target_grid.tempo, ratio, input_grid.key_name, target_grid.key_name, semitones,
                      input_grid.loudness, target_grid.loudness, notes, used, offset)
     out = lay_on_grid(target, info, len(input_song), sample_rate)
@@ -337,5 +337,5 @@ def lay_on_grid(audio: np.ndarray, alignment: Alignment, length: int, sample_rat
     the target: stretched and shifted alike, started at the same offset, looped or cut to `length` samples and
     levelled by the same gain. Stems laid this way still sum to the aligned target, up to Rubber Band's rounding."""
     a = alignment
-    out = stretch(np.asarray(audio[: a.used or None], dtype=np.float32), sample_rate, a.ratio, a.semitones)
+    out = stretch(np.asarray(audio[: a.used], dtype=np.float32), sample_rate, a.ratio, a.semitones)
     return loop_to(out[a.offset :], length) * np.float32(a.gain)
