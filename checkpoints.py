@@ -11,6 +11,7 @@ import torch
 
 from audio_codec import LatentNorm, build_codec
 from config import MODEL_KEYS, Config, upgrade
+from layers import bass_rows
 from model_simple_transformer import SimpleTransformer
 from objective import agent_term_weights
 from pairs_dataset import path_problem
@@ -32,6 +33,7 @@ def build_model(config: Config, codec_dim: int) -> SimpleTransformer:
         frequency_split=config.frequency_split, gates=config.agent_gates, scales=tuple(config.agent_scales),
         hard_masks=config.hard_masks, agent=config.agent, block_frames=config.agent_block_frames,
         style_dim=STYLE_DIM if config.style_weight > 0 else 0, fade_frames=config.fade_frames, use_sdpa=config.sdpa,
+        bass=bass_rows(config.sample_rate / 2 / codec_dim, config.bass_hz),
         **agent_term_weights(config))
     model.section_beats = config.section_beats
     return model

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from audio_codec import CODECS
 from fixed_masks import MASK_TYPES
+from layers import BASS_HZ
 
 COMPILE_CHOICES = ("auto", "graphs", "default", "none")  # --compile: what auto means depends on the device
 SILENCE_DB = -60.0  # RMS level (dBFS) below which a song or segment is silent: the usual silence-detection level
@@ -99,6 +100,9 @@ class Config:
                       choices=("attention", "layered", "compositional"))
     mask_type: str = flag("none", "masks", "the rule-based masks of a run without the agent (default none; layers: "
                           "the input's rhythm under the target's harmony, MDCT codec)", choices=MASK_TYPES)
+    bass_hz: float = flag(BASS_HZ, "masks", "layering (--agent layered, --mask_type layers): the rhythm layer is "
+                          f"the drums and all below this frequency, the bass (default {BASS_HZ:g} Hz; 0: the drums "
+                          "alone)", type=float)
     mask_reg_weight: float = flag(0.1, "masks", "weight of the agent's mask regularisation (default 0.1)",
                                   type=float)
     balance_loss_weight: float = flag(0.0, "masks", "extra weight on the regularisation's area-share term "
@@ -217,7 +221,7 @@ class Config:
 
 # A setting's meaning in runs made before it existed, where that differs from today's default.
 LEGACY = dict(agent_gates="cell", agent_scales=(1,), balance_range=(0.5, 0.5), agent_block_frames=0,
-              section_beats=0, far_lsd_weight=0.0)
+              section_beats=0, far_lsd_weight=0.0, bass_hz=0.0)
 RENAMED = {"num_transformer_layers": "num_stages"}  # old name in checkpoints -> field
 
 
@@ -234,7 +238,7 @@ def upgrade(saved: dict) -> Config:
 # the settings that shape the model: a resumed run must have the same
 MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_stages", "num_layers", "nhead", "dropout", "anti_cheating",
               "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split", "agent_gates",
-              "agent_scales", "agent", "style_weight", "agent_block_frames", "section_beats", "fade_frames")
+              "agent_scales", "agent", "style_weight", "agent_block_frames", "section_beats", "fade_frames", "bass_hz")
 
 
 GROUP_TITLES = dict(masks="masks: the agent (--agent KIND or --use_creative_agent true) or a rule (--mask_type)",

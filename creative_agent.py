@@ -320,9 +320,10 @@ class LayeredMaskGenerator(ComponentMaskGenerator):
     COMPONENTS = LAYERS
     LAYERING_WEIGHT = 10.0  # the regularisation's reward for layers from different songs
 
-    def __init__(self, *args, **options):
+    def __init__(self, *args, bass: int = 0, **options):
         options.setdefault("layering_weight", self.LAYERING_WEIGHT)
         super().__init__(*args, **options)
+        self.bass = bass  # the latent's lowest rows, which belong to the rhythm layer
 
     def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
         """The harmony's score is its own minus the rhythm's: a section whose rhythm the input gives leans to the
@@ -332,7 +333,7 @@ class LayeredMaskGenerator(ComponentMaskGenerator):
         return torch.stack([score[:, 0], score[:, 1] - score[:, 0]], dim=1)
 
     def components(self, latent: torch.Tensor) -> torch.Tensor:
-        return split_layers(latent)
+        return split_layers(latent, self.bass)
 
 
 class CompositionalMaskGenerator(ComponentMaskGenerator):
@@ -375,6 +376,8 @@ class CreativeAgent(nn.Module):
             raise ValueError(f"unknown agent {agent!r}: expected one of {', '.join(AGENTS)}")
         if agent != "attention":
             generator_options.pop("gates", None)  # it always decides per component and frame
+        if agent != "layered":
+            generator_options.pop("bass", None)  # only the layers have a bass
         self.mask_generator = AGENTS[agent](encoding_dim, hidden_dim, num_heads, **generator_options)
         # a style reference's vector shifts the features that both songs are judged by (bias-free: none, no shift)
         self.style = nn.Linear(style_dim, hidden_dim, bias=False) if style_dim else None

@@ -54,9 +54,10 @@ def energy_masks(encoded_input: torch.Tensor, encoded_target: torch.Tensor, eps:
 
 def make_fixed_masks(mask_type: str, encoded_input: torch.Tensor, encoded_target: torch.Tensor,
                      segment_frames: int = 32, split: float = 0.5, sections: torch.Tensor | None = None,
-                     fade_frames: int = 0):
+                     fade_frames: int = 0, bass: int = 0):
     """The (input_mask, target_mask) of rule `mask_type` for latents [B, D, T]; `sections` [B, T]: each frame's
-    section of the beat grid (the temporal rule alternates per section)."""
+    section of the beat grid (the temporal rule alternates per section); `bass`: the lowest rows, which the layers
+    rule counts as rhythm."""
     if mask_type not in MASK_TYPES:
         raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
     if encoded_input.shape != encoded_target.shape or encoded_input.dim() != 3:
@@ -70,7 +71,7 @@ def make_fixed_masks(mask_type: str, encoded_input: torch.Tensor, encoded_target
     if mask_type == "frequency":
         return frequency_masks(encoded_input, split)
     if mask_type == "layers":  # the seed system's intent: rhythm from the input, harmony from the target
-        return 1.0 - harmony_mask(encoded_input), harmony_mask(encoded_target)
+        return 1.0 - harmony_mask(encoded_input, bass=bass), harmony_mask(encoded_target, bass=bass)
     return energy_masks(encoded_input.detach(), encoded_target.detach())
 
 
@@ -84,12 +85,12 @@ class RuleMix(nn.Module):
     use_creative_agent = False
 
     def __init__(self, mask_type: str, section_beats: int = 2, fade_frames: int = 0, segment_frames: int = 32,
-                 split: float = 0.5):
+                 split: float = 0.5, bass: int = 0):
         super().__init__()
         if mask_type not in MASK_TYPES:
             raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
         self.mask_type, self.section_beats, self.fade_frames = mask_type, section_beats, fade_frames
-        self.temporal_segment_frames, self.frequency_split = segment_frames, split
+        self.temporal_segment_frames, self.frequency_split, self.bass = segment_frames, split, bass
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None,
@@ -98,6 +99,6 @@ class RuleMix(nn.Module):
         if rhythm is not None:
             raise ValueError(STEMS_ONLY_LAYERED)
         m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target, self.temporal_segment_frames,
-                                       self.frequency_split, sections, self.fade_frames)
+                                       self.frequency_split, sections, self.fade_frames, self.bass)
         self.last_masks = (m_in, m_tgt)
         return encoded_input * m_in + encoded_target * m_tgt, None

@@ -31,6 +31,7 @@ from checkpoints import CheckpointError, balance_problem, load_checkpoint, model
 from config import Config, upgrade
 from creative_agent import LayeredMaskGenerator, component_names
 from fixed_masks import RuleMix
+from layers import bass_rows
 from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
@@ -387,7 +388,7 @@ class Arranger:
         config = Config(mask_type=mask_type, sample_rate=sample_rate, section_beats=section_beats,
                         segment_seconds=window_seconds, segment_samples=round(window_seconds * sample_rate),
                         fade_frames=fade)
-        model = RuleMix(mask_type, section_beats, fade)
+        model = RuleMix(mask_type, section_beats, fade, bass=bass_rows(codec.sample_rate / 2 / codec.dim))
         return cls(model.eval(), codec.eval(), LatentNorm(codec.dim), config, f"the {mask_type} rule")
 
     @property

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from beats import extend_grid, level_db, track_beats
-from layers import harmony_mask
+from layers import bass_rows, harmony_mask
 from losses import DB_PER_NEPER, lsd_of_magnitudes, magnitude, mel_filterbank
 
 ON_BEAT_SECONDS = 0.07  # a switch this close to a beat is on the beat
@@ -87,8 +87,8 @@ def layering(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray
     """What is heard in layers, from the audio: `both_heard`, the share of the time both songs sound at once
     (frames whose input share lies in BOTH_HEARD); the input's share of the output's rhythm and of its harmony
     (input_share of each layer against the songs' same layers: harmonic-percussive separation of the three
-    spectrograms, layers.harmony_mask); and `harmony_match`, where both are heard, how alike the two songs' harmony
-    is (cosine of their chroma, 1: the same notes; low means the layers clash)."""
+    spectrograms and the bass band, layers.py); and `harmony_match`, where both are heard, how alike the two songs'
+    notes are (cosine of the chroma of their harmony and bass: 1, the same notes; low means the layers clash)."""
     waves = torch.from_numpy(np.stack([np.asarray(w, dtype=np.float32) for w in (output, input_wave, target_wave)]))
     mags = magnitude(waves, 1024, 256)  # [3, F, frames]
     o, a, b = mags
@@ -99,9 +99,11 @@ def layering(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray
     both = torch.zeros_like(loud)
     both[loud] = (shares >= lo) & (shares <= hi)
     coarse = magnitude(waves, 1024, STFT_LAYER_HOP)  # frame k is frame 2k of `mags` (both centred)
-    harmony = coarse * harmony_mask(coarse, STFT_LAYER_FRAMES, STFT_LAYER_BINS)
+    bass = bass_rows(sample_rate / 1024)
+    harmony = coarse * harmony_mask(coarse, STFT_LAYER_FRAMES, STFT_LAYER_BINS, bass)
     rhythm = coarse - harmony
-    chroma = chroma_frames(harmony[1:], sample_rate)  # [2, 12, frames]: input's and target's harmony
+    notes = torch.cat([coarse[:, :bass], harmony[:, bass:]], dim=1)  # the harmony and the bass: every note
+    chroma = chroma_frames(notes[1:], sample_rate)  # [2, 12, frames]: the input's and the target's
     cosine = (chroma[0] * chroma[1]).sum(0) / (chroma[0].norm(dim=0) * chroma[1].norm(dim=0)).clamp_min(1e-12)
     both_coarse = both[:: STFT_LAYER_HOP // 256][: cosine.shape[0]]
     return dict(both_heard=float(both[loud].float().mean()) if loud.any() else math.nan,

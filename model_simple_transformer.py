@@ -136,7 +136,7 @@ class SimpleTransformer(nn.Module):
                  use_creative_agent: bool = False, mask_type: str = "none", stage_widths: list[int] | None = None,
                  agent_hidden_dim: int = 256, agent_heads: int = 4,
                  temporal_segment_frames: int = 32, frequency_split: float = 0.5, use_sdpa: bool = True,
-                 style_dim: int = 0, fade_frames: int = 0, **agent_options):
+                 style_dim: int = 0, fade_frames: int = 0, bass: int = 0, **agent_options):
         super().__init__()
         if mask_type not in MASK_TYPES:
             raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
@@ -154,11 +154,13 @@ class SimpleTransformer(nn.Module):
         self.encoding_dim, self.anti_cheating, self.mask_type = d, anti_cheating, mask_type
         self.temporal_segment_frames, self.frequency_split = temporal_segment_frames, frequency_split
         self.fade_frames = fade_frames  # a switch between the songs ramps over this many frames (0: a cut)
+        self.bass = bass  # layering: the latent's lowest rows that belong to the rhythm layer (layers.py)
         self.section_beats = 0  # decisions per section of this many beats of the input (0: fixed blocks of frames)
         self.stages = nn.ModuleList(Stage(c, w, d, num_layers, h, dropout, use_sdpa, style_dim)
                                     for c, w, h in zip(in_channels, widths, heads, strict=True))
         self.creative_agent = (CreativeAgent(d, agent_hidden_dim, agent_heads, style_dim=style_dim,
-                                             fade_frames=fade_frames, **agent_options) if use_creative_agent else None)
+                                             fade_frames=fade_frames, bass=bass, **agent_options)
+                               if use_creative_agent else None)
         # a style reference conditions every stage and the agent (style_dim > 0)
         self.style_encoder = StyleEncoder(d, style_dim) if style_dim else None
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -196,7 +198,7 @@ class SimpleTransformer(nn.Module):
                 self.last_masks = self.creative_agent.last_masks
             return masked_in, masked_tgt, reg
         m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target, self.temporal_segment_frames,
-                                       self.frequency_split, sections, self.fade_frames)
+                                       self.frequency_split, sections, self.fade_frames, self.bass)
         if keeps_state():
             self.last_masks = (m_in.detach(), m_tgt.detach())
         if self.mask_type == "none":
