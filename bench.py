@@ -210,7 +210,7 @@ def loader_pairs_per_s(batch_size: int, seconds: float, num_workers: int, sample
         for _ in loader:  # one untimed epoch starts the workers
             pass
         start = time.perf_counter()
-        pairs = sum(batch[0].shape[0] for epoch in range(2) for batch in loader)
+        pairs = sum(batch["input"].shape[0] for epoch in range(2) for batch in loader)
         return pairs / (time.perf_counter() - start)
 
 

@@ -318,7 +318,8 @@ class LayeredMaskGenerator(ComponentMaskGenerator):
     other's harmony, both heard at once."""
 
     COMPONENTS = LAYERS
-    LAYERING_WEIGHT = 10.0  # the regularisation's reward for layers from different songs
+    LAYERING_WEIGHT = 30.0  # the regularisation's reward for layers from different songs (10: layers opposite in
+    # 46-93 % of the frames of real songs, by seed; 30: 92-99 %)
 
     def __init__(self, *args, bass: int = 0, **options):
         options.setdefault("layering_weight", self.LAYERING_WEIGHT)

@@ -25,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from audio_codec import CodecUnavailable
-from beats import align
+from beats import align, lay_on_grid
 from checkpoints import CheckpointError
 from config import SILENCE_DB
-from creative_agent import component_names
+from creative_agent import LayeredMaskGenerator, component_names
 from inference import Arranger, arrange_latents, plot_masks, ride_fader, save_wave
 from listening import IN_TIME_KEYS, LAYER_KEYS, distances_and_share, heard_in_time_and_layers, mean_in_time
 from losses import mask_metrics, mask_variability, reconstruction_loss, rms_loss, temporal_variation
@@ -88,31 +88,35 @@ def manifest_songs(folder: str) -> dict[str, str]:
 
 
 def validation_examples(dataset: WavPairsDataset, cross_song: bool = False, songs: dict | None = None) -> list:
-    """(input, target, input's beats) of every validation pair. `cross_song`: each input with the output segment
-    of a pair from another song (`songs`: pair name -> song, from manifest.csv; without one, the pair half the set
-    away), laid on the input's grid (tempo, beats, key, loudness) with the grids of beats.json, as arrange.py lays
-    two songs."""
+    """The items of every validation pair (WavPairsDataset: input, target, input's beats, and the rhythm stems of
+    both where the pairs carry them). `cross_song`: each input with the output segment of a pair from another song
+    (`songs`: pair name -> song, from manifest.csv; without one, the pair half the set away), laid on the input's
+    grid (tempo, beats, key, loudness) with the grids of beats.json, as arrange.py lays two songs."""
     examples = [dataset[i] for i in range(len(dataset))]
     if not cross_song:
         return examples
     names = [pair_name(inp) for inp, _ in dataset.pairs]
     crossed = []
-    for i, (inp, _, beats) in enumerate(tqdm(examples, desc="aligning cross-song pairs", unit="pair", leave=False)):
+    for i, example in enumerate(tqdm(examples, desc="aligning cross-song pairs", unit="pair", leave=False)):
         order = [(i + len(examples) // 2 + k) % len(examples) for k in range(len(examples))]
         others = [j for j in order if songs and songs.get(names[j]) != songs.get(names[i])] or order[:1]
-        j, target = others[0], examples[others[0]][1]
-        aligned, _ = align(target[0].numpy(), inp[0].numpy(), dataset.sample_rate, dataset.grid(j, "output", target),
-                           dataset.grid(i, "input", inp), tolerant=True)
-        crossed.append((inp, torch.from_numpy(aligned)[None], beats))
+        j, inp = others[0], example["input"]
+        target = examples[j]["target"]
+        aligned, alignment = align(target[0].numpy(), inp[0].numpy(), dataset.sample_rate,
+                                   dataset.grid(j, "output", target), dataset.grid(i, "input", inp), tolerant=True)
+        crossed.append({**example, "target": torch.from_numpy(aligned)[None]})
+        if "rhythm" in example:  # the other song's rhythm, laid as its song was
+            laid = lay_on_grid(examples[j]["rhythm"][1, 0].numpy(), alignment, inp.shape[-1], dataset.sample_rate)
+            crossed[-1]["rhythm"] = torch.stack([example["rhythm"][0], torch.from_numpy(laid)[None]])
     return crossed
 
 
 @torch.no_grad()
 def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_size: int = 4,
                  balance: float = 0.5, hard: bool = False):
-    """Metrics of one checkpoint over the validation examples (input, target, beats), and the example outputs and
+    """Metrics of one checkpoint over the validation examples (validation_examples), and the example outputs and
     masks. A creative agent aims at the input share `balance` and, with `hard`, decides 0/1; the baselines have
-    no such settings."""
+    no such settings. The layering agent takes the examples' rhythm stems as its layers where they have them."""
     model, codec, norm, config = arranger.model, arranger.codec, arranger.norm, arranger.config
     balance = balance if model.use_creative_agent else None
     hard = hard and model.use_creative_agent
@@ -120,12 +124,15 @@ def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_si
     sums, count, seconds, patterns, shown, timing = {}, 0, 0.0, [], [], []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        inp, tgt, beats = (torch.stack([b[k] for b in batch]) for k in range(3))
+        inp, tgt, beats = (torch.stack([b[k] for b in batch]) for k in ("input", "target", "beats"))
+        stems = "rhythm" in batch[0] and isinstance(model.creative_agent and model.creative_agent.mask_generator,
+                                                     LayeredMaskGenerator)
+        rhythm = torch.stack([b["rhythm"] for b in batch]).unbind(1) if stems else None
         sections = model.sections(beats, codec.num_frames(inp.shape[-1]), sr / codec.hop_length)
         begin = time.perf_counter()
         out, masks, attention = arrange_latents(model, codec, norm, inp, tgt, hard=hard, balance=balance,
                                                 keep_attention=model.use_creative_agent and start == 0,
-                                                sections=sections)
+                                                sections=sections, rhythm=rhythm)
         if sections is not None:  # the fader ridden at every switch, as arrange.py does
             out = torch.stack([ride_fader(model, o[0], m, s, codec.hop_length, sr)
                                for o, m, s in zip(out, masks[0], sections, strict=True)])[:, None]
@@ -281,7 +288,7 @@ def score_all(args) -> dict:
             key = (config.sample_rate, config.segment_samples, cross)
             if key not in examples:
                 dataset = WavPairsDataset(os.path.join(args.dataset_folder, "val"), *key[:2],
-                                          silence_db=args.silence_db)
+                                          silence_db=args.silence_db, stems=True)
                 examples[key] = validation_examples(dataset, cross, manifest_songs(args.dataset_folder))
             results[name + suffix] = (*evaluate_one(arrangers[name], examples[key], args.num_examples,
                                                     balance=args.balance, hard=args.hard), prefix)

@@ -31,7 +31,7 @@ from checkpoints import CheckpointError, balance_problem, load_checkpoint, model
 from config import Config, upgrade
 from creative_agent import LayeredMaskGenerator, component_names
 from fixed_masks import RuleMix
-from layers import bass_rows
+from layers import bass_rows, rhythm_stem_files
 from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
@@ -68,21 +68,16 @@ def load_audio(path: str, sample_rate: int, silence_db: float = SILENCE_DB, star
     return torch.from_numpy(np.ascontiguousarray(audio))
 
 
-RHYTHM_STEMS = ("drums", "bass")  # of a separator's stems (Demucs: drums, bass, other, vocals), the rhythm layer
-
-
 def stem_layers(folder: str, song: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """The rhythm layer [S] of `song` [S] from a stem separator's output folder (as Demucs writes one per song:
-    drums, bass, other, vocals, in any format soundfile reads): its drums and bass, summed. The harmony layer is
-    the song minus it, so the layers sum to the song exactly and whatever the separator left out stays in the
-    harmony. AudioInputError for a folder without drums or bass, or stems of another length than the song."""
+    """The rhythm layer [S] of `song` [S] from a stem separator's output folder (layers.rhythm_stem_files: its
+    drums and bass, summed). AudioInputError for a folder without drums or bass, or stems of another length than
+    the song."""
     if problem := path_problem(folder, "folder"):
         raise AudioInputError(f"{folder}: {problem}")
-    names = {os.path.splitext(f)[0].lower(): f for f in sorted(os.listdir(folder))}
-    found = [os.path.join(folder, names[stem]) for stem in RHYTHM_STEMS if stem in names]
-    if not found:
-        raise AudioInputError(f"{folder}: no {' or '.join(RHYTHM_STEMS)} stem (a separator's output folder, with "
-                              f"files such as drums.wav and bass.wav, is expected)")
+    try:
+        found = rhythm_stem_files(folder)
+    except ValueError as err:
+        raise AudioInputError(f"{folder}: {err}") from err
     rhythm = sum(load_audio(path, sample_rate, silence_db=-np.inf) for path in found)
     if abs(len(rhythm) - len(song)) > sample_rate // 10:
         raise AudioInputError(f"{folder}: stems of {len(rhythm) / sample_rate:.2f} s for a song of "

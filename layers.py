@@ -1,7 +1,7 @@
 """The layers of a song in a spectral latent: rhythm (the drums and the bass) and harmony (chords, melody), by
 harmonic–percussive separation with median filters (Fitzgerald 2010, as librosa's `hpss` does on an STFT) and a
 bass band: the percussive part and everything below BASS_HZ are the rhythm, the harmonic part above it the harmony,
-as a separator's stems give them (inference.RHYTHM_STEMS: drums and bass).
+as a separator's stems give them (RHYTHM_STEMS: drums and bass, which arrange.py and make_pairs.py take instead).
 
 The MDCT latent [B, D, T] is a time–frequency picture of the song (D bins, a frame every hop). Sustained partials
 are horizontal lines in it, drum hits vertical ones: a median over time keeps the first, a median over frequency the
@@ -11,6 +11,8 @@ song). Computed on the device where the latent is, in every forward: no cache, n
 is not a time–frequency picture, so layering needs the MDCT codec.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ BINS = 9  # median over frequency: 0.85 kHz at 94 Hz a bin keeps what is broadba
 # songs' energy, too little to be heard under the other song's harmony: both songs were heard in 15-36 % of the frames
 # of the layers rule on three pairs of real songs, 53-78 % with the bass (oracle_bass in docs/results.md)
 BASS_HZ = 200.0
+RHYTHM_STEMS = ("drums", "bass")  # of a separator's stems (Demucs: drums, bass, other, vocals), the rhythm layer
 STEMS_ONLY_LAYERED = "rhythm stems are the layers of the layering agent (--agent layered) only"
 
 
@@ -59,3 +62,15 @@ def split_layers(latent: torch.Tensor, bass: int = 0) -> torch.Tensor:
     which sum to it exactly."""
     harmony = latent * harmony_mask(latent, bass=bass)
     return torch.stack([latent - harmony, harmony], dim=1)
+
+
+def rhythm_stem_files(folder: str) -> list[str]:
+    """The drums and bass files in a stem separator's output folder for one song (as Demucs writes one: drums,
+    bass, other, vocals, in any format soundfile reads). Their sum is the song's rhythm layer and the song minus it
+    the harmony, so whatever the separator left out stays in the harmony. ValueError when it has neither."""
+    names = {os.path.splitext(f)[0].lower(): f for f in sorted(os.listdir(folder))}
+    found = [os.path.join(folder, names[stem]) for stem in RHYTHM_STEMS if stem in names]
+    if not found:
+        raise ValueError(f"no {' or '.join(RHYTHM_STEMS)} stem (a separator's output folder, with files such as "
+                         f"drums.wav and bass.wav, is expected)")
+    return found

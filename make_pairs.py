@@ -2,10 +2,15 @@
 
   python make_pairs.py --demo --out dataset_wav_pairs                 # small synthetic set, no download
   python make_pairs.py --from_folder ~/Music --out my_pairs           # your songs: wav, flac, ogg, mp3 ...
+  python make_pairs.py --from_folder ~/Music --stems separated/htdemucs --out my_pairs   # with their stems
 
 Each song is cut into consecutive segments; pair k holds segment k (input) and segment k+1 (output, the
 continuation in the same song). Songs are split between train and val, so no song is in both. The beats are tracked
 on each whole song (beats.py); each pair's beat times, with its song's tempo and key, are kept in SPLIT/beats.json.
+With --stems (a separator's output, one folder per song named as its file: Demucs writes separated/htdemucs/NAME/
+drums.wav, bass.wav, ...), each segment's rhythm layer, its drums and bass, is written beside it
+(pair_XXXX_input_rhythm.wav), and the layering agent (--agent layered) trains on those layers instead of the
+latent's harmonic-percussive separation.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--demo", action="store_true", help="synthesise the small demo set (no download)")
     source.add_argument("--from_folder", metavar="MUSIC", help="folder of songs (searched recursively)")
     p.add_argument("--out", required=True, help="pairs folder to write (train/, val/, manifest.csv)")
+    p.add_argument("--stems", metavar="DIR", help="a stem separator's output for the songs of --from_folder: "
+                   "DIR/NAME/drums.wav, bass.wav ... for the song NAME.mp3 (drums + bass: the rhythm layer)")
     p.add_argument("--segment_seconds", type=float, default=16.0, help="length of each segment (default 16)")
     p.add_argument("--sample_rate", type=int, default=24000, help="sample rate of the pairs (default 24000)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of songs for validation (default 0.1)")
@@ -42,6 +49,10 @@ def main(argv=None) -> int:
     if os.path.isdir(args.out) and any(f.endswith(".wav") for _, _, fs in os.walk(args.out) for f in fs):
         print(f"error: {args.out} already holds WAV files; choose an empty or new folder", file=sys.stderr)
         return 2
+    if args.stems and (args.demo or (problem := path_problem(args.stems, "folder"))):
+        print(f"error: --stems {args.stems}: {'the demo songs have no stems' if args.demo else problem}",
+              file=sys.stderr)
+        return 2
     if args.demo:
         summary = make_demo(args.out, args.sample_rate, args.seed)
     else:
@@ -54,7 +65,7 @@ def main(argv=None) -> int:
             return 2
         songs = [(p, lambda p=p: read_song(p, args.sample_rate)) for p in paths]
         summary = make_pairs(songs, args.out, args.segment_seconds, args.sample_rate, args.val_fraction, args.seed,
-                             silence_db=args.silence_db)
+                             silence_db=args.silence_db, stems=args.stems)
     print(summary.report())
     if summary.pairs["train"] == 0:
         print("error: no training pairs were written (songs too short or silent?)", file=sys.stderr)

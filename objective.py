@@ -150,24 +150,30 @@ class Objective:
         self.fake_real = None
 
     def __call__(self, batch: list[torch.Tensor], step: int, training: bool) -> tuple[torch.Tensor, dict, tuple]:
-        """(loss, its detached terms, (output, input, target) waveforms) of a batch: waveforms, the input's beats
-        and cached latents if any. Training runs the compiled model and loss where --compile is set."""
-        beats = batch[2]
-        inp, tgt, *cached = (x.to(self.device, non_blocking=True) for i, x in enumerate(batch) if i != 2)
+        """(loss, its detached terms, (output, input, target) waveforms) of a batch (pairs_dataset: the waveforms,
+        the input's beats, the cached latents and the rhythm stems where there are). Training runs the compiled model
+        and loss where --compile is set."""
+        inp, tgt = (batch[k].to(self.device, non_blocking=True) for k in ("input", "target"))
         with torch.no_grad():
-            z_in, z_tgt = (self.norm.normalize(z) for z in (cached or (self.codec.encode(inp),
-                                                                       self.codec.encode(tgt))))
+            latents = (batch["latents"].to(self.device, non_blocking=True).unbind(1) if "latents" in batch
+                       else (self.codec.encode(inp), self.codec.encode(tgt)))
+            z_in, z_tgt = (self.norm.normalize(z) for z in latents)
+            rhythm = None  # the layers from a separator's stems, on the normalised latents' scale (inference too)
+            if "rhythm" in batch:
+                stems = batch["rhythm"].to(self.device, non_blocking=True)
+                rhythm = tuple(self.codec.encode(stems[:, k]) / self.norm.std for k in range(2))
         balance = self.draw_balance(inp.shape[0], step) if training else None
         source = reference = None
         if training and self.config.style_weight > 0:  # the target of the batch's previous pair, for half of them
             source, present = z_tgt.roll(1, dims=0), (self.draws(z_tgt.shape[0], step, 1) < 0.5).float()
             reference = source * present[:, None, None]  # all zeros: no reference
-        sections = self.model.sections(beats, z_in.shape[-1], self.frame_rate)
+        sections = self.model.sections(batch["beats"], z_in.shape[-1], self.frame_rate)
         if sections is not None:
             sections = sections.to(self.device, non_blocking=True)
         with self.amp:
             z_out, reg = (self.forward if training else self.model)(z_in, z_tgt, balance=balance,
-                                                                    style_reference=reference, sections=sections)
+                                                                    style_reference=reference, sections=sections,
+                                                                    rhythm=rhythm)
         out, loss, terms = (self.compiled_decode_loss if training else self.decode_loss)(z_out, inp, tgt, balance)
         terms["recon_loss"] = loss.detach()
         if source is not None:  # examples without a reference add nothing

@@ -13,11 +13,17 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from beats import Grid, align, estimate_key, loudness_lufs, padded_beats, track_beats
+from beats import Grid, align, estimate_key, lay_on_grid, loudness_lufs, padded_beats, track_beats
 from config import SILENCE_DB
 from distributed import cpus_per_rank
 
 BEATS_FILE = "beats.json"  # in each split folder: pair name -> its grid (see pair_grid)
+RHYTHM_SUFFIX = "_rhythm"  # pair_0007_input_rhythm.wav: the rhythm layer of pair_0007_input.wav (separator's stems)
+
+
+def rhythm_path(path: str) -> str:
+    """The rhythm layer's file of a pair's input or output file."""
+    return path[: -len(".wav")] + RHYTHM_SUFFIX + ".wav"
 
 
 def rms_dbfs(audio: np.ndarray) -> float:
@@ -169,8 +175,9 @@ def infer_segment_samples(folder: str, probe: int = 25) -> int:
 
 
 class WavPairsDataset(Dataset):
-    """(input [1, S], target [1, S], input's beat times [K]) from the pairs of one split folder: float32 waveforms,
-    and the beats (s) of the input segment padded with NaN to a fixed size (see load_beat_grids).
+    """{input [1, S], target [1, S], beats [K]} from the pairs of one split folder: float32 waveforms and the beats
+    (s) of the input segment padded with NaN to a fixed size (see load_beat_grids); with `stems`, in a folder whose
+    pairs carry their rhythm layers (make_pairs.py --stems), also `rhythm` [2, 1, S]: the input's and the target's.
 
     Every file is checked when the dataset is built (or `scan`, the result of `scan_pairs` made elsewhere, is
     used); bad files raise BadDataError listing all of them, or are dropped (with their pair) when
@@ -181,7 +188,7 @@ class WavPairsDataset(Dataset):
 
     def __init__(self, folder: str, sample_rate: int, segment_samples: int, shuffle_targets: bool = False,
                  seed: int = 0, skip_bad_files: bool = False, progress: bool = False, scan=None,
-                 silence_db: float = SILENCE_DB, align_targets: bool = False):
+                 silence_db: float = SILENCE_DB, align_targets: bool = False, stems: bool = False):
         if problem := path_problem(folder, "folder"):
             raise FileNotFoundError(f"pairs folder {folder}: {problem}")
         self.folder, self.sample_rate, self.segment_samples = folder, sample_rate, segment_samples
@@ -193,6 +200,12 @@ class WavPairsDataset(Dataset):
         if problems and not skip_bad_files:
             raise BadDataError(problems)
         self.pairs = good
+        with_stems = [all(os.path.isfile(rhythm_path(p)) for p in pair) for pair in good]
+        if stems and any(with_stems) and not all(with_stems):
+            raise BadDataError([(rhythm_path(pair[0]), "missing: some pairs of this folder carry their rhythm "
+                                 "stems, and this one does not")
+                                for pair, has in zip(good, with_stems, strict=True) if not has])
+        self.stems = stems and any(with_stems)  # False: the layers come from harmonic-percussive separation
         grids = load_beat_grids(folder, good, sample_rate, progress)
         self.grids = [grids[pair_name(inp)] for inp, _ in good]
         seconds = segment_samples / sample_rate
@@ -221,14 +234,19 @@ class WavPairsDataset(Dataset):
         return Grid(g["tempo"] if len(g[role]) >= 2 else 0.0, np.asarray(g[role]), g["key"], g["minor"],
                     loudness_lufs(audio[0].numpy(), self.sample_rate))
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict:
         other = self.target_index(index)
         inp, tgt = self.read(self.pairs[index][0]), self.read(self.pairs[other][1])
+        rhythm = [self.read(rhythm_path(p)) for p in (self.pairs[index][0], self.pairs[other][1])] if self.stems else []
         if self.align_targets and other != index:
-            aligned, _ = align(tgt[0].numpy(), inp[0].numpy(), self.sample_rate, self.grid(other, "output", tgt),
-                               self.grid(index, "input", inp), tolerant=True)
+            aligned, alignment = align(tgt[0].numpy(), inp[0].numpy(), self.sample_rate,
+                                       self.grid(other, "output", tgt), self.grid(index, "input", inp), tolerant=True)
             tgt = torch.from_numpy(aligned)[None]
-        return inp, tgt, self.beats[index]
+            if rhythm:  # the target's rhythm laid as the target was
+                rhythm[1] = torch.from_numpy(lay_on_grid(rhythm[1][0].numpy(), alignment, inp.shape[-1],
+                                                         self.sample_rate))[None]
+        item = dict(input=inp, target=tgt, beats=self.beats[index])
+        return {**item, "rhythm": torch.stack(rhythm)} if rhythm else item
 
 
 def build_loader(dataset: Dataset, batch_size: int, world_size: int, rank: int, shuffle: bool, seed: int,
@@ -255,8 +273,8 @@ def cache_key(dataset: WavPairsDataset, codec_settings: dict) -> str:
 
 
 class CachedLatents(Dataset):
-    """Wraps a WavPairsDataset: also returns the codec latents of input and target, read from a memory-mapped cache:
-    (input, target, beats, input latent, target latent).
+    """Wraps a WavPairsDataset: its items also hold `latents` [2, D, T], the codec latents of input and target, read
+    from a memory-mapped cache.
 
     The cache lives in FOLDER/.latent_cache/<key>.npy, one [2, D, T] float32 entry per pair (input, output),
     written once by `build` and keyed by `cache_key`, so a changed file or codec is never served stale.
@@ -315,11 +333,9 @@ class CachedLatents(Dataset):
     def __getitem__(self, index: int):
         if self.latents is None:
             self.latents = np.load(self.path, mmap_mode="r")
-        inp, tgt, beats = self.dataset[index]
         other = self.dataset.target_index(index)
-        z_in = torch.from_numpy(np.array(self.latents[index, 0]))
-        z_tgt = torch.from_numpy(np.array(self.latents[other, 1]))
-        return inp, tgt, beats, z_in, z_tgt
+        latents = torch.from_numpy(np.stack([self.latents[index, 0], self.latents[other, 1]]))
+        return {**self.dataset[index], "latents": latents}
 
 
 def check_splits(config, main: bool, log) -> dict[str, WavPairsDataset]:
@@ -341,7 +357,8 @@ def check_splits(config, main: bool, log) -> dict[str, WavPairsDataset]:
         try:
             datasets[split] = WavPairsDataset(folder, c.sample_rate, c.segment_samples, shuffle_targets=shuffle,
                                               seed=c.seed, skip_bad_files=c.skip_bad_files, scan=scan[0],
-                                              align_targets=shuffle and c.align_targets)
+                                              align_targets=shuffle and c.align_targets,
+                                              stems=c.use_creative_agent and c.agent == "layered")
         except BadDataError as err:
             problems += err.problems
             continue

@@ -1,6 +1,7 @@
 """Writing a pairs folder: songs cut into consecutive segments, pair k = (segment k, segment k + 1) of one song,
-train and val split by song, each pair's beat grid in SPLIT/beats.json and manifest.csv; and the synthetic demo
-songs. make_pairs.py is its command line; the trainer generates the demo set through `make_demo`."""
+train and val split by song, each pair's beat grid in SPLIT/beats.json and manifest.csv, and with a separator's
+stems each segment's rhythm layer (drums and bass) beside it; and the synthetic demo songs. make_pairs.py is its
+command line; the trainer generates the demo set through `make_demo`."""
 from __future__ import annotations
 
 import csv
@@ -15,7 +16,8 @@ from tqdm import tqdm
 
 from beats import estimate_key, track_beats
 from config import SILENCE_DB
-from pairs_dataset import BEATS_FILE, pair_grid, silence_problem
+from layers import rhythm_stem_files
+from pairs_dataset import BEATS_FILE, RHYTHM_SUFFIX, pair_grid, path_problem, silence_problem
 
 DEMO = dict(songs=8, seconds=16.0, segment_seconds=2.0, val_fraction=0.25)
 
@@ -128,9 +130,11 @@ def split_songs(names: list[str], val_fraction: float, seed: int) -> dict[str, s
 
 
 def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment: int, sample_rate: int,
-                     summary: Summary, rows: list, silence_db: float = SILENCE_DB) -> None:
+                     summary: Summary, rows: list, silence_db: float = SILENCE_DB,
+                     rhythm: np.ndarray | None = None) -> None:
     """Cut one song into consecutive segments and write each (k, k+1) pair that is not silent, with the beat
-    times of both its segments, tracked on the whole song, and the song's tempo and key."""
+    times of both its segments, tracked on the whole song, and the song's tempo and key; `rhythm`: the song's
+    rhythm layer from a separator's stems, cut the same way (pair_XXXX_input_rhythm.wav, ..._output_rhythm.wav)."""
     n_segments = len(audio) // segment
     if n_segments < 2:
         summary.skipped["songs too short for one pair"] += 1
@@ -149,6 +153,9 @@ def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment
         for role, piece in (("input", pieces[k]), ("output", pieces[k + 1])):
             sf.write(os.path.join(out, split, f"pair_{index:04d}_{role}.wav"), np.clip(piece, -1, 1), sample_rate,
                      subtype="PCM_16")
+        for role, j in (("input", k), ("output", k + 1)) if rhythm is not None else ():
+            sf.write(os.path.join(out, split, f"pair_{index:04d}_{role}{RHYTHM_SUFFIX}.wav"),
+                     np.clip(rhythm[j * segment : (j + 1) * segment], -1, 1), sample_rate, subtype="PCM_16")
         start, end = k * segment / sample_rate, (k + 1) * segment / sample_rate
         summary.beats[split][f"pair_{index:04d}"] = pair_grid(beats, start, end, 2 * end - start, tempo, key, minor)
         rows.append(dict(split=split, pair=f"pair_{index:04d}", song=song, input_offset_s=start,
@@ -156,9 +163,29 @@ def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment
         summary.pairs[split] += 1
 
 
+def read_rhythm(folder: str, length: int, sample_rate: int) -> np.ndarray:
+    """A song's rhythm layer from its separator's output folder (layers.rhythm_stem_files), `length` samples long;
+    ValueError for a missing folder, no drums or bass, or stems of another length (> 0.1 s off)."""
+    if problem := path_problem(folder, "folder"):
+        raise ValueError(f"stems {folder}: {problem}")
+    rhythm = sum(read_song(path, sample_rate) for path in rhythm_stem_files(folder))
+    if abs(len(rhythm) - length) > sample_rate // 10:
+        raise ValueError(f"stems {folder}: {len(rhythm) / sample_rate:.2f} s for a song of "
+                         f"{length / sample_rate:.2f} s")
+    return np.pad(rhythm, (0, max(0, length - len(rhythm))))[:length]
+
+
+def stem_folder(stems: str, song: str) -> str:
+    """The separator's output folder of `song` (a path or a name) in `stems`: its file name without extension."""
+    return os.path.join(stems, os.path.splitext(os.path.basename(song))[0])
+
+
 def make_pairs(songs, out: str, segment_seconds: float, sample_rate: int, val_fraction: float, seed: int,
-               progress: bool = True, silence_db: float = SILENCE_DB) -> Summary:
-    """`songs`: list of (name, loader) where loader() returns mono audio at `sample_rate` or raises."""
+               progress: bool = True, silence_db: float = SILENCE_DB, stems: str | None = None) -> Summary:
+    """`songs`: list of (name, loader) where loader() returns mono audio at `sample_rate` or raises. `stems`: a
+    folder holding a separator's output folder for each song, named as the song's file without its extension
+    (Demucs: separated/htdemucs/NAME/drums.wav ...); every pair then carries its rhythm layer, and a song without
+    its stems is listed and skipped."""
     for split in ("train", "val"):
         os.makedirs(os.path.join(out, split), exist_ok=True)
     segment = int(round(segment_seconds * sample_rate))
@@ -167,12 +194,13 @@ def make_pairs(songs, out: str, segment_seconds: float, sample_rate: int, val_fr
     for name, load in tqdm(songs, desc="songs", unit="song", disable=not progress):
         try:
             audio = load()
+            rhythm = None if stems is None else read_rhythm(stem_folder(stems, name), len(audio), sample_rate)
         except Exception as err:  # a bad song is listed and skipped, never a crash
             summary.skipped["unreadable songs"] += 1
             summary.bad_files.append((name, str(err).splitlines()[0] if str(err) else type(err).__name__))
             continue
         summary.songs_read += 1
-        write_song_pairs(audio, name, splits[name], out, segment, sample_rate, summary, rows, silence_db)
+        write_song_pairs(audio, name, splits[name], out, segment, sample_rate, summary, rows, silence_db, rhythm)
     for split, grids in summary.beats.items():
         with open(os.path.join(out, split, BEATS_FILE), "w") as f:
             json.dump(grids, f)

@@ -186,7 +186,8 @@ class Trainer:
             count += len(out)
             waves = [w[:, 0].float().cpu().numpy() for w in (out, inp, tgt)]
             timing += [heard_in_time_and_layers(o, i, t, beats.numpy(), self.config.sample_rate)
-                       for o, i, t, beats in islice(zip(*waves, batch[2], strict=True), IN_TIME_PAIRS - len(timing))]
+                       for o, i, t, beats in islice(zip(*waves, batch["beats"], strict=True),
+                                                    IN_TIME_PAIRS - len(timing))]
             m = m_in.float()
             masks = [m.sum(0), m.square().sum(0)] if not masks else [masks[0] + m.sum(0), masks[1] + m.square().sum(0)]
         reduced = all_reduce_sum(sums + [count], self.device)
@@ -277,7 +278,8 @@ class Trainer:
         """Arrange the first validation input with the target of another pair (laid on its grid, as arrange.py
         does) and write the WAV and a picture of its masks into the log folder."""
         val = self.data.val_set
-        (song, _, beats), other = val[0], val[len(val) // 2][1][0]
+        first, other = val[0], val[len(val) // 2]["target"][0]
+        song, beats = first["input"], first["beats"]
         self.model.eval()
         arranger = Arranger(self.model.cpu(), self.codec.cpu(), self.norm.cpu(), self.config)
         try:
@@ -312,8 +314,8 @@ def fit_latent_norm(norm: LatentNorm, codec, data: TrainingData, device: torch.d
     count = 0.0
     data.train_sampler.set_epoch(0)
     for batch in islice(data.train_loader, max_batches):
-        batch = [x.to(device) for i, x in enumerate(batch) if i != 2]  # waves and latents, not the beats
-        z = torch.cat(batch[2:]) if len(batch) == 4 else codec.encode(torch.cat(batch))
+        z = (batch["latents"].to(device).flatten(0, 1) if "latents" in batch
+             else codec.encode(torch.cat([batch["input"], batch["target"]]).to(device)))
         s, sq, n = latent_sums(z)
         total, total_sq, count = (s, sq, n) if total is None else (total + s, total_sq + sq, count + n)
     stats = torch.cat([total, total_sq, torch.tensor([count], dtype=torch.float64, device=total.device)])
@@ -367,7 +369,11 @@ def banner(c: Config, data: TrainingData, model, codec_dim: int, world_size: int
     n_params = sum(p.numel() for p in model.parameters())
     graphs = "torch.compile with CUDA graphs" if device.type == "cuda" else "torch.compile, mode reduce-overhead"
     how = dict(graphs=graphs, default="torch.compile", none="eager")[c.compile]
-    return ["🎨 Creative Agent ENABLED" if c.use_creative_agent else f"Creative Agent disabled, masking: {c.mask_type}",
+    layers = ("" if not (c.use_creative_agent and c.agent == "layered") else
+              ", layers from the pairs' stems (drums + bass)" if data.train_set.stems else
+              f", layers by harmonic-percussive separation and the bass below {c.bass_hz:g} Hz")
+    masks = "🎨 Creative Agent ENABLED" if c.use_creative_agent else f"Creative Agent disabled, masking: {c.mask_type}"
+    return [masks + layers,
             f"Run {c.run_name}: {len(data.train_set)} train / {len(data.val_set)} val pairs, "
             f"{data.segment_samples / c.sample_rate:.2f} s segments, codec {c.codec} (D={codec_dim}), "
             f"{n_params / 1e6:.2f}M parameters, {world_size} process(es) on {device.type} ({how}), "

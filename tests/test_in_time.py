@@ -211,8 +211,8 @@ def test_a_pairs_folder_from_before_gets_its_grids_once(tmp_path, pairs_dir):
     os.remove(folder / "beats.json")
     data = WavPairsDataset(str(folder), SR, SR // 2)
     assert (folder / "beats.json").is_file()
-    inp, tgt, beats = data[0]
-    assert inp.shape == tgt.shape == (1, SR // 2) and beats.dim() == 1
+    item = data[0]
+    assert item["input"].shape == item["target"].shape == (1, SR // 2) and item["beats"].dim() == 1
 
 
 def test_the_fader_is_ridden_at_switches_and_nowhere_else():

@@ -1,5 +1,7 @@
 """Issue 26: layered arrangements. The rhythm and harmony layers of the MDCT latent, the `layers` rule, the layering
 agent, and what is heard in layers, measured from the audio."""
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -7,6 +9,7 @@ import torch
 from conftest import SR, tiny_args
 
 import arrange
+import make_pairs
 from audio_codec import LatentNorm, MDCTCodec
 from checkpoints import build_model
 from config import Config, parse_args, upgrade
@@ -16,6 +19,7 @@ from inference import Arranger, AudioInputError, stem_layers
 from layers import bass_rows, harmony_mask, split_layers
 from listening import layering
 from model_simple_transformer import SimpleTransformer
+from pairs_dataset import BadDataError, WavPairsDataset, rhythm_path
 from train_simple_worker import run
 
 RATE = 24000
@@ -109,7 +113,7 @@ def test_the_layering_term_asks_for_layers_from_different_songs():
     assert mask_regularization(together, 1 - together)[1]["layering"] == 1.0
     assert mask_regularization(apart, 1 - apart)[1]["layering"] == 0.0
     assert TERM_WEIGHTS["layering"] == 0.0 and CreativeAgent(16, hidden_dim=16).mask_generator.weights["layering"] == 0
-    assert CreativeAgent(16, hidden_dim=16, agent="layered").mask_generator.weights["layering"] == 10.0
+    assert CreativeAgent(16, hidden_dim=16, agent="layered").mask_generator.weights["layering"] == 30.0
 
 
 def test_layering_is_measured_from_the_audio():
@@ -132,8 +136,42 @@ def test_layering_needs_the_mdct_codec(capsys):
         assert "need --codec mdct" in capsys.readouterr().err
 
 
-def test_a_layered_agent_trains_and_arranges_in_layers(tmp_path, pairs_dir, checkpoints, capsys):
-    assert run(0, 1, 0, tiny_args(tmp_path, pairs_dir, "--agent", "layered")) == 0
+def stems_pairs(tmp_path, capsys) -> str:
+    """make_pairs.py --stems on four songs with their stems (drums, bass, other) and one without: a pairs folder whose
+    segments carry their rhythm layers, the drums and the bass."""
+    music, separated, pairs = tmp_path / "music", tmp_path / "separated", str(tmp_path / "pairs")
+    music.mkdir()
+    t = np.arange(2 * SR) / SR
+    for i in range(5):
+        parts = dict(drums=drums(2.0, SR) * (0.3 + 0.1 * i), bass=0.2 * np.sin(2 * np.pi * (55 + 10 * i) * t),
+                     other=chord(2.0, SR, root=220.0 + 30 * i))
+        sf.write(str(music / f"song{i}.wav"), sum(parts.values()).astype(np.float32), SR)
+        for stem, wave in parts.items() if i < 4 else ():
+            (separated / f"song{i}").mkdir(parents=True, exist_ok=True)
+            sf.write(str(separated / f"song{i}" / f"{stem}.wav"), wave.astype(np.float32), SR)
+    argv = ["--from_folder", str(music), "--stems", str(separated), "--out", pairs, "--segment_seconds", "0.5",
+            "--sample_rate", str(SR), "--val_fraction", "0.25"]
+    assert make_pairs.main(argv) == 0
+    assert "song4.wav: stems" in capsys.readouterr().out  # listed and skipped: no stems
+    assert make_pairs.main([*argv[:3], str(tmp_path / "none"), "--out", str(tmp_path / "other")]) == 2
+    assert "--stems" in capsys.readouterr().err
+    return pairs
+
+
+def test_pairs_carry_their_stems_and_a_layered_agent_trains_on_them_and_arranges_in_layers(tmp_path, checkpoints,
+                                                                                           capsys):
+    pairs = stems_pairs(tmp_path, capsys)
+    data = WavPairsDataset(os.path.join(pairs, "train"), SR, SR // 2, stems=True)
+    assert data.stems and not WavPairsDataset(os.path.join(pairs, "train"), SR, SR // 2).stems
+    item, (inp, _) = data[0], data.pairs[0]
+    assert item["rhythm"].shape == (2, 1, SR // 2)
+    song, rhythm = sf.read(inp)[0], sf.read(rhythm_path(inp))[0]
+    assert 0.01 < np.abs(rhythm).max() and np.abs(song - rhythm).max() > 0.05  # drums and bass, not the song
+    assert run(0, 1, 0, tiny_args(tmp_path, pairs, "--agent", "layered")) == 0
+    assert "layers from the pairs' stems" in capsys.readouterr().out
+    os.remove(rhythm_path(data.pairs[-1][1]))
+    with pytest.raises(BadDataError, match="carry their rhythm stems"):
+        WavPairsDataset(os.path.join(pairs, "train"), SR, SR // 2, stems=True)
     song, stems = tmp_path / "song.wav", tmp_path / "stems"
     sf.write(str(song), (drums(2.0, SR) + chord(2.0, SR)).astype(np.float32), SR)
     stems.mkdir()

@@ -186,9 +186,9 @@ def test_latent_cache_hit_and_misses(tmp_path, pairs_dir):
     path = CachedLatents.path_for(dataset, codec.settings)
     assert CachedLatents.build(dataset, codec, path, "cpu", progress=False)  # miss: encodes
     cached = CachedLatents(dataset, path)
-    inp, tgt, _, z_in, z_tgt = cached[1]
-    torch.testing.assert_close(z_in, codec.encode(inp[None])[0])
-    torch.testing.assert_close(z_tgt, codec.encode(tgt[None])[0])
+    item = cached[1]
+    for k, role in enumerate(("input", "target")):
+        torch.testing.assert_close(item["latents"][k], codec.encode(item[role][None])[0])
     again = WavPairsDataset(str(folder), SR, 4000)
     assert CachedLatents.path_for(again, codec.settings) == path
     assert not CachedLatents.build(again, codec, path, "cpu", progress=False)  # hit: nothing to encode
@@ -211,8 +211,8 @@ def test_shuffled_targets_use_the_matching_cached_latent(tmp_path, pairs_dir):
     dataset = WavPairsDataset(os.path.join(pairs_dir, "train"), SR, 4000, shuffle_targets=True)
     path = str(tmp_path / "cache.npy")
     CachedLatents.build(dataset, codec, path, "cpu", progress=False)
-    _, tgt, _, _, z_tgt = CachedLatents(dataset, path)[0]
-    torch.testing.assert_close(z_tgt, codec.encode(tgt[None])[0])
+    item = CachedLatents(dataset, path)[0]
+    torch.testing.assert_close(item["latents"][1], codec.encode(item["target"][None])[0])
 
 
 def test_bench_json_report():

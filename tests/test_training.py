@@ -76,8 +76,8 @@ def test_pairs_from_folder(tmp_path, capsys):
 def test_matched_and_shuffled_targets(pairs_dir):
     folder = os.path.join(pairs_dir, "train")
     matched = WavPairsDataset(folder, SR, 4000)
-    inp, tgt, _ = matched[2]
-    assert inp.shape == tgt.shape == (1, 4000)
+    inp, tgt = (matched[2][k] for k in ("input", "target"))
+    assert inp.shape == tgt.shape == (1, 4000) and "rhythm" not in matched[2]
     expected, _ = sf.read(matched.pairs[2][1], dtype="float32")
     np.testing.assert_allclose(tgt[0].numpy(), expected)
     shuffled = WavPairsDataset(folder, SR, 4000, shuffle_targets=True, seed=1)
