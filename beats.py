@@ -274,20 +274,26 @@ def level_db(audio: np.ndarray) -> float:
     return 10 * math.log10(float(np.mean(np.square(audio, dtype=np.float64))) + 1e-10) if len(audio) else -100.0
 
 
-def level_switches(audio: np.ndarray, switches: list[int], ends: list[int], sample_rate: int,
+def level_switches(audio: np.ndarray, sections: list[tuple[int, int]], sample_rate: int,
                    seconds: float = RIDE_SECONDS, max_db: float = MAX_RIDE_DB) -> np.ndarray:
-    """An arrangement with the fader ridden at each switch between the songs, as a DJ does: from `switches[k]`
-    (a sample) the incoming section is brought to the level of the `seconds` before the switch, held there for
-    `seconds`, then eased back to its own level `seconds` before `ends[k]` (the next section). Nothing changes
-    before a switch or after its section, so no level step is added anywhere else."""
+    """An arrangement with the fader of the target ridden at each switch, as a DJ rides the incoming deck against
+    the one playing: each of the target's `sections` [start, end) (samples) starts at the level of the `seconds`
+    of the input before it and ends at the level of the `seconds` of the input after it, held there for `seconds`
+    at either end (a shorter run moves from one to the other) and moved linearly between. The input's sections,
+    and the target's ends at the arrangement's ends, keep their own level: the input is the song the arrangement is
+    built on."""
     w, n = max(1, int(seconds * sample_rate)), len(audio)
     gain_db = np.zeros(n)
-    for s, e in zip(switches, ends, strict=True):
-        if not w <= s < n:
+    for s, e in sections:
+        e = min(e, n)
+        if e <= s:
             continue
-        gain = float(np.clip(level_db(audio[s - w : s]) - level_db(audio[s : s + w]), -max_db, max_db))
-        e = min(n, max(e - w, s + 2 * w))  # back at its own level for the `seconds` before the next start
-        gain_db[s:e] = np.interp(np.arange(s, e), [s, s + w, e - 1], [gain, gain, 0.0])
+        first = level_db(audio[s - w : s]) - level_db(audio[s : s + w]) if s >= w else 0.0
+        last = level_db(audio[e : e + w]) - level_db(audio[max(0, e - w) : e]) if e + w <= n else 0.0
+        first, last = (float(np.clip(g, -max_db, max_db)) for g in (first, last))
+        points = [s, s + w, e - w, e - 1] if e - s >= 2 * w else [s, e - 1]
+        gains = [first, first, last, last] if e - s >= 2 * w else [first, last]
+        gain_db[s:e] = np.interp(np.arange(s, e), points, gains)
     return (audio * 10 ** (gain_db / 20)).astype(np.float32)
 
 

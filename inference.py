@@ -165,20 +165,23 @@ def plan_windows(sections: torch.Tensor, hop: int, length: int, window: int, mar
 
 def ride_fader(model, out: torch.Tensor, input_mask: torch.Tensor, sections: torch.Tensor, hop: int,
                sample_rate: int) -> torch.Tensor:
-    """The arrangement `out` [S] with the fader ridden at every switch between the songs (beats.level_switches):
-    a switch is a section start [frames] whose decision (the input mask [D, frames], there) differs from the
-    section before. Only for models that decide in time (the agent, the temporal rule)."""
+    """The arrangement `out` [S] with the target's fader ridden at every switch between the songs
+    (beats.level_switches): the target's runs of sections (the input mask [D, frames] below one half at a
+    section's first frame [frames]) meet the input's level at both ends. Only for models that decide in time (the
+    agent, the temporal rule)."""
     if not (model.use_creative_agent or model.mask_type == "temporal"):
         return out
     starts = torch.nonzero(torch.diff(sections)).flatten() + 1
     frames = torch.cat([torch.zeros(1, dtype=starts.dtype), starts]).clamp(max=input_mask.shape[-1] - 1)
-    decided = (input_mask.float().mean(dim=0)[frames] > 0.5).tolist()  # each section's song, at its first frame
-    points = [f * hop for f in starts.tolist()] + [len(out)]
-    switches = [(points[k], points[k + 1]) for k in range(len(starts)) if decided[k + 1] != decided[k]]
-    if not switches:
-        return out
-    s, e = zip(*switches, strict=True)
-    return torch.from_numpy(level_switches(out.numpy(), list(s), list(e), sample_rate))
+    target = (input_mask.float().mean(dim=0)[frames] <= 0.5).tolist()  # each section's song, at its first frame
+    points = [0] + [f * hop for f in starts.tolist()] + [len(out)]
+    runs = []  # the target's runs of sections: [start, end) in samples
+    for k, is_target in enumerate(target):
+        if is_target and runs and runs[-1][1] == points[k]:
+            runs[-1] = (runs[-1][0], points[k + 1])
+        elif is_target:
+            runs.append((points[k], points[k + 1]))
+    return torch.from_numpy(level_switches(out.numpy(), runs, sample_rate)) if runs else out
 
 
 def window_sections(sections: torch.Tensor, begin_frame: int, frames: int) -> torch.Tensor:

@@ -215,20 +215,29 @@ def test_a_pairs_folder_from_before_gets_its_grids_once(tmp_path, pairs_dir):
     assert item["input"].shape == item["target"].shape == (1, SR // 2) and item["beats"].dim() == 1
 
 
-def test_the_fader_is_ridden_at_switches_and_nowhere_else():
+def test_the_fader_rides_the_target_at_switches_and_leaves_the_input_alone():
+    """A DJ rides the incoming deck against the one playing: each run of the target's sections starts at the level
+    of the input before it and ends at the level of the input after it; the input is never touched."""
     from beats import level_db, level_switches
+    from fixed_masks import RuleMix
+    from inference import ride_fader
 
     sr, t = 8000, np.arange(8 * 8000) / 8000
     loud = (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
     quiet = (0.2 * (1 + 0.3 * np.sin(2 * np.pi * 0.7 * t)) * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
-    take_loud = (t // 1.0) % 2 == 0  # a switch every second
-    mix = np.where(take_loud, loud, quiet).astype(np.float32)
-    starts = [s * sr for s in range(1, 8)]
-    rode = level_switches(mix, starts, starts[1:] + [len(mix)], sr)
+    take_input = (t // 1.0) % 2 == 0  # the input (loud) in even seconds, the target (quiet) in odd ones
+    mix = np.where(take_input, loud, quiet).astype(np.float32)
+    rode = level_switches(mix, [(s * sr, (s + 1) * sr) for s in range(1, 8, 2)], sr)
     w = int(0.2 * sr)
-    for s in starts:
-        assert abs(level_db(mix[s - w : s]) - level_db(mix[s : s + w])) > 5  # the cut steps by about 10 dB
-        assert abs(level_db(rode[s - w : s]) - level_db(rode[s : s + w])) < 0.5  # the ridden one does not
-    assert np.array_equal(rode[: starts[0]], mix[: starts[0]])  # nothing before the first switch
-    end = starts[0] + sr - 1  # back to its own level by the next section
-    assert abs(level_db(rode[end - 200 : end]) - level_db(mix[end - 200 : end])) < 1.0
+    for s in range(1, 8):
+        assert abs(level_db(mix[s * sr - w : s * sr]) - level_db(mix[s * sr : s * sr + w])) > 5  # a cut steps ~10 dB
+        assert abs(level_db(rode[s * sr - w : s * sr]) - level_db(rode[s * sr : s * sr + w])) < 0.5  # ridden: not
+    assert np.array_equal(rode[take_input], mix[take_input])  # the input as it was
+    assert abs(level_db(rode[-w:]) - level_db(mix[-w:])) < 0.1  # the last run ends at its own level: no input after
+    hop, frames = 100, 8 * sr // 100  # the same from an arrangement's masks: sections of a second, three target runs
+    sections = torch.arange(frames) // (sr // hop)
+    target = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1])[sections]
+    ridden = ride_fader(RuleMix("temporal"), torch.from_numpy(mix), 1.0 - target.float().expand(4, -1), sections,
+                        hop, sr)
+    want = level_switches(mix, [(sr, 3 * sr), (5 * sr, 6 * sr), (7 * sr, 8 * sr)], sr)
+    assert np.array_equal(ridden.numpy(), want)
