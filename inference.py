@@ -31,10 +31,11 @@ from checkpoints import CheckpointError, balance_problem, load_checkpoint, model
 from config import Config, upgrade
 from creative_agent import LayeredMaskGenerator, component_names
 from fixed_masks import RuleMix
-from layers import bass_rows, rhythm_stem_files
+from layers import bass_rows
 from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
+from pairs_folder import read_rhythm
 
 
 class AudioInputError(ValueError):
@@ -69,20 +70,13 @@ def load_audio(path: str, sample_rate: int, silence_db: float = SILENCE_DB, star
 
 
 def stem_layers(folder: str, song: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """The rhythm layer [S] of `song` [S] from a stem separator's output folder (layers.rhythm_stem_files: its
-    drums and bass, summed). AudioInputError for a folder without drums or bass, or stems of another length than
-    the song."""
-    if problem := path_problem(folder, "folder"):
-        raise AudioInputError(f"{folder}: {problem}")
+    """The rhythm layer [S] of `song` [S] from a stem separator's output folder (pairs_folder.read_rhythm: its
+    drums and bass, summed). AudioInputError for a missing folder, one without drums or bass, an unreadable stem,
+    or stems of another length than the song."""
     try:
-        found = rhythm_stem_files(folder)
-    except ValueError as err:
-        raise AudioInputError(f"{folder}: {err}") from err
-    rhythm = sum(load_audio(path, sample_rate, silence_db=-np.inf) for path in found)
-    if abs(len(rhythm) - len(song)) > sample_rate // 10:
-        raise AudioInputError(f"{folder}: stems of {len(rhythm) / sample_rate:.2f} s for a song of "
-                              f"{len(song) / sample_rate:.2f} s: stems of another recording?")
-    return torch.nn.functional.pad(rhythm, (0, max(0, len(song) - len(rhythm))))[: len(song)]
+        return torch.from_numpy(read_rhythm(folder, len(song), sample_rate))
+    except (ValueError, RuntimeError) as err:  # soundfile's read errors are RuntimeErrors
+        raise AudioInputError(str(err).splitlines()[0]) from err
 
 
 def save_wave(path: str, wave: torch.Tensor, sample_rate: int) -> None:

@@ -168,10 +168,13 @@ def read_rhythm(folder: str, length: int, sample_rate: int) -> np.ndarray:
     ValueError for a missing folder, no drums or bass, or stems of another length (> 0.1 s off)."""
     if problem := path_problem(folder, "folder"):
         raise ValueError(f"stems {folder}: {problem}")
-    rhythm = sum(read_song(path, sample_rate) for path in rhythm_stem_files(folder))
+    try:
+        rhythm = sum(read_song(path, sample_rate) for path in rhythm_stem_files(folder))
+    except ValueError as err:
+        raise ValueError(f"stems {folder}: {err}") from err
     if abs(len(rhythm) - length) > sample_rate // 10:
         raise ValueError(f"stems {folder}: {len(rhythm) / sample_rate:.2f} s for a song of "
-                         f"{length / sample_rate:.2f} s")
+                         f"{length / sample_rate:.2f} s: stems of another recording?")
     return np.pad(rhythm, (0, max(0, length - len(rhythm))))[:length]
 
 
