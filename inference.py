@@ -161,9 +161,9 @@ def ride_fader(model, out: torch.Tensor, input_mask: torch.Tensor, sections: tor
                sample_rate: int) -> torch.Tensor:
     """The arrangement `out` [S] with the target's fader ridden at every switch between the songs
     (beats.level_switches): the target's runs of sections (the input mask [D, frames] below one half at a
-    section's first frame [frames]) meet the input's level at both ends. Only for models that decide in time (the
-    agent, the temporal rule)."""
-    if not (model.use_creative_agent or model.mask_type == "temporal"):
+    section's first frame [frames]) meet the input's level at both ends. Only for models that decide in time which
+    song plays (the attention agent, the temporal rule): in a layered arrangement both songs play throughout."""
+    if not (model.use_creative_agent or model.mask_type == "temporal") or component_names(model):
         return out
     starts = torch.nonzero(torch.diff(sections)).flatten() + 1
     frames = torch.cat([torch.zeros(1, dtype=starts.dtype), starts]).clamp(max=input_mask.shape[-1] - 1)
@@ -323,11 +323,13 @@ def summary_line(path: str, out: torch.Tensor, song: torch.Tensor, other: torch.
     t = in_time(out.numpy(), song.numpy(), other.numpy(), grid.beats if grid.has_pulse else None, sample_rate)
     layered = layering(out.numpy(), song.numpy(), other.numpy(), sample_rate)
     asked = f" (asked {balance:g})" if balance != 0.5 else ""
+    both = (", both songs sound at once most of the time, so which one is heard, and so its switches, are "
+            "ambiguous" if layered["both_heard"] > 0.5 else "")
     beats = (f" ({t['section_in_beats']:.1f} beats), {t['on_beat']:.0%} of switches on the beat (chance "
              f"{t['on_beat_chance']:.0%}), tempo \u00d7{t['tempo_ratio']:.2f}" if grid.has_pulse else " (no beat grid)")
     return (f"{path}: {len(out) / sample_rate:.1f} s at {sample_rate} Hz | input share {share:.2f}{asked} | "
             f"{t['switches_per_s']:.2f} switches/s, median section {t['section_s']:.2f} s{beats}, loudness jump "
-            f"{t['loudness_jump_db']:.1f} dB (the input alone {t['input_jump_db']:.1f} dB) | both songs heard "
+            f"{t['loudness_jump_db']:.1f} dB (the input alone {t['input_jump_db']:.1f} dB){both} | both songs heard "
             f"{layered['both_heard']:.0%} of the time, the input's share of the rhythm "
             f"{layered['rhythm_input_share']:.2f} and of the harmony {layered['harmony_input_share']:.2f}, harmony "
             f"match {layered['harmony_match']:.2f} where both are heard | "
