@@ -275,24 +275,31 @@ def level_db(audio: np.ndarray) -> float:
 
 
 def level_switches(audio: np.ndarray, sections: list[tuple[int, int]], sample_rate: int,
-                   seconds: float = RIDE_SECONDS, max_db: float = MAX_RIDE_DB) -> np.ndarray:
+                   seconds: float = RIDE_SECONDS, max_db: float = MAX_RIDE_DB, match_end: bool = True) -> np.ndarray:
     """An arrangement with the fader of the target ridden at each switch, as a DJ rides the incoming deck against
     the one playing: each of the target's `sections` [start, end) (samples) starts at the level of the `seconds`
     of the input before it and ends at the level of the `seconds` of the input after it, held there for `seconds`
     at either end (a shorter run moves from one to the other) and moved linearly between. The input's sections,
     and the target's ends at the arrangement's ends, keep their own level: the input is the song the arrangement is
-    built on."""
+    built on. `match_end` False: each section ends at its own level instead (a layered arrangement, where every
+    section is ridden against the one before it)."""
     w, n = max(1, int(seconds * sample_rate)), len(audio)
     gain_db = np.zeros(n)
     for s, e in sections:
         e = min(e, n)
         if e <= s:
             continue
-        first = level_db(audio[s - w : s]) - level_db(audio[s : s + w]) if s >= w else 0.0
-        last = level_db(audio[e : e + w]) - level_db(audio[max(0, e - w) : e]) if e + w <= n else 0.0
+        before = audio[s - w : s] * 10 ** (gain_db[s - w : s] / 20)  # as ridden so far (a ride may end there)
+        first = level_db(before) - level_db(audio[s : s + w]) if s >= w else 0.0
+        last = level_db(audio[e : e + w]) - level_db(audio[max(0, e - w) : e]) if e + w <= n and match_end else 0.0
         first, last = (float(np.clip(g, -max_db, max_db)) for g in (first, last))
-        points = [s, s + w, e - w, e - 1] if e - s >= 2 * w else [s, e - 1]
-        gains = [first, first, last, last] if e - s >= 2 * w else [first, last]
+        if not match_end:  # held for `seconds`, back at its own level `seconds` later
+            e = min(e, s + 2 * w)
+            points, gains = ([s, s + w, e - 1], [first, first, 0.0]) if e - s > w else ([s, e - 1], [first, 0.0])
+        elif e - s >= 2 * w:
+            points, gains = [s, s + w, e - w, e - 1], [first, first, last, last]
+        else:
+            points, gains = [s, e - 1], [first, last]
         gain_db[s:e] = np.interp(np.arange(s, e), points, gains)
     return (audio * 10 ** (gain_db / 20)).astype(np.float32)
 

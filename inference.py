@@ -161,14 +161,19 @@ def ride_fader(model, out: torch.Tensor, input_mask: torch.Tensor, sections: tor
                sample_rate: int) -> torch.Tensor:
     """The arrangement `out` [S] with the target's fader ridden at every switch between the songs
     (beats.level_switches): the target's runs of sections (the input mask [D, frames] below one half at a
-    section's first frame [frames]) meet the input's level at both ends. Only for models that decide in time which
-    song plays (the attention agent, the temporal rule): in a layered arrangement both songs play throughout."""
-    if not (model.use_creative_agent or model.mask_type == "temporal") or component_names(model):
+    section's first frame [frames]) meet the input's level at both ends. In a layered arrangement (one band of the
+    mask per layer) both songs play throughout: each section whose layers change song starts at the level before
+    it and eases back to its own. Only for models that decide in time (the agents, the temporal rule)."""
+    if not (model.use_creative_agent or model.mask_type == "temporal"):
         return out
     starts = torch.nonzero(torch.diff(sections)).flatten() + 1
     frames = torch.cat([torch.zeros(1, dtype=starts.dtype), starts]).clamp(max=input_mask.shape[-1] - 1)
-    target = (input_mask.float().mean(dim=0)[frames] <= 0.5).tolist()  # each section's song, at its first frame
     points = [0] + [f * hop for f in starts.tolist()] + [len(out)]
+    if bands := len(component_names(model)):  # each band's decision, at each section's first frame
+        decided = (input_mask.float()[:, frames].unflatten(0, (bands, -1)).mean(dim=1) > 0.5).T.tolist()
+        swaps = [(points[k], points[k + 1]) for k in range(1, len(decided)) if decided[k] != decided[k - 1]]
+        return torch.from_numpy(level_switches(out.numpy(), swaps, sample_rate, match_end=False)) if swaps else out
+    target = (input_mask.float().mean(dim=0)[frames] <= 0.5).tolist()  # each section's song, at its first frame
     runs = []  # the target's runs of sections: [start, end) in samples
     for k, is_target in enumerate(target):
         if is_target and runs and runs[-1][1] == points[k]:

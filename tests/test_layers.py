@@ -129,19 +129,25 @@ def test_layering_is_measured_from_the_audio():
     assert swapped["rhythm_input_share"] < 0.1 and swapped["harmony_input_share"] > 0.9
 
 
-def test_a_layered_arrangement_keeps_its_levels_and_says_its_switches_are_ambiguous():
-    """Both songs play throughout a layered arrangement, so no song comes in to be ridden at a section start, and
-    which song is heard (what the switch figures count) is ambiguous: the summary line says so."""
-    from beats import Grid
+def test_a_layered_arrangement_is_ridden_where_its_layers_swap_and_says_its_switches_are_ambiguous():
+    """Both songs play throughout a layered arrangement: where its layers change song the mix is brought to the
+    level before and eased back to its own, the whole mix; and which song is heard (what the switch figures count)
+    is ambiguous, which the summary line says."""
+    from beats import Grid, level_db
     from inference import ride_fader, summary_line
 
     model = SimpleTransformer(encoding_dim=128, nhead=2, num_layers=1, use_creative_agent=True, agent="layered")
     a, b = (torch.tensor(x, dtype=torch.float32) for x in (drums() + 0.3 * chord(root=220.0), chord() + 0.1 * drums()))
     sections = torch.arange(750) // 75  # 10 sections of 0.4 s at the MDCT's 128-sample hop
-    bands = (sections % 2).float().expand(128, -1)  # what the attention agent's target sections look like
-    attention = SimpleTransformer(encoding_dim=128, nhead=2, num_layers=1, use_creative_agent=True)
-    assert torch.equal(ride_fader(model, a + b, bands, sections, 128, RATE), a + b)
-    assert not torch.equal(ride_fader(attention, a + b, bands, sections, 128, RATE), a + b)
+    swapped = (sections % 2).float()  # the rhythm from the input in odd sections, the harmony in even ones
+    bands = torch.cat([swapped.expand(64, -1), (1 - swapped).expand(64, -1)])
+    loud = torch.where(swapped.repeat_interleave(128)[: len(a)] > 0, 3 * (a + b), a + b)  # a level step at each swap
+    ridden, w = ride_fader(model, loud, bands, sections, 128, RATE).numpy(), int(0.2 * RATE)
+    for start in range(75 * 128, len(loud) - w, 75 * 128):
+        assert abs(level_db(loud.numpy()[start - w : start]) - level_db(loud.numpy()[start : start + w])) > 5
+        assert abs(level_db(ridden[start - w : start]) - level_db(ridden[start : start + w])) < 0.5
+    same = torch.ones_like(bands)  # no layer changes song: nothing to ride
+    assert torch.equal(ride_fader(model, loud, same, sections, 128, RATE), loud)
     grid, masks = Grid(0.0, np.array([]), 0, False, -20.0), (bands, 1 - bands)
     assert "ambiguous" in summary_line("mix.wav", a + b, a, b, masks, grid, RATE, 0.5)
     assert "ambiguous" not in summary_line("mix.wav", a, a, b, masks, grid, RATE, 0.5)
