@@ -169,8 +169,9 @@ def ride_fader(model, out: torch.Tensor, input_mask: torch.Tensor, sections: tor
     starts = torch.nonzero(torch.diff(sections)).flatten() + 1
     frames = torch.cat([torch.zeros(1, dtype=starts.dtype), starts]).clamp(max=input_mask.shape[-1] - 1)
     points = [0] + [f * hop for f in starts.tolist()] + [len(out)]
-    if bands := len(component_names(model)):  # each band's decision, at each section's first frame
-        decided = (input_mask.float()[:, frames].unflatten(0, (bands, -1)).mean(dim=1) > 0.5).T.tolist()
+    if bands := len(component_names(model)):  # each band's decision (its first row), at each section's first frame
+        rows = -(-input_mask.shape[0] // bands)  # creative_agent.component_bands: band k starts at row k * rows
+        decided = (input_mask.float()[::rows][:, frames] > 0.5).T.tolist()
         swaps = [(points[k], points[k + 1]) for k in range(1, len(decided)) if decided[k] != decided[k - 1]]
         return torch.from_numpy(level_switches(out.numpy(), swaps, sample_rate, match_end=False)) if swaps else out
     target = (input_mask.float().mean(dim=0)[frames] <= 0.5).tolist()  # each section's song, at its first frame
