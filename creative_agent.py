@@ -425,6 +425,11 @@ def component_bands(gates: torch.Tensor, channels: int) -> torch.Tensor:
     return gates.repeat_interleave(-(-channels // gates.shape[1]), dim=1)[:, :channels]
 
 
+def takes_stems(model) -> bool:
+    """Whether a model's agent can take a separator's rhythm stems as its layers (the layering agent)."""
+    return model.creative_agent is not None and isinstance(model.creative_agent.mask_generator, LayeredMaskGenerator)
+
+
 def component_names(model) -> tuple[str, ...]:
     """The components a model's agent decides per band of its mask pictures, () where it masks channel x frame cells."""
     agent = model.creative_agent.mask_generator if model.creative_agent is not None else None

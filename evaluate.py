@@ -28,7 +28,7 @@ from audio_codec import CodecUnavailable
 from beats import align, lay_on_grid
 from checkpoints import CheckpointError
 from config import SILENCE_DB
-from creative_agent import LayeredMaskGenerator, component_names
+from creative_agent import component_names, takes_stems
 from inference import Arranger, arrange_latents, plot_masks, ride_fader, save_wave
 from listening import IN_TIME_KEYS, LAYER_KEYS, distances_and_share, heard_in_time_and_layers, mean_in_time
 from losses import mask_metrics, mask_variability, reconstruction_loss, rms_loss, temporal_variation
@@ -125,8 +125,7 @@ def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_si
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         inp, tgt, beats = (torch.stack([b[k] for b in batch]) for k in ("input", "target", "beats"))
-        stems = "rhythm" in batch[0] and isinstance(model.creative_agent and model.creative_agent.mask_generator,
-                                                     LayeredMaskGenerator)
+        stems = "rhythm" in batch[0] and takes_stems(model)
         rhythm = torch.stack([b["rhythm"] for b in batch]).unbind(1) if stems else None
         sections = model.sections(beats, codec.num_frames(inp.shape[-1]), sr / codec.hop_length)
         begin = time.perf_counter()

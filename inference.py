@@ -29,7 +29,7 @@ from beats import (
 )
 from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint
 from config import Config, upgrade
-from creative_agent import LayeredMaskGenerator, component_names
+from creative_agent import component_names, takes_stems
 from fixed_masks import RuleMix
 from layers import bass_rows
 from listening import in_time, input_share, layering
@@ -397,11 +397,10 @@ class Arranger:
 
     def check_stems(self) -> None:
         """CheckpointError unless this model's agent takes its layers from stems (the layering agent)."""
-        generator = self.model.creative_agent.mask_generator if self.model.use_creative_agent else None
-        if not isinstance(generator, LayeredMaskGenerator):
+        if not takes_stems(self.model):
+            agent = f"the {self.config.agent} agent" if self.model.use_creative_agent else "no agent"
             raise CheckpointError(f"{self.path}: stems are the layers of the layering agent, and this checkpoint "
-                                  f"has {'no agent' if generator is None else f'the {self.config.agent} agent'} "
-                                  f"(train one with --agent layered)")
+                                  f"has {agent} (train one with --agent layered)")
 
     def check_balance(self, balance: float) -> None:
         """CheckpointError unless this model can aim at the input share `balance`."""

@@ -200,12 +200,12 @@ class WavPairsDataset(Dataset):
         if problems and not skip_bad_files:
             raise BadDataError(problems)
         self.pairs = good
-        with_stems = [all(os.path.isfile(rhythm_path(p)) for p in pair) for pair in good]
-        if stems and any(with_stems) and not all(with_stems):
+        with_stems = [all(os.path.isfile(rhythm_path(p)) for p in pair) for pair in good] if stems else []
+        if any(with_stems) and not all(with_stems):
             raise BadDataError([(rhythm_path(pair[0]), "missing: some pairs of this folder carry their rhythm "
                                  "stems, and this one does not")
                                 for pair, has in zip(good, with_stems, strict=True) if not has])
-        self.stems = stems and any(with_stems)  # False: the layers come from harmonic-percussive separation
+        self.stems = any(with_stems)  # False: the layers come from harmonic-percussive separation
         grids = load_beat_grids(folder, good, sample_rate, progress)
         self.grids = [grids[pair_name(inp)] for inp, _ in good]
         seconds = segment_samples / sample_rate
