@@ -80,18 +80,24 @@ def frame_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def split_at(score: torch.Tensor, weight: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
-    """Per example and row, the threshold [B, rows, 1] on `score` [B, rows, T] such that the frames above it, the
-    input's, hold the fraction `share` [B, 1, 1] of the total `weight` [B, rows, T] (a frame is the input's if the
-    fraction is still below `share` half-way through it). With the songs' frame distance as the weight and share
-    0.5, the frames taken from the target are as far from the input as the frames taken from the input are from
-    the target: the arrangement is as close to one song as to the other (in log-spectral distance), while the
-    score decides which frames go where."""
-    order = score.detach().argsort(dim=-1, descending=True)
-    cumulative = weight.gather(-1, order).cumsum(dim=-1)
-    held = cumulative / cumulative[..., -1:].clamp_min(1e-8)  # the input's share with the first k + 1 frames
-    before = F.pad(held[..., :-1], (1, 0))
-    count = ((before + held) / 2 < share).sum(dim=-1, keepdim=True).clamp(max=score.shape[-1] - 1)
-    return score.detach().gather(-1, order).gather(-1, count)
+    """Per example, row and frame, the threshold [B, rows, T] on `score` [B, rows, T] above which a frame is the
+    input's: in order of score, each frame is the input's while the input's fraction of the total `weight` is still
+    below `share` [B, 1, 1] half-way through it, and then so is the first frame after those that still fits (a
+    large frame is passed over for a smaller one that keeps the split even: with three sections, the best split).
+    With the songs' frame distance as the weight and share 0.5, the frames taken from the target are as far from
+    the input as the frames taken from the input are from the target: the arrangement is as close to one song as
+    to the other (in log-spectral distance), while the score decides which frames go where."""
+    score = score.detach()
+    order = score.argsort(dim=-1, descending=True)
+    ranked, w = score.gather(-1, order), weight.gather(-1, order)
+    total = w.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+    taken = (w.cumsum(dim=-1) - w / 2) / total < share  # half-way through each frame: a prefix of the order
+    count = taken.sum(dim=-1, keepdim=True).clamp(max=score.shape[-1] - 1)
+    held = (w * taken).sum(dim=-1, keepdim=True) / total
+    fits = ~taken & (w > 0) & (held + w / (2 * total) < share)
+    first = fits & (fits.cumsum(dim=-1) == 1)
+    threshold = torch.where(first, ranked - 1e-3, ranked.gather(-1, count))  # the one that fits: just above
+    return torch.empty_like(score).scatter_(-1, order, threshold)
 
 
 def as_balance(balance, batch: int, device) -> torch.Tensor:

@@ -298,6 +298,11 @@ def test_the_split_weighs_frames_by_how_different_the_songs_sound():
     score = torch.tensor([[[3.0, 2.0, 1.0, 0.0]]])
     half = torch.full((1, 1, 1), 0.5)
     apart_first = torch.tensor([[[4.0, 4.0, 1.0, 1.0]]])  # the songs differ most in the first two frames
-    assert (score > split_at(score, apart_first, half)).tolist() == [[[True, False, False, False]]]
+    # the first frame (4 of 10) is the input's; the second would tip it past half, so the third (1) joins it
+    assert (score > split_at(score, apart_first, half)).tolist() == [[[True, False, True, False]]]
+    # three sections, the one in the middle of the order the farthest apart: it alone goes to the target (2 : 3);
+    # a split of the order at one point would give the input the first alone (1 : 4)
+    three = torch.tensor([[[1.0, 3.0, 1.0]]])
+    assert (score[..., :3] > split_at(score[..., :3], three, half)).tolist() == [[[True, False, True]]]
     assert (score > split_at(score, torch.ones(1, 1, 4), half)).sum() == 2
     assert (score > split_at(score, torch.ones(1, 1, 4), torch.full((1, 1, 1), 0.75))).sum() == 3
