@@ -278,11 +278,13 @@ def level_switches(audio: np.ndarray, sections: list[tuple[int, int]], sample_ra
                    seconds: float = RIDE_SECONDS, max_db: float = MAX_RIDE_DB, match_end: bool = True) -> np.ndarray:
     """An arrangement with the fader of the target ridden at each switch, as a DJ rides the incoming deck against
     the one playing: each of the target's `sections` [start, end) (samples) starts at the level of the `seconds`
-    of the input before it and ends at the level of the `seconds` of the input after it, held there for `seconds`
-    at either end (a shorter run moves from one to the other) and moved linearly between. The input's sections,
-    and the target's ends at the arrangement's ends, keep their own level: the input is the song the arrangement is
-    built on. `match_end` False: each section ends at its own level instead (a layered arrangement, where every
-    section is ridden against the one before it)."""
+    of the input before it, held there for `seconds` and eased to its own level over the next `seconds`, and ends
+    likewise at the level of the `seconds` of the input after it (a run shorter than four times `seconds` never
+    reaches its own level: it moves from one end's level to the other's). In between the target plays as it is, so
+    the ride costs it nothing where no switch is near. The input's sections, and the target's ends at the
+    arrangement's ends, keep their own level: the input is the song the arrangement is built on. `match_end`
+    False: only the start is ridden (a layered arrangement, where every section is ridden against the one before
+    it)."""
     w, n = max(1, int(seconds * sample_rate)), len(audio)
     gain_db = np.zeros(n)
     for s, e in sections:
@@ -293,9 +295,10 @@ def level_switches(audio: np.ndarray, sections: list[tuple[int, int]], sample_ra
         first = level_db(before) - level_db(audio[s : s + w]) if s >= w else 0.0
         last = level_db(audio[e : e + w]) - level_db(audio[max(0, e - w) : e]) if e + w <= n and match_end else 0.0
         first, last = (float(np.clip(g, -max_db, max_db)) for g in (first, last))
-        if not match_end:  # held for `seconds`, back at its own level `seconds` later
-            e = min(e, s + 2 * w)
-            points, gains = ([s, s + w, e - 1], [first, first, 0.0]) if e - s > w else ([s, e - 1], [first, 0.0])
+        if not match_end or e - s >= 4 * w:  # held, eased to its own level, and (match_end) back again
+            points, gains = [s, s + w, s + 2 * w], [first, first, 0.0]
+            if match_end:
+                points, gains = points + [e - 2 * w, e - w, e - 1], gains + [0.0, last, last]
         elif e - s >= 2 * w:
             points, gains = [s, s + w, e - w, e - 1], [first, first, last, last]
         else:

@@ -217,7 +217,8 @@ def test_a_pairs_folder_from_before_gets_its_grids_once(tmp_path, pairs_dir):
 
 def test_the_fader_rides_the_target_at_switches_and_leaves_the_input_alone():
     """A DJ rides the incoming deck against the one playing: each run of the target's sections starts at the level
-    of the input before it and ends at the level of the input after it; the input is never touched."""
+    of the input before it and ends at the level of the input after it, and plays at its own level in between; the
+    input is never touched."""
     from beats import level_db, level_switches
     from fixed_masks import RuleMix
     from inference import ride_fader
@@ -233,6 +234,7 @@ def test_the_fader_rides_the_target_at_switches_and_leaves_the_input_alone():
         assert abs(level_db(mix[s * sr - w : s * sr]) - level_db(mix[s * sr : s * sr + w])) > 5  # a cut steps ~10 dB
         assert abs(level_db(rode[s * sr - w : s * sr]) - level_db(rode[s * sr : s * sr + w])) < 0.5  # ridden: not
     assert np.array_equal(rode[take_input], mix[take_input])  # the input as it was
+    assert np.array_equal(rode[sr + 2 * w : 2 * sr - 2 * w], mix[sr + 2 * w : 2 * sr - 2 * w])  # away from switches
     assert abs(level_db(rode[-w:]) - level_db(mix[-w:])) < 0.1  # the last run ends at its own level: no input after
     hop, frames = 100, 8 * sr // 100  # the same from an arrangement's masks: sections of a second, three target runs
     sections = torch.arange(frames) // (sr // hop)
