@@ -300,8 +300,8 @@ def test_the_split_weighs_frames_by_how_different_the_songs_sound():
     apart_first = torch.tensor([[[4.0, 4.0, 1.0, 1.0]]])  # the songs differ most in the first two frames
     # the first frame (4 of 10) is the input's; the second would tip it past half, so the third (1) joins it
     assert (score > split_at(score, apart_first, half)).tolist() == [[[True, False, True, False]]]
-    # three sections, the one in the middle of the order the farthest apart: it alone goes to the target (2 : 3);
-    # a split of the order at one point would give the input the first alone (1 : 4)
+    # three sections, the one in the middle of the order the farthest apart: it alone goes to the target (the input
+    # holds 2 of 5); a cut of the order at one point would give the input the first alone (1 of 5)
     three = torch.tensor([[[1.0, 3.0, 1.0]]])
     assert (score[..., :3] > split_at(score[..., :3], three, half)).tolist() == [[[True, False, True]]]
     assert (score > split_at(score, torch.ones(1, 1, 4), half)).sum() == 2
