@@ -141,9 +141,6 @@ def mask_metrics(input_mask: torch.Tensor, target_mask: torch.Tensor) -> dict[st
     }
 
 
-DB_PER_NEPER = 20.0 / math.log(10.0)
-
-
 def lsd_per_example(output: torch.Tensor, reference: torch.Tensor, n_fft: int = 1024, hop: int = 256):
     """Log-spectral distance [B] in nepers (dB / 8.69): RMS over frequency of the log-magnitude difference,
     averaged over frames. Differentiable, so it serves as a loss as well as a metric."""

@@ -1,6 +1,7 @@
 """Issue 9: what a listener hears (input share, temporal variation, distance to the farther song) and an agent
 that arranges both songs over time instead of copying one."""
 import json
+import math
 import os
 import re
 
@@ -12,7 +13,7 @@ from checkpoints import build_model
 from config import upgrade
 from creative_agent import AttentionMaskGenerator, novelty
 from fixed_masks import make_fixed_masks
-from listening import input_share
+from listening import distances_and_share, input_share
 from losses import farther_song_loss, lsd_per_example, mask_variability, temporal_variation
 from pairs_folder import synth_song
 from train_simple_ddp import parse_args
@@ -41,6 +42,19 @@ def test_input_share_counts_what_is_heard_over_time():
     assert 0.3 < input_share(first_a_then_b, a, b).item() < 0.7
     quiet_b = torch.cat([a[..., :half], 0.05 * b[..., half:]], dim=-1)  # the target barely heard
     assert input_share(quiet_b, a, b).item() > 0.75
+
+
+def test_the_distances_count_what_is_heard():
+    """Cells 80 dB and more below the music do not count; a difference a listener hears does. Before the floor, a
+    hiss 74 dB below a tone put them 20 dB apart."""
+    torch.manual_seed(0)
+    t = torch.arange(2 * SR) / SR
+    tone = 0.5 * torch.sin(2 * math.pi * 440 * t).view(1, 1, -1)
+    hiss = tone + 1e-4 * torch.randn_like(tone)
+    assert distances_and_share(hiss, tone, tone)["lsd_max_db"].item() < 0.5
+    assert lsd_per_example(hiss, tone).item() * 20 / math.log(10) > 10  # the loss, without the floor
+    chord = tone + 0.1 * torch.sin(2 * math.pi * 660 * t).view(1, 1, -1)  # a fifth, 14 dB down: heard
+    assert distances_and_share(chord, tone, tone)["lsd_max_db"].item() > 3
 
 
 def test_temporal_variation_and_mask_variability():
