@@ -39,7 +39,8 @@ from pairs_dataset import BadDataError, WavPairsDataset, pair_name
 METRICS = (
     ("input_share", 0.5, "the input's share of what is heard, from the output audio (0 = only the target)"),
     ("rms_ratio", 1.0, "RMS(output - input) / RMS(output - target): 1 is as far from one song as from the other"),
-    ("lsd_max_db", "min", "log-spectral distance to the farther of the two songs (dB): closer to both at once"),
+    ("lsd_max_db", "min", "log-spectral distance to the farther of the two songs (dB, over the 80 dB below the "
+     "loudest): closer to both at once"),
     ("switches_per_s", "min", "how often the arrangement switches songs, from the audio (per second)"),
     ("section_s", "max", "median section between two switches (s)"),
     ("section_in_beats", "max", "median section in beats of the input"),
