@@ -4,7 +4,7 @@ not loudness), in one vocabulary for training's validation, evaluate.py, arrange
 - input_share: the input's share of the arrangement (0 = only the target, 1 = only the input)
 - rms_in, rms_tgt: RMS of output - input, output - target
 - lsd_in_db, lsd_tgt_db, lsd_max_db: log-spectral distances to each song and to the farther one (dB), over what is
-  heard (cells within HEARD_RANGE_DB of the loudest)
+  heard (cells within losses.HEARD_RANGE_DB of the loudest)
 - in time (`in_time`): switches_per_s, section_s and section_in_beats (median section), on_beat (share of switches
   within 70 ms of an input beat) beside on_beat_chance (what random times would get), loudness_jump_db (median
   level change across a switch, 0.2 s either side) beside input_jump_db (the input's own level change at the same
@@ -19,9 +19,8 @@ import torch
 
 from beats import extend_grid, level_db, track_beats
 from layers import bass_rows, harmony_mask
-from losses import magnitude, mel_filterbank
+from losses import DB_PER_NEPER, lsd_of_magnitudes, magnitude, mel_filterbank
 
-HEARD_RANGE_DB = 80.0  # the distances count a spectrogram's cells within this many dB of the loudest (top_db)
 ON_BEAT_SECONDS = 0.07  # a switch this close to a beat is on the beat
 JUMP_SECONDS = 0.2  # the level before and after a switch is measured over this long
 LABEL_SMOOTH_SECONDS = 0.09  # which song is heard is smoothed over this long (a majority of frames) before counting
@@ -55,25 +54,14 @@ def share_of_magnitudes(o: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> to
     return (wa / (wa + wb).clamp_min(1e-30)).float()
 
 
-def heard_lsd_db(mag: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """The log-spectral distance (dB) per example [B] of two magnitude spectrograms [B, F, frames] over what is
-    heard: both in dB, every cell raised to HEARD_RANGE_DB below the louder one's loudest cell (as librosa's top_db),
-    then the RMS over frequency of their difference, averaged over frames. Without the floor, cells 100 dB and more
-    below the music counted as much as the notes: a target shifted down 4 semitones (empty above 9.5 kHz, -94 dB
-    there against the song's -25) was 34 dB from its own song's input, and that band was a third of every distance."""
-    db = [20.0 * torch.log10(m.double() + 1e-10) for m in (mag, reference)]
-    floor = torch.maximum(*(d.flatten(1).amax(dim=1) for d in db)).view(-1, 1, 1) - HEARD_RANGE_DB
-    diff = db[0].maximum(floor) - db[1].maximum(floor)
-    return diff.square().mean(dim=1).sqrt().mean(dim=1).float()
-
-
 @torch.no_grad()
 def distances_and_share(output: torch.Tensor, input_wave: torch.Tensor, target_wave: torch.Tensor,
           n_fft: int = 1024, hop: int = 256) -> dict[str, torch.Tensor]:
     """What a listener hears, per example [B], from one STFT of output, input and target: the log-spectral distances
-    (dB, heard_lsd_db) to each song and to the farther one, and the input's share (see input_share)."""
+    (dB, over what is heard: losses.lsd_of_magnitudes) to each song and to the farther one, and the input's share
+    (see input_share)."""
     o, a, b = magnitude(torch.cat([output, input_wave, target_wave]), n_fft, hop).chunk(3)
-    lsd_in, lsd_tgt = (heard_lsd_db(o, ref) for ref in (a, b))
+    lsd_in, lsd_tgt = (lsd_of_magnitudes(o, ref).view(output.shape[0], -1).mean(-1) * DB_PER_NEPER for ref in (a, b))
     return dict(lsd_in_db=lsd_in, lsd_tgt_db=lsd_tgt, lsd_max_db=torch.maximum(lsd_in, lsd_tgt),
                 input_share=share_of_magnitudes(o, a, b))
 
