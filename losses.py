@@ -156,10 +156,10 @@ def lsd_per_example(output: torch.Tensor, reference: torch.Tensor, n_fft: int = 
 def lsd_of_magnitudes(mag_out: torch.Tensor, mag_ref: torch.Tensor) -> torch.Tensor:
     """Log-spectral distance [N] (nepers) of magnitude spectrograms [N, F, frames] over what is heard: every cell
     raised to HEARD_RANGE_DB below the louder spectrogram's loudest cell (as librosa's top_db), then the RMS over
-    frequency of the log-magnitude difference, averaged over frames. Without the floor, cells 100 dB and more below
-    the music counted as much as the notes: a target shifted down 4 semitones (empty above 9.5 kHz, -94 dB there
-    against the song's -25) was 34 dB from its own song's input, and that band was a third of every distance. What
-    lies under the floor has no gradient: training is not asked to match what is not heard."""
+    frequency of the log-magnitude difference, averaged over frames. Without the floor (1e-5 alone: 140 dB below a
+    song's loudest cell), cells far below the music counted as much as the notes: a target shifted down 4 semitones
+    (empty above 9.5 kHz, -94 dB there against the song's -25) was 34 dB from the input it was shifted to, 16 dB
+    with the floor. What lies under the floor has no gradient: training is not asked to match what is not heard."""
     log_out, log_ref = torch.log(mag_out + 1e-5), torch.log(mag_ref + 1e-5)
     peak = torch.maximum(log_out.detach().flatten(1).amax(dim=1), log_ref.detach().flatten(1).amax(dim=1))
     floor = (peak - HEARD_RANGE_DB / DB_PER_NEPER).view(-1, 1, 1)
