@@ -14,7 +14,7 @@ from config import upgrade
 from creative_agent import AttentionMaskGenerator, novelty
 from fixed_masks import make_fixed_masks
 from listening import distances_and_share, input_share
-from losses import farther_song_loss, lsd_per_example, mask_variability, temporal_variation
+from losses import DB_PER_NEPER, farther_song_loss, lsd_per_example, mask_variability, temporal_variation
 from pairs_folder import synth_song
 from train_simple_ddp import parse_args
 from train_simple_worker import run
@@ -52,7 +52,7 @@ def test_the_distances_count_what_is_heard():
     tone = 0.5 * torch.sin(2 * math.pi * 440 * t).view(1, 1, -1)
     hiss = tone + 1e-4 * torch.randn_like(tone)
     assert distances_and_share(hiss, tone, tone)["lsd_max_db"].item() < 0.5
-    assert lsd_per_example(hiss, tone).item() * 20 / math.log(10) < 0.5  # the loss counts what is heard too
+    assert lsd_per_example(hiss, tone).item() * DB_PER_NEPER < 0.5  # the loss counts what is heard too
     chord = tone + 0.1 * torch.sin(2 * math.pi * 660 * t).view(1, 1, -1)  # a fifth, 14 dB down: heard
     assert distances_and_share(chord, tone, tone)["lsd_max_db"].item() > 3
 
