@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from audio_codec import LatentNorm, MDCTCodec
 from config import COMPILE_CHOICES, head_counts, str2bool
 from fast_path import compile_mode, compiled, keep_freed_memory
+from listening import layer_guide
 from losses import reconstruction_loss
 from model_simple_transformer import SimpleTransformer
 from objective import step_if_finite
@@ -131,7 +132,7 @@ class Bench:
         self.frames = self.codec.num_frames(self.samples)
         torch.manual_seed(0)
         self.model = SimpleTransformer(encoding_dim=self.codec.dim, use_creative_agent=args.use_creative_agent,
-                                       agent=args.agent,
+                                       agent=args.agent, guide=1.0,
                                        nhead=args.nhead, use_sdpa=args.sdpa).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.cuda_graphs = args.compile == "graphs"
@@ -148,10 +149,13 @@ class Bench:
         sections = self.model.sections(beats, self.frames, self.codec.sample_rate / self.codec.hop_length)
         self.sections = sections.to(self.device) if sections is not None else None
         self.waves = [0.1 * torch.randn(b, 1, self.samples, device=self.device) for _ in range(2)]
+        # the layering agent's guide (from the data, as in training): any values in [-1, 1] cost the model the same
+        layered = args.use_creative_agent and args.agent == "layered"
+        self.guide = 2 * torch.rand(b, self.frames, device=self.device) - 1 if layered else None
 
     def model_loss(self, model=None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out, reg = (model or self.forward)(*self.z, sections=self.sections)
+            out, reg = (model or self.forward)(*self.z, sections=self.sections, guide=self.guide)
             loss = out.float().square().mean()
         return loss + 0.1 * reg if reg is not None else loss
 
@@ -160,7 +164,7 @@ class Bench:
         with torch.no_grad():
             z_in, z_tgt = (self.norm.normalize(self.codec.encode(w)) for w in (inp, tgt))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            z_out, reg = self.forward(z_in, z_tgt, sections=self.sections)
+            z_out, reg = self.forward(z_in, z_tgt, sections=self.sections, guide=self.guide)
         loss = self.decode_loss(z_out, inp, tgt)
         return loss + 0.1 * reg if reg is not None else loss
 
@@ -286,6 +290,10 @@ def run(args) -> dict:
         for name, loss_fn in (("model step", bench.model_loss), ("end-to-end step", bench.e2e_loss)):
             print(f"{name}:\n{profile_table(bench, loss_fn)}", file=sys.stderr)
     step_pairs = args.batch_size / e2e_s
+    guide_s = None  # the layering agent's guide of a batch, which the data computes once for a pair of fixed songs
+    if bench.guide is not None:
+        guide = lambda: layer_guide(*bench.waves, bench.codec.sample_rate)  # noqa: E731
+        guide_s = time_steps(guide, device, args.warmup, args.steps)
     loader = loader_pairs_per_s(args.batch_size, min(args.seconds, 4.0), args.num_workers)
     return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores,"
                 f" {torch.get_num_threads()} threads)",
@@ -301,7 +309,8 @@ def run(args) -> dict:
                 model_tflop_per_step=flops / 1e12, achieved_tflops=achieved, peak_tflops=peak,
                 peak_source=peak_source, mfu=mfu, best_peak_tflops=best_peak, mfu_vs_best_peak=achieved / best_peak,
                 e2e_over_model=step_s / e2e_s,
-                loader_pairs_per_s=loader, step_pairs_per_s=step_pairs, peak_mem_mb=peak_memory_mb(device))
+                loader_pairs_per_s=loader, step_pairs_per_s=step_pairs, peak_mem_mb=peak_memory_mb(device),
+                guide_ms=None if guide_s is None else guide_s * 1e3)
 
 
 def scan(args) -> list[dict]:
@@ -392,6 +401,8 @@ def main(argv=None) -> int:
              else f"{result['loader_pairs_per_s']:.1f}"),
             ("training step pairs/s", f"{result['step_pairs_per_s']:.1f}"),
             ("peak memory", f"{result['peak_mem_mb']:,.0f} MB")]
+    if result["guide_ms"] is not None:
+        rows.append(("layer guide of a batch (data)", f"{result['guide_ms']:.1f} ms, once per pair of fixed songs"))
     for name, value in rows:
         print(f"  {name:<32} {value}")
     for row in result.get("scan", []):

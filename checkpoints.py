@@ -33,7 +33,7 @@ def build_model(config: Config, codec_dim: int) -> SimpleTransformer:
         frequency_split=config.frequency_split, gates=config.agent_gates, scales=tuple(config.agent_scales),
         hard_masks=config.hard_masks, agent=config.agent, block_frames=config.agent_block_frames,
         style_dim=STYLE_DIM if config.style_weight > 0 else 0, fade_frames=config.fade_frames, use_sdpa=config.sdpa,
-        bass=bass_rows(config.sample_rate / 2 / codec_dim, config.bass_hz),
+        bass=bass_rows(config.sample_rate / 2 / codec_dim, config.bass_hz), guide=config.layer_guide,
         **agent_term_weights(config))
     model.section_beats = config.section_beats
     return model

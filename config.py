@@ -103,6 +103,10 @@ class Config:
     bass_hz: float = flag(BASS_HZ, "masks", "layering (--agent layered, --mask_type layers): the rhythm layer is "
                           f"the drums and all below this frequency, the bass (default {BASS_HZ:g} Hz; 0: the drums "
                           "alone)", type=float)
+    layer_guide: float = flag(1.0, "masks", "the layering agent (--agent layered) leans this far (in units of the "
+                              "spread of its own scores; 0: not at all) to the way round that the songs' audio "
+                              "prefers: where their notes agree, the one in which both are heard at once; where they "
+                              "clash, the one in which one song covers the other (default 1)", type=float)
     mask_reg_weight: float = flag(0.1, "masks", "weight of the agent's mask regularisation (default 0.1)",
                                   type=float)
     balance_loss_weight: float = flag(0.0, "masks", "extra weight on the regularisation's area-share term "
@@ -221,7 +225,8 @@ class Config:
 
 # A setting's meaning in runs made before it existed, where that differs from today's default.
 LEGACY = dict(agent_gates="cell", agent_scales=(1,), balance_range=(0.5, 0.5), agent_block_frames=0,
-              section_beats=0, far_lsd_weight=0.0, bass_hz=0.0)
+              section_beats=0, far_lsd_weight=0.0, bass_hz=0.0,
+              layer_guide=0.0)
 RENAMED = {"num_transformer_layers": "num_stages"}  # old name in checkpoints -> field
 
 
@@ -238,7 +243,8 @@ def upgrade(saved: dict) -> Config:
 # the settings that shape the model: a resumed run must have the same
 MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_stages", "num_layers", "nhead", "dropout", "anti_cheating",
               "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split", "agent_gates",
-              "agent_scales", "agent", "style_weight", "agent_block_frames", "section_beats", "fade_frames", "bass_hz")
+              "agent_scales", "agent", "style_weight", "agent_block_frames", "section_beats", "fade_frames", "bass_hz",
+              "layer_guide")
 
 
 GROUP_TITLES = dict(masks="masks: the agent (--agent KIND or --use_creative_agent true) or a rule (--mask_type)",

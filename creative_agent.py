@@ -130,6 +130,16 @@ def pool_sections(score: torch.Tensor, distance: torch.Tensor, sections: torch.T
     return summed / counts.clamp_min(1), distance, counts > 0
 
 
+def spread(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The standard deviation of `x` [B, rows, n] over its columns where `present` [B, 1, n], [B, rows, 1] (never
+    below 1e-6)."""
+    w = present.to(x.dtype)
+    count = w.sum(dim=-1, keepdim=True).clamp_min(1)
+    mean = (x * w).sum(dim=-1, keepdim=True) / count
+    return ((x - mean).square() * w).sum(dim=-1, keepdim=True).div(count).sqrt().clamp_min(1e-6)
+
+
+LEAN_SPREAD_FLOOR = 0.05  # a lean that hardly varies (sections' means of a guide in -1..1) moves the scores little
 GATES = ("frame", "cell")
 # Frame gates decide once per block of this many frames (0.17 s with the MDCT codec at 24 kHz). Every switch
 # between the songs costs the decoded audio a transition, so fewer, longer sections sound cleaner.
@@ -148,6 +158,8 @@ class AttentionMaskGenerator(nn.Module):
     edge), and 0 every frame from scores smoothed over `gate_frames` frames (checkpoints from before blocks).
     """
 
+    LEAN: tuple[float, ...] = (1.0,)  # which way each row of frame scores leans with a `lean` (decisions)
+
     def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gates: str = "frame",
                  gate_frames: int = 16, scales: tuple[int, ...] = (1,), hard_masks: bool = False,
                  block_frames: int = BLOCK_FRAMES, fade_frames: int = 0, **term_weights: float):
@@ -165,6 +177,7 @@ class AttentionMaskGenerator(nn.Module):
         self.encoding_dim, self.gates, self.gate_frames = encoding_dim, gates, gate_frames
         self.scales, self.hard_masks, self.block_frames = tuple(scales), hard_masks, block_frames
         self.fade_frames = fade_frames
+        self.lean_weight = 0.0  # how far a `lean` given to `decisions` moves the scores (the layering agent's guide)
         self.weights = {name: term_weights.get(f"{name}_weight", w) for name, w in TERM_WEIGHTS.items()}
         self.input_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         self.target_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
@@ -213,10 +226,12 @@ class AttentionMaskGenerator(nn.Module):
         return score.sum(dim=1, keepdim=True) / math.sqrt(score.shape[1])  # unit scale for independent channels
 
     def decisions(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, share: torch.Tensor,
-                  shift: torch.Tensor | None = None, sections: torch.Tensor | None = None):
+                  shift: torch.Tensor | None = None, sections: torch.Tensor | None = None,
+                  lean: torch.Tensor | None = None):
         """The input's gates [B, rows, T] in [0, 1] (the target's are 1 minus them): rows are the channels for
         cell gates, one for frame gates. `sections` [B, T] (frame gates): which section of the music each frame
-        belongs to (0, 1, ... in time order, from the beat grid); one decision per section, else per block."""
+        belongs to (0, 1, ... in time order, from the beat grid); one decision per section, else per block.
+        `lean` [B, T] in [-1, 1] (frame gates; the layering agent's guide, listening.layer_guide): see `leaned`."""
         f_in = F.gelu(self.input_features(encoded_input)).transpose(1, 2)  # [B, T, H]
         f_tgt = F.gelu(self.target_features(encoded_target)).transpose(1, 2)
         if shift is not None:
@@ -233,15 +248,21 @@ class AttentionMaskGenerator(nn.Module):
         sectioned = self.gates == "frame" and (sections is not None or self.block_frames > 0)
         if self.gates == "frame":  # one decision per section (or smoothed frame) for all channels
             score, distance = self.frame_scores(score), frame_distance(encoded_input, encoded_target)[:, None]
+            lean = lean[:, None].float() if lean is not None and self.lean_weight else None
             if sectioned:  # the section's mean score; its weight in the split is its frames' summed distance
                 if sections is None:  # fixed blocks of frames
                     sections = (torch.arange(frames, device=score.device) // self.block_frames).expand(len(score), -1)
+                lean = None if lean is None else pool_sections(lean, distance, sections)[0]
                 score, distance, present = pool_sections(score, distance, sections)
-                score = score.masked_fill(~present, -1e4)  # sections that do not exist sort last in the split
             else:
                 k = self.gate_frames | 1  # odd: centred
-                score, distance = (F.avg_pool1d(v, k, stride=1, padding=k // 2, count_include_pad=False)
-                                   for v in (score, distance))
+                score, distance, lean = (None if v is None else F.avg_pool1d(v, k, stride=1, padding=k // 2,
+                                                                             count_include_pad=False)
+                                         for v in (score, distance, lean))
+                present = torch.ones_like(distance, dtype=torch.bool)
+            if lean is not None:
+                score = self.leaned(score, lean, present)
+            score = score.masked_fill(~present, -1e4)  # sections that do not exist sort last in the split
             score = score - split_at(score, distance.expand_as(score), share)  # [B, rows, T or sections]
         else:  # cells: the wanted share moves every cell's odds
             score = score + torch.logit(share.clamp(1e-3, 1 - 1e-3))
@@ -257,6 +278,14 @@ class AttentionMaskGenerator(nn.Module):
             input_mask = input_mask.gather(-1, sections[:, None].expand(-1, input_mask.shape[1], -1))
             input_mask = fade_switches(input_mask, self.fade_frames)
         return input_mask
+
+    def leaned(self, score: torch.Tensor, lean: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Scores [B, rows, n] of sections (or frames) moved by a `lean` [B, 1, n] pooled alike, each row its LEAN
+        way: `lean_weight` times the row's spread of scores per spread of the lean, over the `present` ones. So a
+        weight of 1 moves the sections' order as much as the agent's own scores do, whatever their scale."""
+        signs = score.new_tensor(self.LEAN)[:, None]
+        lean = lean / spread(lean, present).clamp_min(LEAN_SPREAD_FLOOR)
+        return score + self.lean_weight * spread(score.detach(), present) * signs * lean
 
     def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor,
                        change: torch.Tensor | None = None, energy: tuple | None = None,
@@ -305,12 +334,14 @@ class ComponentMaskGenerator(AttentionMaskGenerator):
         return score  # the heads give one score per component already
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None,
-                shift: torch.Tensor | None = None, sections: torch.Tensor | None = None, parts: tuple | None = None):
+                shift: torch.Tensor | None = None, sections: torch.Tensor | None = None, parts: tuple | None = None,
+                lean: torch.Tensor | None = None):
         """(input gates, target gates) [B, components, T] and the regularisation loss; `parts`: both songs'
-        components where the caller has them already (they are not cheap: the layers' median filters)."""
+        components where the caller has them already (they are not cheap: the layers' median filters); `lean`
+        [B, T]: a lean of the first component's decisions to the input (> 0) or the target (< 0), see decisions."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
-        input_gates = self.decisions(encoded_input, encoded_target, share, shift, sections)
+        input_gates = self.decisions(encoded_input, encoded_target, share, shift, sections, lean)
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         parts = parts or (self.components(encoded_input), self.components(encoded_target))
         energy = tuple(p.detach().float().square().sum(dim=2) for p in parts)
@@ -324,13 +355,15 @@ class LayeredMaskGenerator(ComponentMaskGenerator):
     other's harmony, both heard at once."""
 
     COMPONENTS = LAYERS
+    LEAN = (1.0, -1.0)  # the guide's way round: the rhythm leans with it, the harmony against it
     LAYERING_WEIGHT = 30.0  # the regularisation's reward for layers from different songs (10: layers opposite in
     # 46-93 % of the frames of real songs, by seed; 30: 92-99 %)
 
-    def __init__(self, *args, bass: int = 0, **options):
+    def __init__(self, *args, bass: int = 0, guide: float = 0.0, **options):
         options.setdefault("layering_weight", self.LAYERING_WEIGHT)
         super().__init__(*args, **options)
         self.bass = bass  # the latent's lowest rows, which belong to the rhythm layer
+        self.lean_weight = guide  # the lean to the way round that the audio prefers, in units of the scores' spread
 
     def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
         """The harmony's score is its own minus the rhythm's: a section whose rhythm the input gives leans to the
@@ -383,8 +416,9 @@ class CreativeAgent(nn.Module):
             raise ValueError(f"unknown agent {agent!r}: expected one of {', '.join(AGENTS)}")
         if agent != "attention":
             generator_options.pop("gates", None)  # it always decides per component and frame
-        if agent != "layered":
-            generator_options.pop("bass", None)  # only the layers have a bass
+        if agent != "layered":  # only the layers have a bass and a way round
+            generator_options.pop("bass", None)
+            generator_options.pop("guide", None)
         self.mask_generator = AGENTS[agent](encoding_dim, hidden_dim, num_heads, **generator_options)
         # a style reference's vector shifts the features that both songs are judged by (bias-free: none, no shift)
         self.style = nn.Linear(style_dim, hidden_dim, bias=False) if style_dim else None
@@ -392,12 +426,14 @@ class CreativeAgent(nn.Module):
 
     def generate_creative_masks(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
                                 balance=None, style: torch.Tensor | None = None,
-                                sections: torch.Tensor | None = None, rhythm: tuple | None = None):
+                                sections: torch.Tensor | None = None, rhythm: tuple | None = None,
+                                guide: torch.Tensor | None = None):
         """Masked input, masked target and the mask regularisation loss; `hard`: 0/1 complementary masks;
         `balance`: the wanted input share (a number or [B], default 0.5); `style`: a reference's style vector;
         `sections` [B, T]: each frame's section of the beat grid; `rhythm` (the layering agent): the latents of
         the input's and the target's rhythm from a stem separator (drums and bass), either one None where the
-        layers come from harmonic-percussive separation."""
+        layers come from harmonic-percussive separation; `guide` [B, T] (the layering agent): which way round the
+        audio would layer the songs (listening.layer_guide)."""
         generator = self.mask_generator
         shift = self.style(style) if style is not None and self.style is not None else None
         components = isinstance(generator, ComponentMaskGenerator)
@@ -409,7 +445,9 @@ class CreativeAgent(nn.Module):
             parts = tuple(generator.components(z) if r is None else torch.stack([r, z - r], dim=1)
                           for z, r in zip((encoded_input, encoded_target), given, strict=True))
         inputs = (encoded_input, encoded_target, balance, shift, sections)
-        input_mask, target_mask, reg_loss = generator(*inputs, parts=parts) if components else generator(*inputs)
+        lean = dict(lean=guide) if isinstance(generator, LayeredMaskGenerator) else {}
+        input_mask, target_mask, reg_loss = (generator(*inputs, parts=parts, **lean) if components
+                                             else generator(*inputs))
         if hard:
             input_mask = (input_mask >= target_mask).to(input_mask.dtype)
             target_mask = 1.0 - input_mask

@@ -95,10 +95,14 @@ class RuleMix(nn.Module):
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None,
                 style_reference=None, style_strength: float = 0.0, sections: torch.Tensor | None = None,
-                rhythm: tuple | None = None):
+                rhythm: tuple | None = None, guide=None):
         if rhythm is not None:
             raise ValueError(STEMS_ONLY_LAYERED)
         m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target, self.temporal_segment_frames,
                                        self.frequency_split, sections, self.fade_frames, self.bass)
         self.last_masks = (m_in, m_tgt)
         return encoded_input * m_in + encoded_target * m_tgt, None
+
+    def guide(self, *songs) -> None:
+        """A rule takes no guide (SimpleTransformer.guide)."""
+        return None

@@ -101,22 +101,26 @@ def peak_limit(wave: torch.Tensor, ceiling: float = 0.99) -> torch.Tensor:
 @torch.no_grad()
 def arrange_latents(model, codec, norm, inp: torch.Tensor, tgt: torch.Tensor, hard: bool = False,
                     keep_attention: bool = False, balance: float | None = None, style: torch.Tensor | None = None,
-                    style_strength: float = 0.5, sections: torch.Tensor | None = None, rhythm: tuple | None = None):
+                    style_strength: float = 0.5, sections: torch.Tensor | None = None, rhythm: tuple | None = None,
+                    guide: torch.Tensor | None = None):
     """One window: waveforms [B, 1, S] -> (output [B, 1, S], (input mask, target mask) [B, D, T], attention).
     `balance`: the input share the agent should aim at (default 0.5); `style`: a style reference's normalised
     latent [1, D, T'] (models trained with --style_weight), whose statistics the output takes `style_strength` of;
     `sections` [B, T]: each frame's section of the input's beat grid (model.sections); `rhythm` (the layering
-    agent): the input's and the target's rhythm stems [B, 1, S], either one None (stem_layers)."""
+    agent): the input's and the target's rhythm stems [B, 1, S], either one None (stem_layers); `guide` [B, T] (the
+    layering agent): its guide over a longer stretch of the songs, else it is taken from the window's audio."""
     agent = model.creative_agent.mask_generator if model.use_creative_agent else None
     if agent is not None:
         agent.keep_attention = keep_attention
     if rhythm is not None:  # on the normalised latents' scale: the layers sum to the normalised latent
         rhythm = tuple(None if r is None else codec.encode(r) / norm.std for r in rhythm)
+    z_in, z_tgt = norm.normalize(codec.encode(inp)), norm.normalize(codec.encode(tgt))
+    guide = model.guide(inp, tgt, codec.sample_rate, z_in.shape[-1]) if guide is None else guide.to(inp.device)
     try:
-        z_out, _ = model(norm.normalize(codec.encode(inp)), norm.normalize(codec.encode(tgt)), hard=hard,
+        z_out, _ = model(z_in, z_tgt, hard=hard,
                          balance=balance, style_reference=None if style is None else style.expand(len(inp), -1, -1),
                          style_strength=style_strength,
-                         sections=None if sections is None else sections.to(inp.device), rhythm=rhythm)
+                         sections=None if sections is None else sections.to(inp.device), rhythm=rhythm, guide=guide)
     finally:
         if agent is not None:
             agent.keep_attention = False
@@ -128,6 +132,26 @@ def arrange_latents(model, codec, norm, inp: torch.Tensor, tgt: torch.Tensor, ha
 def loop_to_length(song: torch.Tensor, length: int) -> torch.Tensor:
     """`song` repeated as often as needed and cut to `length` samples."""
     return song.repeat(-(-length // song.shape[0]))[:length]
+
+
+GUIDE_SECONDS = 30.0  # the layering agent's guide is taken over stretches of this long (its median: what is usual)
+
+
+def song_guide(model, song: torch.Tensor, other: torch.Tensor, codec, frames: int) -> torch.Tensor | None:
+    """The layering agent's guide [frames] over whole songs [S] (SimpleTransformer.guide), GUIDE_SECONDS at a time,
+    or None for a model that takes none."""
+    chunk = int(GUIDE_SECONDS * codec.sample_rate) // (4 * codec.hop_length) * 4 * codec.hop_length
+    starts = list(range(0, song.shape[0], chunk))
+    if len(starts) > 1 and song.shape[0] - starts[-1] < chunk // 2:
+        starts.pop()  # a short end joins the stretch before it
+    parts = []
+    for begin, end in zip(starts, [*starts[1:], song.shape[0]], strict=True):
+        inp, tgt = (x[begin:end][None, None] for x in (song, other))
+        part = model.guide(inp, tgt, codec.sample_rate, -(-inp.shape[-1] // codec.hop_length))
+        if part is None:
+            return None
+        parts.append(part[0])
+    return torch.nn.functional.pad(torch.cat(parts), (0, frames))[:frames]
 
 
 def song_sections(model, song_grid: Grid | None, num_samples: int, codec) -> torch.Tensor:
@@ -216,6 +240,7 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
     rhythm_p = [None if r is None else pad(loop_to_length(r, length)) for r in rhythm or (None, None)]
     out, weight = torch.zeros(length + window + 2 * fade), torch.zeros(length + window + 2 * fade)
     frames = codec.num_frames(window)
+    guide = song_guide(model, song, other, codec, codec.num_frames(song_p.shape[0]))
     masks = [torch.zeros(codec.dim, sections.shape[0]), torch.zeros(codec.dim, sections.shape[0])]
     attention = None
     positions = torch.arange(window)
@@ -226,9 +251,10 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
         parts = torch.stack([window_sections(sections, b // hop, frames) for b, _, _ in batch])
         layers = None if rhythm is None else tuple(
             None if r is None else torch.stack([r[b : b + window] for b, _, _ in batch])[:, None] for r in rhythm_p)
+        leans = None if guide is None else torch.stack([guide[b // hop : b // hop + frames] for b, _, _ in batch])
         y, (m_in, m_tgt), att = arrange_latents(model, codec, norm, inp, tgt, hard, keep_attention and i == 0,
                                                 balance, style, style_strength,
-                                                parts if model.section_beats > 0 else None, layers)
+                                                parts if model.section_beats > 0 else None, layers, leans)
         attention = att[0].cpu() if att is not None else attention
         for j, (begin, kept, end) in enumerate(batch):
             rise = ((positions + begin - kept + fade) / (2 * fade)).clamp(0, 1) if kept > 0 else 1.0

@@ -97,16 +97,11 @@ def layering(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray
     energy = o.square().sum(0)
     loud = energy > energy.max() * 1e-4  # frames with sound: within 40 dB of the loudest
     shares = share_of_magnitudes(*(m.T[loud] for m in (o, a, b)))
-    lo, hi = BOTH_HEARD
     both = torch.zeros_like(loud)
-    both[loud] = (shares >= lo) & (shares <= hi)
-    coarse = magnitude(waves, 1024, STFT_LAYER_HOP)  # frame k is frame 2k of `mags` (both centred)
-    bass = bass_rows(sample_rate / 1024)
-    harmony = coarse * harmony_mask(coarse, STFT_LAYER_FRAMES, STFT_LAYER_BINS, bass)
+    both[loud] = heard_as_both(shares)
+    coarse, harmony, notes = stft_layers(waves, sample_rate)
     rhythm = coarse - harmony
-    notes = torch.cat([coarse[:, :bass], harmony[:, bass:]], dim=1)  # the harmony and the bass: every note
-    chroma = chroma_frames(notes[1:], sample_rate)  # [2, 12, frames]: the input's and the target's
-    cosine = (chroma[0] * chroma[1]).sum(0) / (chroma[0].norm(dim=0) * chroma[1].norm(dim=0)).clamp_min(1e-12)
+    cosine = chroma_cosine(notes[1], notes[2], sample_rate)
     both_coarse = both[:: STFT_LAYER_HOP // 256][: cosine.shape[0]]
     return dict(both_heard=float(both[loud].float().mean()) if loud.any() else math.nan,
                 rhythm_input_share=float(share_of_magnitudes(*rhythm[:, None])),
@@ -114,12 +109,66 @@ def layering(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray
                 harmony_match=float(cosine[both_coarse].mean()) if both_coarse.any() else math.nan)
 
 
+def heard_as_both(shares: torch.Tensor) -> torch.Tensor:
+    """Whether frames whose input share is `shares` hold both songs at once (BOTH_HEARD)."""
+    lo, hi = BOTH_HEARD
+    return (shares >= lo) & (shares <= hi)
+
+
+def stft_layers(waves: torch.Tensor, sample_rate: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Waves [N, S] -> their magnitude spectrograms [N, F, frames] (1024 points, a hop of STFT_LAYER_HOP), the
+    harmony layer of each (layers.harmony_mask: median filters and the bass band) and their notes (the bass and the
+    harmony: what a chroma counts). The rhythm is the spectrogram minus the harmony."""
+    coarse = magnitude(waves, 1024, STFT_LAYER_HOP)
+    bass = bass_rows(sample_rate / 1024)
+    harmony = coarse * harmony_mask(coarse, STFT_LAYER_FRAMES, STFT_LAYER_BINS, bass)
+    return coarse, harmony, torch.cat([coarse[:, :bass], harmony[:, bass:]], dim=1)
+
+
+def chroma_cosine(notes_a: torch.Tensor, notes_b: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """How alike two songs' notes are in each frame: the cosine of the chroma of their spectrograms [..., F, frames]
+    -> [..., frames] (1: the same notes)."""
+    a, b = chroma_frames(notes_a, sample_rate), chroma_frames(notes_b, sample_rate)
+    return (a * b).sum(-2) / (a.norm(dim=-2) * b.norm(dim=-2)).clamp_min(1e-12)
+
+
+GUIDE_SHARPNESS = 10.0  # tanh(10 x (cosine - its median)): agreement or clash, nearly a sign
+
+
+@torch.no_grad()
+def layer_guide(input_wave: torch.Tensor, target_wave: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """Which way round to layer two songs [B, 1, S] (the target aligned to the input), per frame of STFT_LAYER_HOP
+    samples [B, frames] in [-1, 1] (`on_frames` takes it to a latent's frames): > 0, the input's rhythm under the
+    target's harmony; < 0, the other way. Where the songs' notes agree more than is usual for them (chroma_cosine
+    above its median over the clip), the way round in which both songs are heard at once (BOTH_HEARD); where they
+    clash, the way round in which one song covers the other. Each way's frame is estimated as the sum of the
+    layers' magnitudes (stft_layers), before anything is arranged. The layering agent's guide (--layer_guide): the
+    notes come from the audio, because its latent cannot tell them apart (MDCT bins are 94 Hz wide, wider than a
+    semitone below 1.6 kHz)."""
+    batch = input_wave.shape[0]
+    coarse, harmony, notes = stft_layers(torch.cat([input_wave, target_wave]).flatten(1).float(), sample_rate)
+    a, b = coarse.chunk(2)
+    (ha, hb), (na, nb) = harmony.chunk(2), notes.chunk(2)
+    both = []
+    for way in (a - ha + hb, b - hb + ha):  # the input's rhythm under the target's harmony, and the other way
+        frame_rows = (m.transpose(1, 2).flatten(0, 1) for m in (way, a, b))  # one row per frame
+        both.append(heard_as_both(share_of_magnitudes(*frame_rows).view(batch, -1)).float())
+    cosine = chroma_cosine(na, nb, sample_rate)
+    agree = torch.tanh(GUIDE_SHARPNESS * (cosine - cosine.median(dim=-1, keepdim=True).values))
+    return agree * (both[0] - both[1])
+
+
+def on_frames(values: torch.Tensor, frames: int) -> torch.Tensor:
+    """Values per frame [B, n] at another frame rate over the same time, as `frames` frames [B, frames] (nearest)."""
+    return torch.nn.functional.interpolate(values[:, None].float(), size=frames, mode="nearest")[:, 0]
+
+
 def chroma_frames(mags: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """[N, F, frames] magnitude spectrograms (n_fft = 2 (F - 1)) -> [N, 12, frames] chroma of their power, through
     librosa's chroma filter bank."""
     import librosa
 
-    bank = torch.from_numpy(librosa.filters.chroma(sr=sample_rate, n_fft=2 * (mags.shape[1] - 1))).to(mags.dtype)
+    bank = torch.from_numpy(librosa.filters.chroma(sr=sample_rate, n_fft=2 * (mags.shape[-2] - 1))).to(mags.dtype)
     return bank @ mags.square()
 
 

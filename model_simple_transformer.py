@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from beats import batch_section_ids
-from creative_agent import CreativeAgent, check_latent_pair, keeps_state
+from creative_agent import CreativeAgent, LayeredMaskGenerator, check_latent_pair, keeps_state
 from fixed_masks import MASK_TYPES, make_fixed_masks
 from layers import STEMS_ONLY_LAYERED
+from listening import layer_guide, on_frames
 from objective import style_statistics
 
 
@@ -185,15 +186,24 @@ class SimpleTransformer(nn.Module):
         block = generator.block_frames if generator is not None else self.temporal_segment_frames
         return batch_section_ids(beats, frames, frame_rate, self.section_beats, block or 32)
 
+    def guide(self, input_wave: torch.Tensor, target_wave: torch.Tensor, sample_rate: int,
+              frames: int) -> torch.Tensor | None:
+        """The layering agent's guide [B, frames] from the songs' audio [B, 1, S] (listening.layer_guide), None for
+        a model that takes none; computed outside a compiled forward, as `sections` are."""
+        agent = self.creative_agent.mask_generator if self.creative_agent is not None else None
+        if not isinstance(agent, LayeredMaskGenerator) or not agent.lean_weight:
+            return None
+        return on_frames(layer_guide(input_wave, target_wave, sample_rate), frames)
+
     def masked_sources(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
                        balance=None, style: torch.Tensor | None = None, sections: torch.Tensor | None = None,
-                       rhythm: tuple | None = None):
+                       rhythm: tuple | None = None, guide: torch.Tensor | None = None):
         """(masked input, masked target, mask_reg_loss or None); sets `last_masks` (in eager runs)."""
         if rhythm is not None and self.creative_agent is None:
             raise ValueError(STEMS_ONLY_LAYERED)
         if self.creative_agent is not None:
             masked_in, masked_tgt, reg = self.creative_agent.generate_creative_masks(
-                encoded_input, encoded_target, hard, balance, style, sections, rhythm)
+                encoded_input, encoded_target, hard, balance, style, sections, rhythm, guide)
             if keeps_state():
                 self.last_masks = self.creative_agent.last_masks
             return masked_in, masked_tgt, reg
@@ -207,7 +217,7 @@ class SimpleTransformer(nn.Module):
 
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None,
                 style_reference: torch.Tensor | None = None, style_strength: float = 0.0,
-                sections: torch.Tensor | None = None, rhythm: tuple | None = None):
+                sections: torch.Tensor | None = None, rhythm: tuple | None = None, guide: torch.Tensor | None = None):
         """`balance` (creative agent only): the wanted input share, a number or one per example [B] (default 0.5).
         `style_reference` (models built with style_dim > 0): the latent [B, D, T'] of a song whose style the
         arrangement should take, any length; all zeros, or None, means no reference. It conditions the agent and
@@ -216,7 +226,8 @@ class SimpleTransformer(nn.Module):
         agent's frame gates and the temporal rule decide once per section (None: fixed blocks of frames).
         `rhythm` (the layering agent): the normalised-scale latents of the input's and the target's rhythm stems
         (drums and bass from a separator such as Demucs), the layers instead of harmonic-percussive separation;
-        either one None keeps the separation for that song."""
+        either one None keeps the separation for that song. `guide` [B, T] (the layering agent): which way round
+        to layer the songs, from their audio (`guide`)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         style = None
         if style_reference is not None:
@@ -224,7 +235,7 @@ class SimpleTransformer(nn.Module):
                 raise ValueError("this model was built without style conditioning (style_dim=0)")
             style = self.style_encoder(style_reference)
         masked_in, masked_tgt, reg_loss = self.masked_sources(encoded_input, encoded_target, hard, balance, style,
-                                                              sections, rhythm)
+                                                              sections, rhythm, guide)
         x, y = masked_in.transpose(1, 2), masked_tgt.transpose(1, 2)  # [B, T, D]
         if len(self.stages) == 1:
             out = x + self.stages[0](x, style)

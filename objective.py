@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from listening import on_frames
 from losses import reconstruction_loss, rms_loss
 
 # Weights of the agent's regularisation terms. The masks are pushed to be decided (complementarity), to give each
@@ -170,10 +171,13 @@ class Objective:
         sections = self.model.sections(batch["beats"], z_in.shape[-1], self.frame_rate)
         if sections is not None:
             sections = sections.to(self.device, non_blocking=True)
+        guide = batch.get("guide")  # the layering agent's, from the data (pairs_dataset)
+        if guide is not None:
+            guide = on_frames(guide.to(self.device, non_blocking=True), z_in.shape[-1])
         with self.amp:
             z_out, reg = (self.forward if training else self.model)(z_in, z_tgt, balance=balance,
                                                                     style_reference=reference, sections=sections,
-                                                                    rhythm=rhythm)
+                                                                    rhythm=rhythm, guide=guide)
         out, loss, terms = (self.compiled_decode_loss if training else self.decode_loss)(z_out, inp, tgt, balance)
         terms["recon_loss"] = loss.detach()
         if source is not None:  # examples without a reference add nothing

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from beats import Grid, align, estimate_key, lay_on_grid, loudness_lufs, padded_beats, track_beats
 from config import SILENCE_DB
 from distributed import cpus_per_rank
+from listening import layer_guide
 
 BEATS_FILE = "beats.json"  # in each split folder: pair name -> its grid (see pair_grid)
 RHYTHM_SUFFIX = "_rhythm"  # pair_0007_input_rhythm.wav: the rhythm layer of pair_0007_input.wav (separator's stems)
@@ -177,7 +178,9 @@ def infer_segment_samples(folder: str, probe: int = 25) -> int:
 class WavPairsDataset(Dataset):
     """{input [1, S], target [1, S], beats [K]} from the pairs of one split folder: float32 waveforms and the beats
     (s) of the input segment padded with NaN to a fixed size (see load_beat_grids); with `stems`, in a folder whose
-    pairs carry their rhythm layers (make_pairs.py --stems), also `rhythm` [2, 1, S]: the input's and the target's.
+    pairs carry their rhythm layers (make_pairs.py --stems), also `rhythm` [2, 1, S]: the input's and the target's;
+    with `guide`, also `guide` [frames]: the layering agent's guide (listening.layer_guide), kept for a pair whose
+    target is its own (it is not cheap on a CPU: the median filters).
 
     Every file is checked when the dataset is built (or `scan`, the result of `scan_pairs` made elsewhere, is
     used); bad files raise BadDataError listing all of them, or are dropped (with their pair) when
@@ -188,12 +191,13 @@ class WavPairsDataset(Dataset):
 
     def __init__(self, folder: str, sample_rate: int, segment_samples: int, shuffle_targets: bool = False,
                  seed: int = 0, skip_bad_files: bool = False, progress: bool = False, scan=None,
-                 silence_db: float = SILENCE_DB, align_targets: bool = False, stems: bool = False):
+                 silence_db: float = SILENCE_DB, align_targets: bool = False, stems: bool = False,
+                 guide: bool = False):
         if problem := path_problem(folder, "folder"):
             raise FileNotFoundError(f"pairs folder {folder}: {problem}")
         self.folder, self.sample_rate, self.segment_samples = folder, sample_rate, segment_samples
         self.shuffle_targets, self.seed, self.epoch = shuffle_targets, seed, 0
-        self.align_targets = align_targets
+        self.align_targets, self.guide, self.guides = align_targets, guide, {}
         good, problems = scan if scan is not None else scan_pairs(folder, sample_rate, segment_samples, progress,
                                                                   silence_db)
         self.problems = problems
@@ -234,6 +238,15 @@ class WavPairsDataset(Dataset):
         return Grid(g["tempo"] if len(g[role]) >= 2 else 0.0, np.asarray(g[role]), g["key"], g["minor"],
                     loudness_lufs(audio[0].numpy(), self.sample_rate))
 
+    def pair_guide(self, index: int, other: int, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """The layering agent's guide of one pair (listening.layer_guide), computed once for a pair whose target
+        is its own."""
+        if other != index:
+            return layer_guide(inp[None], tgt[None], self.sample_rate)[0]
+        if index not in self.guides:
+            self.guides[index] = layer_guide(inp[None], tgt[None], self.sample_rate)[0]
+        return self.guides[index]
+
     def __getitem__(self, index: int) -> dict:
         other = self.target_index(index)
         inp, tgt = self.read(self.pairs[index][0]), self.read(self.pairs[other][1])
@@ -246,6 +259,8 @@ class WavPairsDataset(Dataset):
                 rhythm[1] = torch.from_numpy(lay_on_grid(rhythm[1][0].numpy(), alignment, inp.shape[-1],
                                                          self.sample_rate))[None]
         item = dict(input=inp, target=tgt, beats=self.beats[index])
+        if self.guide:
+            item["guide"] = self.pair_guide(index, other, inp, tgt)
         return {**item, "rhythm": torch.stack(rhythm)} if rhythm else item
 
 
@@ -349,6 +364,7 @@ def check_splits(config, main: bool, log) -> dict[str, WavPairsDataset]:
     problems, datasets = [], {}
     for split, folder in folders.items():
         shuffle = split == "train" and c.shuffle_targets
+        layered = c.use_creative_agent and c.agent == "layered"
         scan = [scan_pairs(folder, c.sample_rate, c.segment_samples, True, c.silence_db) if main else None]
         if main:  # a folder from before beats.json gets its grids once, before any other rank reads them
             load_beat_grids(folder, scan[0][0], c.sample_rate, True)
@@ -358,7 +374,7 @@ def check_splits(config, main: bool, log) -> dict[str, WavPairsDataset]:
             datasets[split] = WavPairsDataset(folder, c.sample_rate, c.segment_samples, shuffle_targets=shuffle,
                                               seed=c.seed, skip_bad_files=c.skip_bad_files, scan=scan[0],
                                               align_targets=shuffle and c.align_targets,
-                                              stems=c.use_creative_agent and c.agent == "layered")
+                                              stems=layered, guide=layered and c.layer_guide > 0)
         except BadDataError as err:
             problems += err.problems
             continue

@@ -17,7 +17,7 @@ from creative_agent import CreativeAgent
 from fixed_masks import make_fixed_masks
 from inference import Arranger, AudioInputError, stem_layers
 from layers import bass_rows, harmony_mask, split_layers
-from listening import layering
+from listening import layer_guide, layering
 from model_simple_transformer import SimpleTransformer
 from pairs_dataset import BadDataError, WavPairsDataset, rhythm_path
 from train_simple_worker import run
@@ -129,6 +129,33 @@ def test_layering_is_measured_from_the_audio():
     assert swapped["rhythm_input_share"] < 0.1 and swapped["harmony_input_share"] > 0.9
 
 
+def test_the_guide_lays_agreeing_notes_together_and_clashing_ones_apart():
+    """Which way round to layer, from the audio: the input's bass under the target's chord is heard as both songs,
+    the target's faint bass under the input's chord as the input alone. Where the chords agree (C major over C
+    major an octave up) the guide asks for the first, where they clash (F# major) for the second."""
+    t = np.arange(4 * RATE) / RATE
+    tone = lambda hz, a: a * np.sin(2 * np.pi * hz * t)  # noqa: E731
+    triad = lambda root: sum(tone(root * r, 0.15) for r in (1.0, 1.26, 1.5))  # noqa: E731
+    song = tone(110.0, 0.3) + triad(261.6)
+    other = tone(82.4, 0.03) + np.where(t < 2, triad(523.2), triad(740.0))
+    guide = layer_guide(*(torch.tensor(w, dtype=torch.float32)[None, None] for w in (song, other)), RATE)[0]
+    half = len(guide) // 2
+    assert guide[5 : half - 5].min() > 0.5 and guide[half + 5 : -5].max() < -0.5  # a few frames blur at the change
+
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
+    sections, lean = (torch.arange(64) // 16).expand(2, -1), torch.where(torch.arange(64) < 32, 1.0, -1.0).expand(2, -1)
+    for weight in (0.0, 100.0):
+        agent = CreativeAgent(16, hidden_dim=16, agent="layered", guide=weight).mask_generator
+        gates = agent(x, y, sections=sections, lean=lean)[0]
+        if weight == 0:  # no guide: the lean is not looked at
+            assert torch.equal(gates, agent(x, y, sections=sections)[0])
+        else:  # the guide's way round: the input's rhythm in the first half, the target's in the second
+            assert (gates[:, 0, :32] == 1).all() and (gates[:, 0, 32:] == 0).all()
+            assert torch.equal(gates[:, 1], 1 - gates[:, 0])  # and the harmony from the other song
+    assert upgrade({}).layer_guide == 0.0 and Config().layer_guide == 1.0  # checkpoints from before: no guide
+
+
 def test_a_layered_arrangement_is_ridden_where_its_layers_swap_and_says_its_switches_are_ambiguous():
     """Both songs play throughout a layered arrangement: where its layers change song the mix is brought to the
     level before and eased back to its own, the whole mix; and which song is heard (what the switch figures count)
@@ -191,6 +218,9 @@ def test_pairs_carry_their_stems_and_a_layered_agent_trains_on_them_and_arranges
     assert item["rhythm"].shape == (2, 1, SR // 2)
     song, rhythm = sf.read(inp)[0], sf.read(rhythm_path(inp))[0]
     assert 0.01 < np.abs(rhythm).max() and np.abs(song - rhythm).max() > 0.05  # drums and bass, not the song
+    guided = WavPairsDataset(os.path.join(pairs, "train"), SR, SR // 2, guide=True)
+    guide = guided[0]["guide"]  # the layering agent's guide, computed once for a pair of fixed songs
+    assert guide.ndim == 1 and guide.abs().max() <= 1 and guided[0]["guide"] is guide and "guide" not in item
     assert run(0, 1, 0, tiny_args(tmp_path, pairs, "--agent", "layered")) == 0
     assert "layers from the pairs' stems" in capsys.readouterr().out
     os.remove(rhythm_path(data.pairs[-1][1]))
