@@ -103,10 +103,10 @@ class Config:
     bass_hz: float = flag(BASS_HZ, "masks", "layering (--agent layered, --mask_type layers): the rhythm layer is "
                           f"the drums and all below this frequency, the bass (default {BASS_HZ:g} Hz; 0: the drums "
                           "alone)", type=float)
-    layer_guide: float = flag(1.0, "masks", "the layering agent (--agent layered) leans this far (in units of the "
+    layer_guide: float = flag(3.0, "masks", "the layering agent (--agent layered) leans this far (in units of the "
                               "spread of its own scores; 0: not at all) to the way round that the songs' audio "
                               "prefers: where their notes agree, the one in which both are heard at once; where they "
-                              "clash, the one in which one song covers the other (default 1)", type=float)
+                              "clash, the one in which one song covers the other (default 3)", type=float)
     mask_reg_weight: float = flag(0.1, "masks", "weight of the agent's mask regularisation (default 0.1)",
                                   type=float)
     balance_loss_weight: float = flag(0.0, "masks", "extra weight on the regularisation's area-share term "

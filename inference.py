@@ -274,10 +274,12 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
 
 def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torch.Tensor, sample_rate: int,
                hop_length: int, attention: torch.Tensor | None = None, title: str = "", beats=None,
-               sections: torch.Tensor | None = None, components: tuple[str, ...] = ()) -> None:
+               sections: torch.Tensor | None = None, components: tuple[str, ...] = (),
+               guide: torch.Tensor | None = None) -> None:
     """PNG: input and target masks (channels x time), the attention map if given, and the three waveforms; with
     `beats` (s) the beat grid is drawn on the waveforms (thin red lines), with `sections` [frames] the section
-    starts on the masks (white dashes)."""
+    starts on the masks (white dashes), with `guide` [frames] the layering agent's guide over the input mask, its
+    mean per section (cyan; up: the input's rhythm under the target's harmony)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,6 +301,8 @@ def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torc
         if sections is not None:
             for f in torch.nonzero(torch.diff(sections)).flatten().tolist():
                 ax.axvline((f + 1) * hop_length / sample_rate, color="white", linewidth=0.6, linestyle="--")
+    if guide is not None:
+        plot_guide(axes[0], guide[: m_in.shape[-1]], sections, m_in.shape[0], hop_length / sample_rate)
     row = 2
     if attention is not None:
         t = attention.shape[-1] * hop_length / sample_rate
@@ -323,6 +327,17 @@ def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torc
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_guide(ax, guide: torch.Tensor, sections: torch.Tensor | None, rows: int, frame_seconds: float) -> None:
+    """The layering agent's guide [frames] in -1..1 drawn over a mask of `rows` rows, as its mean per section."""
+    if sections is not None:
+        sections = sections[: len(guide)]
+        count = torch.bincount(sections).clamp_min(1)
+        guide = (torch.zeros(len(count)).index_add_(0, sections, guide.float()) / count)[sections]
+    ax.plot(np.arange(len(guide)) * frame_seconds, (guide.numpy() + 1) / 2 * rows, color="cyan", linewidth=1.0,
+            label="guide (up: the input's rhythm)")
+    ax.legend(loc="upper right", fontsize=7)
 
 
 def aligned_path(output: str) -> str:
@@ -459,9 +474,11 @@ class Arranger:
 
     def picture(self, path: str, song: torch.Tensor, result: Arrangement, title: str = "") -> None:
         """The mask picture of an arrangement of `song`: masks, attention, the three waves with the beat grid."""
+        other = loop_to_length(result.target, song.shape[0])  # as it was arranged
+        guide = song_guide(self.model, song, other, self.codec, result.sections.shape[0])
         plot_masks(path, result.masks, song, result.target, result.output, self.sample_rate, self.codec.hop_length,
                    result.attention, title=title, beats=result.grid.beats, sections=result.sections,
-                   components=component_names(self.model))
+                   components=component_names(self.model), guide=guide)
 
 
 def write_example(arranger: Arranger, song: torch.Tensor, other: torch.Tensor, folder: str, title: str = "",

@@ -15,7 +15,7 @@ from checkpoints import build_model
 from config import Config, parse_args, upgrade
 from creative_agent import CreativeAgent
 from fixed_masks import make_fixed_masks
-from inference import Arranger, AudioInputError, stem_layers
+from inference import GUIDE_SECONDS, Arranger, AudioInputError, song_guide, stem_layers
 from layers import bass_rows, harmony_mask, split_layers
 from listening import layer_guide, layering
 from model_simple_transformer import SimpleTransformer
@@ -153,7 +153,24 @@ def test_the_guide_lays_agreeing_notes_together_and_clashing_ones_apart():
         else:  # the guide's way round: the input's rhythm in the first half, the target's in the second
             assert (gates[:, 0, :32] == 1).all() and (gates[:, 0, 32:] == 0).all()
             assert torch.equal(gates[:, 1], 1 - gates[:, 0])  # and the harmony from the other song
-    assert upgrade({}).layer_guide == 0.0 and Config().layer_guide == 1.0  # checkpoints from before: no guide
+    assert upgrade({}).layer_guide == 0.0 and Config().layer_guide == 3.0  # checkpoints from before: no guide
+
+
+def test_a_songs_guide_is_taken_in_stretches_over_every_frame():
+    class Model:  # gives each stretch its number as its guide
+        def guide(self, inp, tgt, sample_rate, frames):
+            stretches.append(inp.shape[-1])
+            return torch.full((1, frames), float(len(stretches)))
+
+    codec = MDCTCodec()
+    for seconds, count in ((GUIDE_SECONDS + 0.01, 1), (2.6 * GUIDE_SECONDS, 3)):
+        stretches, song = [], torch.zeros(int(seconds * RATE))
+        frames = codec.num_frames(len(song) + RATE)  # past the end: windows reach beyond the song
+        guide = song_guide(Model(), song, song, codec, frames)
+        assert len(stretches) == count and sum(stretches) == len(song)  # a short end joins the stretch before it
+        assert guide.shape == (frames,) and guide[-1] == 0  # nothing past the end
+        first = -(-stretches[0] // codec.hop_length)  # the frames of the first stretch
+        assert (guide[:first] == 1).all() and (guide[first : first + 10] == (2 if count > 1 else 0)).all()
 
 
 def test_a_layered_arrangement_is_ridden_where_its_layers_swap_and_says_its_switches_are_ambiguous():
@@ -233,9 +250,10 @@ def test_pairs_carry_their_stems_and_a_layered_agent_trains_on_them_and_arranges
     out = tmp_path / "mix.wav"
     common = ["--input", str(song), "--target", str(song), "--output", str(out), "--align", "false"]
     layered = ["--checkpoint", str(tmp_path / "ckpt" / "run" / "checkpoint_last.pt")]
-    assert arrange.main(layered + common) == 0
+    picture = tmp_path / "mix.png"  # with the guide over the input mask
+    assert arrange.main(layered + common + ["--mask_plot", str(picture)]) == 0
     line = capsys.readouterr().out
-    assert "both songs heard" in line and "share of the rhythm" in line and out.is_file()
+    assert "both songs heard" in line and "share of the rhythm" in line and out.is_file() and picture.is_file()
     assert arrange.main(layered + common + ["--input_stems", str(stems), "--target_stems", str(stems)]) == 0
     assert "share of the rhythm" in capsys.readouterr().out
     assert arrange.main(layered + common + ["--input_stems", str(tmp_path / "nothing")]) == 2
