@@ -225,8 +225,7 @@ class Config:
 
 # A setting's meaning in runs made before it existed, where that differs from today's default.
 LEGACY = dict(agent_gates="cell", agent_scales=(1,), balance_range=(0.5, 0.5), agent_block_frames=0,
-              section_beats=0, far_lsd_weight=0.0, bass_hz=0.0,
-              layer_guide=0.0)
+              section_beats=0, far_lsd_weight=0.0, bass_hz=0.0, layer_guide=0.0)
 RENAMED = {"num_transformer_layers": "num_stages"}  # old name in checkpoints -> field
 
 

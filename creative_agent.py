@@ -338,7 +338,7 @@ class ComponentMaskGenerator(AttentionMaskGenerator):
                 lean: torch.Tensor | None = None):
         """(input gates, target gates) [B, components, T] and the regularisation loss; `parts`: both songs'
         components where the caller has them already (they are not cheap: the layers' median filters); `lean`
-        [B, T]: a lean of the first component's decisions to the input (> 0) or the target (< 0), see decisions."""
+        [B, T]: where the decisions should lean, each component its LEAN way (decisions, `leaned`)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
         input_gates = self.decisions(encoded_input, encoded_target, share, shift, sections, lean)

@@ -99,7 +99,7 @@ def layering(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray
     shares = share_of_magnitudes(*(m.T[loud] for m in (o, a, b)))
     both = torch.zeros_like(loud)
     both[loud] = heard_as_both(shares)
-    coarse, harmony, notes = stft_layers(waves, sample_rate)
+    coarse, harmony, notes = stft_layers(waves, sample_rate)  # frame k is frame 2k of `mags` (both centred)
     rhythm = coarse - harmony
     cosine = chroma_cosine(notes[1], notes[2], sample_rate)
     both_coarse = both[:: STFT_LAYER_HOP // 256][: cosine.shape[0]]
