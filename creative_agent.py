@@ -445,8 +445,7 @@ class CreativeAgent(nn.Module):
             parts = tuple(generator.components(z) if r is None else torch.stack([r, z - r], dim=1)
                           for z, r in zip((encoded_input, encoded_target), given, strict=True))
         inputs = (encoded_input, encoded_target, balance, shift, sections)
-        lean = dict(lean=guide) if isinstance(generator, LayeredMaskGenerator) else {}
-        input_mask, target_mask, reg_loss = (generator(*inputs, parts=parts, **lean) if components
+        input_mask, target_mask, reg_loss = (generator(*inputs, parts=parts, lean=guide) if components
                                              else generator(*inputs))
         if hard:
             input_mask = (input_mask >= target_mask).to(input_mask.dtype)

@@ -220,10 +220,11 @@ def window_sections(sections: torch.Tensor, begin_frame: int, frames: int) -> to
 def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, window: int, hard: bool = False,
                  batch_size: int = 4, keep_attention: bool = False, balance: float | None = None,
                  style: torch.Tensor | None = None, style_strength: float = 0.5, song_grid: Grid | None = None,
-                 rhythm: tuple | None = None):
+                 rhythm: tuple | None = None, guide: torch.Tensor | None = None):
     """Whole songs [S_in], [S_tgt] (the target aligned to the input) -> (output [S_in], masks [D, frames] each,
     attention of the first window, each frame's section [frames]). `rhythm`: the songs' rhythm stems, laid like
-    the songs (either one None), for the layering agent.
+    the songs (either one None), for the layering agent; `guide` [frames]: its guide (song_guide, which is taken
+    here when not given).
 
     The song is cut into windows of `window` samples on the boundaries of its sections (beats.py), so every
     section is decided once, by one window; neighbouring windows cross-fade only across a section boundary,
@@ -240,7 +241,8 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
     rhythm_p = [None if r is None else pad(loop_to_length(r, length)) for r in rhythm or (None, None)]
     out, weight = torch.zeros(length + window + 2 * fade), torch.zeros(length + window + 2 * fade)
     frames = codec.num_frames(window)
-    guide = song_guide(model, song, other, codec, codec.num_frames(song_p.shape[0]))
+    guide = song_guide(model, song, other, codec, sections.shape[0]) if guide is None else guide
+    guide = None if guide is None else torch.nn.functional.pad(guide, (0, frames))  # past the end: no lean
     masks = [torch.zeros(codec.dim, sections.shape[0]), torch.zeros(codec.dim, sections.shape[0])]
     attention = None
     positions = torch.arange(window)
@@ -397,6 +399,7 @@ class Arrangement:
     sections: torch.Tensor
     grid: Grid
     alignment: Alignment | None
+    guide: torch.Tensor | None = None  # the layering agent's guide [frames] (song_guide), None for other models
 
     def notes(self) -> list[str]:
         """What the alignment could not do (no pulse, a key left as it was)."""
@@ -466,19 +469,19 @@ class Arranger:
         if rhythm is not None and rhythm[1] is not None and alignment is not None:  # laid like the target
             laid = lay_on_grid(rhythm[1].numpy(), alignment, len(song), self.sample_rate)
             rhythm = (rhythm[0], torch.from_numpy(laid))
+        guide = song_guide(self.model, song, loop_to_length(other, len(song)), self.codec,
+                           self.codec.num_frames(len(song)))
         out, masks, attention, sections = arrange_song(
             self.model, self.codec, self.norm, song, other, self.config.segment_samples, hard,
             batch_size=batch_size, keep_attention=keep_attention, balance=balance, style=style,
-            style_strength=style_strength, song_grid=grid, rhythm=rhythm)
-        return Arrangement(out, other, masks, attention, sections, grid, alignment)
+            style_strength=style_strength, song_grid=grid, rhythm=rhythm, guide=guide)
+        return Arrangement(out, other, masks, attention, sections, grid, alignment, guide)
 
     def picture(self, path: str, song: torch.Tensor, result: Arrangement, title: str = "") -> None:
         """The mask picture of an arrangement of `song`: masks, attention, the three waves with the beat grid."""
-        other = loop_to_length(result.target, song.shape[0])  # as it was arranged
-        guide = song_guide(self.model, song, other, self.codec, result.sections.shape[0])
         plot_masks(path, result.masks, song, result.target, result.output, self.sample_rate, self.codec.hop_length,
                    result.attention, title=title, beats=result.grid.beats, sections=result.sections,
-                   components=component_names(self.model), guide=guide)
+                   components=component_names(self.model), guide=result.guide)
 
 
 def write_example(arranger: Arranger, song: torch.Tensor, other: torch.Tensor, folder: str, title: str = "",

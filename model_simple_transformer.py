@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from beats import batch_section_ids
-from creative_agent import CreativeAgent, LayeredMaskGenerator, check_latent_pair, keeps_state
+from creative_agent import CreativeAgent, check_latent_pair, keeps_state
 from fixed_masks import MASK_TYPES, make_fixed_masks
 from layers import STEMS_ONLY_LAYERED
 from listening import layer_guide, on_frames
@@ -190,8 +190,7 @@ class SimpleTransformer(nn.Module):
               frames: int) -> torch.Tensor | None:
         """The layering agent's guide [B, frames] from the songs' audio [B, 1, S] (listening.layer_guide), None for
         a model that takes none; computed outside a compiled forward, as `sections` are."""
-        agent = self.creative_agent.mask_generator if self.creative_agent is not None else None
-        if not isinstance(agent, LayeredMaskGenerator) or not agent.lean_weight:
+        if self.creative_agent is None or not self.creative_agent.mask_generator.lean_weight:
             return None
         return on_frames(layer_guide(input_wave, target_wave, sample_rate), frames)
 

@@ -241,11 +241,12 @@ class WavPairsDataset(Dataset):
     def pair_guide(self, index: int, other: int, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """The layering agent's guide of one pair (listening.layer_guide), computed once for a pair whose target
         is its own."""
-        if other != index:
-            return layer_guide(inp[None], tgt[None], self.sample_rate)[0]
-        if index not in self.guides:
-            self.guides[index] = layer_guide(inp[None], tgt[None], self.sample_rate)[0]
-        return self.guides[index]
+        if other == index and index in self.guides:
+            return self.guides[index]
+        guide = layer_guide(inp[None], tgt[None], self.sample_rate)[0]
+        if other == index:
+            self.guides[index] = guide
+        return guide
 
     def __getitem__(self, index: int) -> dict:
         other = self.target_index(index)
@@ -362,9 +363,9 @@ def check_splits(config, main: bool, log) -> dict[str, WavPairsDataset]:
         if problem := path_problem(folder, "folder"):
             raise FileNotFoundError(f"pairs folder {folder}: {problem}")
     problems, datasets = [], {}
+    layered = c.use_creative_agent and c.agent == "layered"
     for split, folder in folders.items():
         shuffle = split == "train" and c.shuffle_targets
-        layered = c.use_creative_agent and c.agent == "layered"
         scan = [scan_pairs(folder, c.sample_rate, c.segment_samples, True, c.silence_db) if main else None]
         if main:  # a folder from before beats.json gets its grids once, before any other rank reads them
             load_beat_grids(folder, scan[0][0], c.sample_rate, True)
