@@ -1,10 +1,11 @@
 """The creative agent: learns by cross-attention which channel x frame cells of each song go into the arrangement.
 
-`AttentionMaskGenerator` looks at both latents and returns two soft masks in [0, 1] and their regularisation loss
-(defined in objective.py); the component agents decide per component of the songs which song supplies it:
-`LayeredMaskGenerator` the rhythm and the harmony layers (layers.py), `CompositionalMaskGenerator` rhythm, harmony and
-timbre from learned filters. `CreativeAgent` wraps any of them and applies the masks. `python creative_agent.py`
-runs a self-test on random latents.
+The seed's three classes: `AttentionMaskGenerator` looks at both latents and returns two soft masks in [0, 1] and
+their regularisation loss (`mask_regularization`, here); `StyleDiscriminator` gives a latent a real/fake logit and a
+style score (adversarial training); `CreativeAgent` combines both and applies the masks. The component agents decide
+per component of the songs which song supplies it: `LayeredMaskGenerator` the rhythm and the harmony layers
+(layers.py), `CompositionalMaskGenerator` rhythm, harmony and timbre from learned filters; `CreativeAgent` wraps any
+of them. `python creative_agent.py` runs a self-test on random latents.
 """
 from __future__ import annotations
 
@@ -17,7 +18,46 @@ import torch.nn.functional as F
 
 from fixed_masks import fade_switches
 from layers import LAYERS, STEMS_ONLY_LAYERED, split_layers
-from objective import TERM_WEIGHTS, mask_regularization
+
+# Weights of the agent's regularisation terms. The masks are pushed to be decided (complementarity), to give each
+# song its wanted share of every example (area by mask area, share by energy), to keep the loud parts rather than
+# the gaps (presence), to change over time (diversity) and to switch where the music changes rather than anywhere
+# (switching). With the reconstruction's `far_lsd` term (closeness to the farther song) they decide which song is
+# heard when. (`area` was called `balance` before.) `layering` (the layered agent's: its layers from different songs,
+# so both are heard at once) is off for the others.
+TERM_WEIGHTS = dict(complementarity=30.0, area=30.0, diversity=10.0, switching=10.0, presence=10.0, share=30.0,
+                    layering=0.0)
+
+
+def mask_regularization(input_mask: torch.Tensor, target_mask: torch.Tensor, change: torch.Tensor | None = None,
+                        energy: tuple | None = None, share: torch.Tensor | None = None,
+                        weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(weighted sum, unweighted terms) of: overlap -> 0 (decided cells), the wanted input share `share` [B, 1, 1]
+    (default 0.5) of the mask area in every example (area), masks that vary over time (diversity), few switches
+    except where the music changes (`change` [B, T] in [0, 1], novelty: switching) and, given the sources' energies
+    [B, D, T], as much of the music kept as possible (presence: no gaps where one song is quiet) with the wanted
+    share of what is kept for the input (share); with components as rows, their coming from different songs
+(layering)."""
+    weights = {**TERM_WEIGHTS, **(weights or {})}
+    b = (share if share is not None else torch.full((1, 1, 1), 0.5, device=input_mask.device)).view(-1)
+    step = (input_mask[..., 1:] - input_mask[..., :-1]).abs().mean(dim=1)  # [B, T-1]
+    calm = 1.0 - change[:, 1:] if change is not None else torch.ones_like(step)
+    if energy is None:
+        energy = (torch.ones_like(input_mask), torch.ones_like(target_mask))
+    kept_in, kept_tgt = ((m * e).sum(dim=(1, 2)) for m, e in zip((input_mask, target_mask), energy, strict=True))
+    total = sum(e.sum(dim=(1, 2)) for e in energy).clamp_min(1e-8)
+    kept = (kept_in + kept_tgt).clamp_min(1e-8)
+    terms = {
+        "complementarity": (input_mask * target_mask).mean(),
+        "area": (2 * ((1 - b) * input_mask.mean(dim=(1, 2)) - b * target_mask.mean(dim=(1, 2)))).square().mean(),
+        "diversity": 0.5 - input_mask.std(dim=-1, unbiased=False).mean(),
+        "switching": (step * calm).sum(dim=-1).mean() / 8.0,  # per 8 switches of the whole mask
+        "presence": (1.0 - 2.0 * kept / total).mean(),  # 0 for an even split of equally loud songs
+        "share": (2 * ((1 - b) * kept_in - b * kept_tgt) / kept).square().mean(),
+        # rows are components (layers): 1 where all come from one song, 0 where they come from different songs
+        "layering": 1.0 - (input_mask.amax(dim=1) - input_mask.amin(dim=1)).mean(),
+    }
+    return sum(weights[name] * value for name, value in terms.items()), terms
 
 
 def check_latent_pair(encoded_input: torch.Tensor, encoded_target: torch.Tensor, dim: int) -> None:
@@ -406,14 +446,52 @@ AGENTS = {"attention": AttentionMaskGenerator, "compositional": CompositionalMas
           "layered": LayeredMaskGenerator}
 
 
-class CreativeAgent(nn.Module):
-    """The mask generator and the masks' application: decides which parts of each song the arrangement uses."""
+class StyleDiscriminator(nn.Module):
+    """The seed's discriminator, for adversarial training: a strided Conv1d encoder of a latent [B, D, T] ->
+    (real/fake logit [B, 1], style score [B, 1]). objective.Objective trains one with its own optimiser."""
 
-    def __init__(self, encoding_dim: int, hidden_dim: int = 256,
-                 num_heads: int = 4, agent: str = "attention", style_dim: int = 0, **generator_options):
+    def __init__(self, encoding_dim: int, hidden_dim: int = 256):
+        super().__init__()
+        self.encoding_dim = encoding_dim
+        half = hidden_dim // 2
+        self.encoder = nn.Sequential(
+            nn.Conv1d(encoding_dim, half, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv1d(half, hidden_dim, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2),
+        )
+        self.real_fake = nn.Linear(hidden_dim, 1)
+        self.style = nn.Linear(2 * hidden_dim, 1)
+
+    def forward(self, pattern: torch.Tensor):
+        if pattern.dim() != 3 or pattern.shape[1] != self.encoding_dim:
+            raise ValueError(f"pattern must have shape [B, {self.encoding_dim}, T], got {tuple(pattern.shape)}")
+        if pattern.shape[-1] < 4:
+            raise ValueError(f"pattern needs at least 4 frames, got {pattern.shape[-1]}")
+        h = self.encoder(pattern)
+        mean, std = h.mean(dim=-1), h.std(dim=-1)
+        return self.real_fake(mean), self.style(torch.cat([mean, std], dim=-1))
+
+
+# what a CreativeAgent passes on to its mask generator, besides NAME_weight for NAME in TERM_WEIGHTS
+GENERATOR_OPTIONS = ("gates", "gate_frames", "scales", "hard_masks", "block_frames", "fade_frames", "bass", "guide")
+
+
+def unknown_options(options, known: tuple[str, ...]) -> list[str]:
+    """The keywords of `options` that are neither in `known` nor a term weight (NAME_weight), sorted."""
+    return sorted(set(options) - set(known) - {f"{name}_weight" for name in TERM_WEIGHTS})
+
+
+class CreativeAgent(nn.Module):
+    """The seed's wrapper of both parts: `mask_generator` decides which parts of each song the arrangement uses and
+    applies the masks; `discriminator` (a StyleDiscriminator, with `discriminator=True`, the default) judges latents
+    for adversarial training. The cascade builds its agent without one: training's discriminator is trained by its
+    own optimiser, outside the model's (objective.Objective), for the rules as well as the agent."""
+
+    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, agent: str = "attention",
+                 style_dim: int = 0, discriminator: bool = True, **generator_options):
         super().__init__()
         if agent not in AGENTS:
             raise ValueError(f"unknown agent {agent!r}: expected one of {', '.join(AGENTS)}")
+        self.discriminator = StyleDiscriminator(encoding_dim, hidden_dim) if discriminator else None
         if agent != "attention":
             generator_options.pop("gates", None)  # it always decides per component and frame
         if agent != "layered":  # only the layers have a bass and a way round
@@ -491,6 +569,8 @@ def self_test(encoding_dim: int = 128, batch: int = 2, frames: int = 200) -> boo
     agent = CreativeAgent(encoding_dim)
     x, y = torch.randn(batch, encoding_dim, frames), torch.randn(batch, encoding_dim, frames)
     print(f"Mask generator parameters: {count_parameters(agent.mask_generator):,}")
+    print(f"Style discriminator parameters: {count_parameters(agent.discriminator):,}")
+    print(f"Creative agent parameters: {count_parameters(agent):,}")
     input_mask, target_mask, reg_loss = agent.mask_generator(x, y)
     masked_x, masked_y, _ = agent.generate_creative_masks(x, y)
     metrics = mask_metrics(input_mask, target_mask)
@@ -499,7 +579,9 @@ def self_test(encoding_dim: int = 128, batch: int = 2, frames: int = 200) -> boo
     print(f"Coverage: {metrics['coverage']:.1f}%")
     print(f"Balance: {metrics['balance']:.3f}")
     print(f"Mask regularization loss: {reg_loss.item():.4f}")
-    (reg_loss + masked_x.square().mean() + masked_y.square().mean()).backward()
+    real_fake, style = agent.discriminator(masked_x + masked_y)
+    print(f"Discriminator outputs: real/fake {tuple(real_fake.shape)}, style {tuple(style.shape)}")
+    (reg_loss + masked_x.square().mean() + masked_y.square().mean() + real_fake.mean() + style.mean()).backward()
     missing = [n for n, p in agent.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     verdict = "yes" if not missing else "NO, missing: " + ", ".join(missing)
     print(f"Gradients reach every trainable parameter: {verdict}")

@@ -7,6 +7,7 @@ mix for stage 0, the previous output after), so the untrained model plays the ma
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -14,7 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from beats import batch_section_ids
-from creative_agent import CreativeAgent, check_latent_pair, keeps_state
+from creative_agent import (
+    GENERATOR_OPTIONS,
+    TERM_WEIGHTS,
+    CreativeAgent,
+    check_latent_pair,
+    keeps_state,
+    unknown_options,
+)
 from fixed_masks import MASK_TYPES, make_fixed_masks
 from layers import STEMS_ONLY_LAYERED
 from listening import layer_guide, on_frames
@@ -124,6 +132,14 @@ def heads_of_dim(width: int, head_dim: int) -> int:
     return heads
 
 
+def stage_count(num_stages: int | None, num_transformer_layers: int | None) -> int:
+    """The cascade's stage count from either spelling (`num_transformer_layers` is the seed's), 2 by default."""
+    if num_stages is not None and num_transformer_layers is not None and num_stages != num_transformer_layers:
+        raise ValueError(f"num_stages={num_stages} and num_transformer_layers={num_transformer_layers} name the same "
+                         f"thing, the cascade's stage count: give one of them")
+    return next((n for n in (num_stages, num_transformer_layers) if n is not None), 2)
+
+
 class SimpleTransformer(nn.Module):
     """`encoded_output, mask_reg_loss = model(encoded_input, encoded_target)` on normalised latents [B, D, T].
 
@@ -133,12 +149,19 @@ class SimpleTransformer(nn.Module):
     """
 
     def __init__(self, encoding_dim: int = 128, nhead: int | list[int] = 0, num_layers: int = 6,
-                 num_stages: int = 2, dropout: float = 0.1, anti_cheating: float = 0.0,
+                 num_stages: int | None = None, dropout: float = 0.1, anti_cheating: float = 0.0,
                  use_creative_agent: bool = False, mask_type: str = "none", stage_widths: list[int] | None = None,
                  agent_hidden_dim: int = 256, agent_heads: int = 4,
                  temporal_segment_frames: int = 32, frequency_split: float = 0.5, use_sdpa: bool = True,
-                 style_dim: int = 0, fade_frames: int = 0, bass: int = 0, **agent_options):
+                 style_dim: int = 0, fade_frames: int = 0, bass: int = 0, num_transformer_layers: int | None = None,
+                 **agent_options):
         super().__init__()
+        agent_keywords = ("agent", *(o for o in GENERATOR_OPTIONS if o not in self.keywords()))
+        if unknown := unknown_options(agent_options, agent_keywords):
+            raise ValueError(f"SimpleTransformer got unknown keyword(s) {', '.join(unknown)}. It takes "
+                             f"{', '.join(self.keywords())}; for the creative agent {', '.join(agent_keywords)}; "
+                             f"and NAME_weight for NAME in {', '.join(TERM_WEIGHTS)}")
+        num_stages = stage_count(num_stages, num_transformer_layers)
         if mask_type not in MASK_TYPES:
             raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
         if num_stages < 1:
@@ -159,12 +182,18 @@ class SimpleTransformer(nn.Module):
         self.section_beats = 0  # decisions per section of this many beats of the input (0: fixed blocks of frames)
         self.stages = nn.ModuleList(Stage(c, w, d, num_layers, h, dropout, use_sdpa, style_dim)
                                     for c, w, h in zip(in_channels, widths, heads, strict=True))
-        self.creative_agent = (CreativeAgent(d, agent_hidden_dim, agent_heads, style_dim=style_dim,
+        self.creative_agent = (CreativeAgent(d, agent_hidden_dim, agent_heads, style_dim=style_dim, discriminator=False,
                                              fade_frames=fade_frames, bass=bass, **agent_options)
                                if use_creative_agent else None)
         # a style reference conditions every stage and the agent (style_dim > 0)
         self.style_encoder = StyleEncoder(d, style_dim) if style_dim else None
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def keywords(cls) -> list[str]:
+        """The constructor's named keywords (the agent's options aside)."""
+        return [name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
 
     @property
     def use_creative_agent(self) -> bool:

@@ -1,64 +1,25 @@
 """The training objective in one place: what an arrangement is scored on, with every term and its weight.
 
 - reconstruction: the decoded output against both songs (losses.py: waveform, spectral, the farther song);
-- the agent's mask regularisation (`mask_regularization`; the agent evaluates it in its forward, where the masks,
-  the music's novelty and the songs' energies are at hand, and the model hands it back as `mask_reg_loss`);
+- the agent's mask regularisation (creative_agent.mask_regularization; the agent evaluates it in its forward, where
+  the masks, the music's novelty and the songs' energies are at hand, and the model hands it back as `mask_reg_loss`);
 - style: the distance of the output's per-channel statistics to a style reference's (--style_weight);
-- adversarial: one discriminator on latents, trained by its own optimiser (--adversarial_weight).
+- adversarial: the seed's StyleDiscriminator on latents, trained by its own optimiser (--adversarial_weight).
 
-The trainer asks `Objective` for the loss of a batch and its detached terms. It imports nothing of the model.
+The trainer asks `Objective` for the loss of a batch and its detached terms. Of the model it imports the agent's
+discriminator and term weights only.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from creative_agent import TERM_WEIGHTS, StyleDiscriminator
 from listening import on_frames
 from losses import reconstruction_loss, rms_loss
-
-# Weights of the agent's regularisation terms. The masks are pushed to be decided (complementarity), to give each
-# song its wanted share of every example (area by mask area, share by energy), to keep the loud parts rather than
-# the gaps (presence), to change over time (diversity) and to switch where the music changes rather than anywhere
-# (switching). With the reconstruction's `far_lsd` term (closeness to the farther song) they decide which song is
-# heard when. (`area` was called `balance` before.) `layering` (the layered agent's: its layers from different songs,
-# so both are heard at once) is off for the others.
-TERM_WEIGHTS = dict(complementarity=30.0, area=30.0, diversity=10.0, switching=10.0, presence=10.0, share=30.0,
-                    layering=0.0)
-
-
-def mask_regularization(input_mask: torch.Tensor, target_mask: torch.Tensor, change: torch.Tensor | None = None,
-                        energy: tuple | None = None, share: torch.Tensor | None = None,
-                        weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(weighted sum, unweighted terms) of: overlap -> 0 (decided cells), the wanted input share `share` [B, 1, 1]
-    (default 0.5) of the mask area in every example (area), masks that vary over time (diversity), few switches
-    except where the music changes (`change` [B, T] in [0, 1], novelty: switching) and, given the sources' energies
-    [B, D, T], as much of the music kept as possible (presence: no gaps where one song is quiet) with the wanted
-    share of what is kept for the input (share); with components as rows, their coming from different songs
-(layering)."""
-    weights = {**TERM_WEIGHTS, **(weights or {})}
-    b = (share if share is not None else torch.full((1, 1, 1), 0.5, device=input_mask.device)).view(-1)
-    step = (input_mask[..., 1:] - input_mask[..., :-1]).abs().mean(dim=1)  # [B, T-1]
-    calm = 1.0 - change[:, 1:] if change is not None else torch.ones_like(step)
-    if energy is None:
-        energy = (torch.ones_like(input_mask), torch.ones_like(target_mask))
-    kept_in, kept_tgt = ((m * e).sum(dim=(1, 2)) for m, e in zip((input_mask, target_mask), energy, strict=True))
-    total = sum(e.sum(dim=(1, 2)) for e in energy).clamp_min(1e-8)
-    kept = (kept_in + kept_tgt).clamp_min(1e-8)
-    terms = {
-        "complementarity": (input_mask * target_mask).mean(),
-        "area": (2 * ((1 - b) * input_mask.mean(dim=(1, 2)) - b * target_mask.mean(dim=(1, 2)))).square().mean(),
-        "diversity": 0.5 - input_mask.std(dim=-1, unbiased=False).mean(),
-        "switching": (step * calm).sum(dim=-1).mean() / 8.0,  # per 8 switches of the whole mask
-        "presence": (1.0 - 2.0 * kept / total).mean(),  # 0 for an even split of equally loud songs
-        "share": (2 * ((1 - b) * kept_in - b * kept_tgt) / kept).square().mean(),
-        # rows are components (layers): 1 where all come from one song, 0 where they come from different songs
-        "layering": 1.0 - (input_mask.amax(dim=1) - input_mask.amin(dim=1)).mean(),
-    }
-    return sum(weights[name] * value for name, value in terms.items()), terms
 
 
 def style_statistics(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,30 +32,6 @@ def style_distance(output: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     """[B]: mean absolute difference of the two latents' style statistics (per-channel mean and spread)."""
     (m_out, s_out), (m_ref, s_ref) = style_statistics(output), style_statistics(reference)
     return (m_out - m_ref).abs().mean(dim=-1) + (s_out - s_ref).abs().mean(dim=-1)
-
-
-class Discriminator(nn.Module):
-    """Strided Conv1d encoder of a latent [B, D, T] -> (real/fake logit [B, 1], style score [B, 1])."""
-
-    def __init__(self, encoding_dim: int, hidden_dim: int = 256):
-        super().__init__()
-        self.encoding_dim = encoding_dim
-        half = hidden_dim // 2
-        self.encoder = nn.Sequential(
-            nn.Conv1d(encoding_dim, half, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv1d(half, hidden_dim, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2),
-        )
-        self.real_fake = nn.Linear(hidden_dim, 1)
-        self.style = nn.Linear(2 * hidden_dim, 1)
-
-    def forward(self, pattern: torch.Tensor):
-        if pattern.dim() != 3 or pattern.shape[1] != self.encoding_dim:
-            raise ValueError(f"pattern must have shape [B, {self.encoding_dim}, T], got {tuple(pattern.shape)}")
-        if pattern.shape[-1] < 4:
-            raise ValueError(f"pattern needs at least 4 frames, got {pattern.shape[-1]}")
-        h = self.encoder(pattern)
-        mean, std = h.mean(dim=-1), h.std(dim=-1)
-        return self.real_fake(mean), self.style(torch.cat([mean, std], dim=-1))
 
 
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
@@ -143,7 +80,7 @@ class Objective:
         self.compiled_decode_loss = compile_fn(self.decode_loss) if compile_fn else self.decode_loss
         self.disc = self.disc_ddp = self.disc_optimizer = None
         if config.adversarial_weight > 0:  # trained by its own step on detached latents (see discriminator_step)
-            self.disc = Discriminator(codec.dim).to(device)
+            self.disc = StyleDiscriminator(codec.dim).to(device)
             self.disc_ddp = (DDP(self.disc, device_ids=[device.index] if device.type == "cuda" else None,
                                  find_unused_parameters=True) if torch.distributed.is_initialized() else self.disc)
             self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=config.lr, betas=(0.5, 0.999),
