@@ -27,17 +27,28 @@ from layers import LAYERS, STEMS_ONLY_LAYERED, split_layers
 # so both are heard at once) is off for the others.
 TERM_WEIGHTS = dict(complementarity=30.0, area=30.0, diversity=10.0, switching=10.0, presence=10.0, share=30.0,
                     layering=0.0)
+# An agent that splits its sections at the wanted share (frame gates, the component agents) meets these by
+# construction, as closely as its sections allow; what is left is set by the share drawn and the sections' lengths,
+# which no learning moves (docs/results.md, "The mask regularisation"), so they weigh 0 there.
+SPLIT_MEETS = ("area", "share", "diversity")
+
+
+def default_term_weights(gates: str) -> dict[str, float]:
+    """The default weight of each regularisation term for an agent with these gates ("frame" splits at the share)."""
+    return {name: 0.0 if gates == "frame" and name in SPLIT_MEETS else w for name, w in TERM_WEIGHTS.items()}
 
 
 def mask_regularization(input_mask: torch.Tensor, target_mask: torch.Tensor, change: torch.Tensor | None = None,
                         energy: tuple | None = None, share: torch.Tensor | None = None,
-                        weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(weighted sum, unweighted terms) of: overlap -> 0 (decided cells), the wanted input share `share` [B, 1, 1]
-    (default 0.5) of the mask area in every example (area), masks that vary over time (diversity), few switches
-    except where the music changes (`change` [B, T] in [0, 1], novelty: switching) and, given the sources' energies
-    [B, D, T], as much of the music kept as possible (presence: no gaps where one song is quiet) with the wanted
-    share of what is kept for the input (share); with components as rows, their coming from different songs
-(layering)."""
+                        weights: dict[str, float] | None = None,
+                        undecided: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(weighted sum, unweighted terms) of: overlap -> 0 (decided cells; `undecided`, where the masks are decided
+    in the forward pass: the overlap p (1 - p) of the soft decisions that the straight-through estimator trains),
+    the wanted input share `share` [B, 1, 1] (default 0.5) of the mask area in every example (area), masks that vary
+    over time (diversity), few switches except where the music changes (`change` [B, T] in [0, 1], novelty:
+    switching) and, given the sources' energies [B, D, T], as much of the music kept as possible (presence: no gaps
+    where one song is quiet) with the wanted share of what is kept for the input (share); with components as rows,
+    their coming from different songs (layering)."""
     weights = {**TERM_WEIGHTS, **(weights or {})}
     b = (share if share is not None else torch.full((1, 1, 1), 0.5, device=input_mask.device)).view(-1)
     step = (input_mask[..., 1:] - input_mask[..., :-1]).abs().mean(dim=1)  # [B, T-1]
@@ -48,7 +59,7 @@ def mask_regularization(input_mask: torch.Tensor, target_mask: torch.Tensor, cha
     total = sum(e.sum(dim=(1, 2)) for e in energy).clamp_min(1e-8)
     kept = (kept_in + kept_tgt).clamp_min(1e-8)
     terms = {
-        "complementarity": (input_mask * target_mask).mean(),
+        "complementarity": (input_mask * target_mask).mean() if undecided is None else undecided,
         "area": (2 * ((1 - b) * input_mask.mean(dim=(1, 2)) - b * target_mask.mean(dim=(1, 2)))).square().mean(),
         "diversity": 0.5 - input_mask.std(dim=-1, unbiased=False).mean(),
         "switching": (step * calm).sum(dim=-1).mean() / 8.0,  # per 8 switches of the whole mask
@@ -124,6 +135,8 @@ def split_at(score: torch.Tensor, weight: torch.Tensor, share: torch.Tensor) -> 
     input's: in order of score, each frame is the input's while the input's fraction of the total `weight` is still
     below `share` [B, 1, 1] half-way through it, and then so is the first frame after those that still fits (a
     large frame is passed over for a smaller one that keeps the split even: with three sections, the best split).
+    The threshold lies midway between the last score taken and the first one left, so that how decided the agent
+    is (the soft decisions' overlap, `undecided`) can be learned at the boundary too.
     With the songs' frame distance as the weight and share 0.5, the frames taken from the target are as far from
     the input as the frames taken from the input are from the target: the arrangement is as close to one song as
     to the other (in log-spectral distance), while the score decides which frames go where."""
@@ -136,7 +149,9 @@ def split_at(score: torch.Tensor, weight: torch.Tensor, share: torch.Tensor) -> 
     held = (w * taken).sum(dim=-1, keepdim=True) / total
     fits = ~taken & (w > 0) & (held + w / (2 * total) < share)
     first = fits & (fits.cumsum(dim=-1) == 1)
-    threshold = torch.where(first, ranked - 1e-3, ranked.gather(-1, count))  # the one that fits: just above
+    left, last = ranked.gather(-1, count), ranked.gather(-1, (count - 1).clamp_min(0))
+    between = torch.where(count > 0, (left + last) / 2, left)  # midway: every decision has a margin either side
+    threshold = torch.where(first, ranked - 1e-3, between)  # the one that fits: just above
     return torch.empty_like(score).scatter_(-1, order, threshold)
 
 
@@ -218,7 +233,8 @@ class AttentionMaskGenerator(nn.Module):
         self.scales, self.hard_masks, self.block_frames = tuple(scales), hard_masks, block_frames
         self.fade_frames = fade_frames
         self.lean_weight = 0.0  # how far a `lean` given to `decisions` moves the scores (the layering agent's guide)
-        self.weights = {name: term_weights.get(f"{name}_weight", w) for name, w in TERM_WEIGHTS.items()}
+        self.weights = {name: term_weights.get(f"{name}_weight", w) for name, w in
+                        default_term_weights(gates).items()}
         self.input_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         self.target_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         # one attention per time scale; the frame-level one keeps its name, so single-scale checkpoints still load
@@ -255,11 +271,12 @@ class AttentionMaskGenerator(nn.Module):
         share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
         d = encoded_input.shape[1]
         # with frame gates one decision per frame [B, 1, T] serves every channel
-        input_mask = self.decisions(encoded_input, encoded_target, share, shift, sections).expand(-1, d, -1)
+        input_mask, undecided = self.decisions(encoded_input, encoded_target, share, shift, sections)
+        input_mask = input_mask.expand(-1, d, -1)
         target_mask = 1.0 - input_mask
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         energy = (encoded_input.detach().float().square(), encoded_target.detach().float().square())
-        return input_mask, target_mask, self.regularization(input_mask, target_mask, change, energy, share)
+        return input_mask, target_mask, self.regularization(input_mask, target_mask, change, energy, share, undecided)
 
     def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
         """Frame gates: the channels' scores [B, D, T] as one score per frame [B, 1, T]."""
@@ -312,12 +329,14 @@ class AttentionMaskGenerator(nn.Module):
             score = (score + torch.log(uniform) - torch.log1p(-uniform)) / self.tau  # logistic = Gumbel - Gumbel
             hard = True
         input_mask = torch.sigmoid(score)  # = softmax over the two sources' scores
+        undecided = (((input_mask * (1 - input_mask)) * present).sum()  # over the decisions that exist
+                     / (present.sum() * input_mask.shape[1]).clamp_min(1)) if self.gates == "frame" else None
         if hard:  # decided frames or cells, with the soft mask's gradient
             input_mask = input_mask + ((input_mask > 0.5).to(input_mask.dtype) - input_mask).detach()
         if sectioned:  # every frame takes its section's decision, and a switch fades over a few frames
             input_mask = input_mask.gather(-1, sections[:, None].expand(-1, input_mask.shape[1], -1))
             input_mask = fade_switches(input_mask, self.fade_frames)
-        return input_mask
+        return input_mask, undecided
 
     def leaned(self, score: torch.Tensor, lean: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Scores [B, rows, n] of sections (or frames) moved by a `lean` [B, 1, n] pooled alike, each row its LEAN
@@ -329,9 +348,9 @@ class AttentionMaskGenerator(nn.Module):
 
     def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor,
                        change: torch.Tensor | None = None, energy: tuple | None = None,
-                       share: torch.Tensor | None = None) -> torch.Tensor:
-        """The weighted mask regularisation (objective.mask_regularization); its terms stay in `last_terms`."""
-        total, terms = mask_regularization(input_mask, target_mask, change, energy, share, self.weights)
+                       share: torch.Tensor | None = None, undecided: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted mask regularisation (mask_regularization); its terms stay in `last_terms`."""
+        total, terms = mask_regularization(input_mask, target_mask, change, energy, share, self.weights, undecided)
         if keeps_state():
             self.last_terms = terms  # scalar tensors of the last forward, with their graph
         return total
@@ -381,12 +400,12 @@ class ComponentMaskGenerator(AttentionMaskGenerator):
         [B, T]: where the decisions should lean, each component its LEAN way (decisions, `leaned`)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
-        input_gates = self.decisions(encoded_input, encoded_target, share, shift, sections, lean)
+        input_gates, undecided = self.decisions(encoded_input, encoded_target, share, shift, sections, lean)
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         parts = parts or (self.components(encoded_input), self.components(encoded_target))
         energy = tuple(p.detach().float().square().sum(dim=2) for p in parts)
         return input_gates, 1.0 - input_gates, self.regularization(input_gates, 1.0 - input_gates, change, energy,
-                                                                  share)
+                                                                  share, undecided)
 
 
 class LayeredMaskGenerator(ComponentMaskGenerator):

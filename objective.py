@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from creative_agent import TERM_WEIGHTS, StyleDiscriminator
+from creative_agent import StyleDiscriminator, default_term_weights
 from listening import on_frames
 from losses import reconstruction_loss, rms_loss
 
@@ -45,14 +45,15 @@ def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> No
 
 
 def agent_term_weights(config) -> dict[str, float]:
-    """The agent's term weights that differ from TERM_WEIGHTS: --balance_loss_weight W adds W x the area term to
-    the training loss, folded into the agent's own weight of it (loss = mask_reg_weight x regularisation), so the
-    model needs to hand back nothing but its regularisation."""
+    """The agent's term weights that differ from its defaults (creative_agent.default_term_weights):
+    --balance_loss_weight W adds W x the area term to the training loss, folded into the agent's own weight of it
+    (loss = mask_reg_weight x regularisation), so the model needs to hand back nothing but its regularisation."""
     if not config.balance_loss_weight or not config.use_creative_agent:
         return {}
     if config.mask_reg_weight <= 0:
         raise ValueError("--balance_loss_weight needs --mask_reg_weight > 0 (it weighs a term of the regularisation)")
-    return {"area_weight": TERM_WEIGHTS["area"] + config.balance_loss_weight / config.mask_reg_weight}
+    gates = config.agent_gates if config.agent == "attention" else "frame"
+    return {"area_weight": default_term_weights(gates)["area"] + config.balance_loss_weight / config.mask_reg_weight}
 
 
 def loss_weights(config) -> dict[str, float]:

@@ -7,8 +7,8 @@ import os
 
 from checkpoints import atomic_write
 
-PANELS = (("train_loss", "val_loss"), ("mask_reg_loss",), ("input_share",), ("both_heard",), ("temporal_variation",),
-          ("complementarity",), ("coverage",), ("balance",))
+PANELS = (("train_loss", "val_loss"), ("train_mask_reg_loss", "mask_reg_loss"), ("input_share",), ("both_heard",),
+          ("temporal_variation",), ("complementarity",), ("coverage",), ("balance",))
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -35,7 +35,7 @@ def plot_runs(run_dirs: list[str], out: str) -> None:
                 points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
                 if points:
                     x, y = zip(*points, strict=True)
-                    label = name if len(keys) == 1 else f"{name} {key.split('_')[0]}"
+                    label = name if len(keys) == 1 else f"{name} {'train' if key.startswith('train') else 'val'}"
                     ax.plot(x, y, style, color=f"C{i}", marker="o", markersize=3, label=label)
         ax.set_title(" / ".join(keys) + (" (%)" if keys[0] in ("complementarity", "coverage") else ""))
         ax.set_xlabel("epoch")

@@ -177,11 +177,11 @@ class Trainer:
         reports it), what a listener hears (input share, distances to both songs; in time, on the first
         IN_TIME_PAIRS pairs of each rank) and the mask metrics."""
         self.ddp.eval()
-        sums, count, masks, timing = [0.0] * len(VALIDATION_KEYS), 0, [], []
+        sums, count, masks, timing = [0.0] * (len(VALIDATION_KEYS) + 1), 0, [], []
         for batch in self.data.val_loader:
             _, terms, (out, inp, tgt) = self.objective(batch, self.step, training=False)
             m_in, m_tgt = self.model.last_masks
-            values = batch_values(terms, out, inp, tgt, m_in, m_tgt)
+            values = batch_values(terms, out, inp, tgt, m_in, m_tgt) + [float(terms.get("mask_reg_loss", math.nan))]
             sums = [s + v * len(out) for s, v in zip(sums, values, strict=True)]
             count += len(out)
             waves = [w[:, 0].float().cpu().numpy() for w in (out, inp, tgt)]
@@ -191,7 +191,8 @@ class Trainer:
             m = m_in.float()
             masks = [m.sum(0), m.square().sum(0)] if not masks else [masks[0] + m.sum(0), masks[1] + m.square().sum(0)]
         reduced = all_reduce_sum(sums + [count], self.device)
-        result = {k: v / max(reduced[-1], 1.0) for k, v in zip(VALIDATION_KEYS, reduced, strict=False)}
+        result = {k: v / max(reduced[-1], 1.0) for k, v in zip(VALIDATION_KEYS + ("mask_reg_loss",), reduced,
+                                                                strict=False)}
         result["mask_variability"] = mask_variability_across_ranks(masks, reduced[-1])
         keys = IN_TIME_KEYS + LAYER_KEYS
         totals = all_reduce_sum([v for k in keys for v in finite_sum(r[k] for r in timing)], self.device)
@@ -345,8 +346,9 @@ def mask_variability_across_ranks(moments: list[torch.Tensor], count: float) -> 
 
 def epoch_record(epoch: int, step: int, train: dict, val: dict, lr: float, seconds: float) -> dict:
     """The line of metrics.jsonl for one epoch: training means, validation figures, the learning rate and time."""
+    reg = val["mask_reg_loss"] if math.isfinite(val["mask_reg_loss"]) else None
     record = dict(epoch=epoch, step=step, train_loss=train.get("loss", math.nan), val_loss=val["loss"],
-                  mask_reg_loss=train.get("mask_reg_loss"),
+                  mask_reg_loss=reg, train_mask_reg_loss=train.get("mask_reg_loss"),
                   **{k: val[k] for k in VALIDATION_KEYS[1:] + ("mask_variability",) + IN_TIME_KEYS + LAYER_KEYS},
                   lr=lr, seconds=seconds, skipped_steps=train["skipped_steps"])
     record.update({k: train[k] for k in ("adv_gen_loss", "adv_disc_loss", "style_loss") if k in train})
@@ -355,7 +357,8 @@ def epoch_record(epoch: int, step: int, train: dict, val: dict, lr: float, secon
 
 def epoch_line(r: dict) -> str:
     """The console's summary of an epoch's record."""
-    reg = f"{r['mask_reg_loss']:.4f}" if r["mask_reg_loss"] is not None else "n/a"
+    reg = (f"{r['mask_reg_loss']:.4f} (train {r['train_mask_reg_loss']:.4f})" if r["mask_reg_loss"] is not None
+           else "n/a")
     return (f"Epoch {r['epoch']}: Loss={r['train_loss']:.4f}, Val={r['val_loss']:.4f}, rms_in={r['rms_in']:.4f}, "
             f"rms_tgt={r['rms_tgt']:.4f}, Mask reg={reg}, Complementarity={r['complementarity']:.1f}%, "
             f"Coverage={r['coverage']:.1f}%, Input share={r['input_share']:.2f}, "

@@ -63,3 +63,39 @@ def test_the_self_test_prints_both_parts():
                  "Complementarity:", "Coverage:", "Mask regularization loss:",
                  "Gradients reach every trainable parameter: yes"):
         assert text in result.stdout
+
+
+def test_the_split_agent_is_regularised_on_what_it_decides():
+    """A frame-gated agent splits its sections at the wanted share, so the share terms are met by construction
+    (weight 0; a cell-gated agent keeps them), and its complementarity is the overlap p (1 - p) of the soft decisions
+    that the straight-through estimator trains: 0.25 when undecided, lower as its scores part, with the same
+    decisions (which is why what is heard is measured from the audio, not from this figure)."""
+    frame, cell = AttentionMaskGenerator(32, hidden_dim=32), AttentionMaskGenerator(32, hidden_dim=32, gates="cell")
+    assert {name: frame.weights[name] for name in ("area", "share", "diversity")} == dict.fromkeys(
+        ("area", "share", "diversity"), 0.0)
+    assert cell.weights["area"] == cell.weights["share"] == 30.0
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 32, 96), torch.randn(2, 32, 96)
+    m_in, _, _ = frame(x, y)
+    undecided = frame.last_terms["complementarity"].item()
+    assert 0.2 < undecided <= 0.25
+    with torch.no_grad():
+        for head in (frame.input_head, frame.target_head):
+            head.weight.mul_(200.0)
+            head.bias.mul_(200.0)
+    m_sure, _, _ = frame(x, y)
+    assert torch.equal(m_sure, m_in)  # the same decisions, more decided
+    assert frame.last_terms["complementarity"].item() < 0.5 * undecided
+
+
+def test_the_mask_regularisation_falls_as_the_agent_learns(tmp_path, pairs_dir, capsys):
+    """The trainer prints and logs the regularisation of the validation pairs (fixed shares, so the training's
+    draws do not move it) and the training mean beside it; on the tiny pairs it falls from the first epoch on."""
+    from test_training import read_metrics, train
+
+    train(tmp_path, pairs_dir, "--use_creative_agent", "true", "--mask_reg_weight", "0.1", "--num_epochs", "4",
+          "--lr", "1e-3")
+    regs = [r["mask_reg_loss"] for r in read_metrics(tmp_path)]
+    assert all(later < earlier for earlier, later in zip(regs, regs[1:], strict=False)), regs
+    assert regs[-1] < 0.5 * regs[0]
+    assert f"Mask reg={regs[-1]:.4f} (train " in capsys.readouterr().out
