@@ -106,7 +106,7 @@ def test_the_layering_agent_decides_each_layer_per_section_and_trains():
 def test_the_layering_term_asks_for_layers_from_different_songs():
     """Without it both layers follow the same scores: on real music the first layered agent took both from one song
     in every section (both songs heard 6 % of the time)."""
-    from objective import TERM_WEIGHTS, mask_regularization
+    from creative_agent import TERM_WEIGHTS, mask_regularization
 
     together = torch.tensor([[[1.0, 0.0, 1.0, 0.0]] * 2])  # [1, 2 layers, 4 frames]: the same song for both
     apart = torch.tensor([[[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]]])
