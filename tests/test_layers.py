@@ -268,8 +268,8 @@ def test_stems_from_a_separator_are_the_layers_the_agent_composes(tmp_path):
     chord, where harmonic-percussive separation leaves some of each in the other layer."""
     model = SimpleTransformer(encoding_dim=128, nhead=2, num_layers=1, use_creative_agent=True, agent="layered").eval()
     generator = model.creative_agent.mask_generator
-    generator.decisions = lambda z_in, *rest: torch.stack(  # rhythm from the input, harmony from the target
-        [torch.ones_like(z_in[:, 0]), torch.zeros_like(z_in[:, 0])], dim=1)
+    generator.decisions = lambda z_in, *rest: (torch.stack(  # rhythm from the input, harmony from the target
+        [torch.ones_like(z_in[:, 0]), torch.zeros_like(z_in[:, 0])], dim=1), None)
     arranger = Arranger(model, MDCTCodec(), LatentNorm(128), Config(agent="layered", use_creative_agent=True,
                                                                     segment_samples=2 * RATE))
     kick, snare = (torch.tensor(drums(6.0) * g, dtype=torch.float32) for g in (0.4, 0.3))
