@@ -225,8 +225,7 @@ class AttentionMaskGenerator(nn.Module):
             raise ValueError(f"block_frames must be >= 0, got {block_frames}")
         if not scales or len(set(scales)) != len(scales) or min(scales) < 1:
             raise ValueError(f"scales must be distinct positive frame counts, got {scales}")
-        unknown = set(term_weights) - {f"{name}_weight" for name in TERM_WEIGHTS}
-        if unknown:
+        if unknown := unknown_options(term_weights, ()):
             raise ValueError(f"unknown term weights {sorted(unknown)}: expected NAME_weight for NAME in "
                              f"{', '.join(TERM_WEIGHTS)}")
         self.encoding_dim, self.gates, self.gate_frames = encoding_dim, gates, gate_frames

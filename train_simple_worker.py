@@ -52,7 +52,7 @@ DEFAULT_DATASET = "dataset_wav_pairs"
 IN_TIME_PAIRS = 64  # validation pairs per rank whose arrangement is measured in time (beat tracking is not free)
 SYNC_EVERY = 10  # training steps between the host's reads of device values (progress bar, non-finite run, signals)
 VALIDATION_KEYS = ("loss", "rms_in", "rms_tgt", "lsd_in_db", "lsd_tgt_db", "input_share", "temporal_variation",
-                   "complementarity", "coverage", "balance")
+                   "complementarity", "coverage", "balance", "mask_reg_loss")
 
 
 class TrainingError(RuntimeError):
@@ -177,11 +177,11 @@ class Trainer:
         reports it), what a listener hears (input share, distances to both songs; in time, on the first
         IN_TIME_PAIRS pairs of each rank) and the mask metrics."""
         self.ddp.eval()
-        sums, count, masks, timing = [0.0] * (len(VALIDATION_KEYS) + 1), 0, [], []
+        sums, count, masks, timing = [0.0] * len(VALIDATION_KEYS), 0, [], []
         for batch in self.data.val_loader:
             _, terms, (out, inp, tgt) = self.objective(batch, self.step, training=False)
             m_in, m_tgt = self.model.last_masks
-            values = batch_values(terms, out, inp, tgt, m_in, m_tgt) + [float(terms.get("mask_reg_loss", math.nan))]
+            values = batch_values(terms, out, inp, tgt, m_in, m_tgt)
             sums = [s + v * len(out) for s, v in zip(sums, values, strict=True)]
             count += len(out)
             waves = [w[:, 0].float().cpu().numpy() for w in (out, inp, tgt)]
@@ -191,8 +191,7 @@ class Trainer:
             m = m_in.float()
             masks = [m.sum(0), m.square().sum(0)] if not masks else [masks[0] + m.sum(0), masks[1] + m.square().sum(0)]
         reduced = all_reduce_sum(sums + [count], self.device)
-        result = {k: v / max(reduced[-1], 1.0) for k, v in zip(VALIDATION_KEYS + ("mask_reg_loss",), reduced,
-                                                                strict=False)}
+        result = {k: v / max(reduced[-1], 1.0) for k, v in zip(VALIDATION_KEYS, reduced, strict=False)}
         result["mask_variability"] = mask_variability_across_ranks(masks, reduced[-1])
         keys = IN_TIME_KEYS + LAYER_KEYS
         totals = all_reduce_sum([v for k in keys for v in finite_sum(r[k] for r in timing)], self.device)
@@ -332,7 +331,7 @@ def batch_values(terms: dict, out, inp, tgt, m_in, m_tgt) -> list[float]:
     return [float(terms["recon_loss"]), float(terms["rms_in"]), float(terms["rms_tgt"]),
             *(float(heard[k].mean()) for k in ("lsd_in_db", "lsd_tgt_db", "input_share")),
             float(temporal_variation(m_in).mean()), metrics["complementarity"], metrics["coverage"],
-            metrics["balance"]]
+            metrics["balance"], float(terms.get("mask_reg_loss", math.nan))]
 
 
 def mask_variability_across_ranks(moments: list[torch.Tensor], count: float) -> float:
@@ -346,11 +345,12 @@ def mask_variability_across_ranks(moments: list[torch.Tensor], count: float) -> 
 
 def epoch_record(epoch: int, step: int, train: dict, val: dict, lr: float, seconds: float) -> dict:
     """The line of metrics.jsonl for one epoch: training means, validation figures, the learning rate and time."""
-    reg = val["mask_reg_loss"] if math.isfinite(val["mask_reg_loss"]) else None
     record = dict(epoch=epoch, step=step, train_loss=train.get("loss", math.nan), val_loss=val["loss"],
-                  mask_reg_loss=reg, train_mask_reg_loss=train.get("mask_reg_loss"),
                   **{k: val[k] for k in VALIDATION_KEYS[1:] + ("mask_variability",) + IN_TIME_KEYS + LAYER_KEYS},
+                  train_mask_reg_loss=train.get("mask_reg_loss"),
                   lr=lr, seconds=seconds, skipped_steps=train["skipped_steps"])
+    if not math.isfinite(record["mask_reg_loss"]):  # no agent, no regularisation
+        record["mask_reg_loss"] = None
     record.update({k: train[k] for k in ("adv_gen_loss", "adv_disc_loss", "style_loss") if k in train})
     return record
 
