@@ -1,12 +1,15 @@
-"""Arrange two songs with a trained checkpoint: input + target -> a new arrangement WAV (+ a picture of the masks).
+"""Arrange two songs with a trained checkpoint or a rule: input + target -> a new arrangement WAV (+ a picture of
+the masks).
 
   python arrange.py --checkpoint checkpoints/RUN/checkpoint_best.pt --input A.wav --target B.flac \\
                     --output arrangement.wav --mask_plot masks.png
+  python arrange.py --rule temporal --input A.wav --target B.flac --output arrangement.wav
 
 Songs of any length, sample rate and channel count are converted to what the checkpoint expects. The target is
-laid on the input's grid (tempo, beats, key, loudness; beats.py) and written beside the output as
+laid on the input's bars (tempo, bar lines, key, loudness; beats.py) and written beside the output as
 NAME.target_aligned.wav; the songs are processed in windows of the trained segment length, cut where sections of
-the input's beat grid start, so every section is decided once. The output has the input's length.
+the input's bars start, so every section is decided once. The output has the input's length. Last, the input,
+the aligned target and the output are tracked afresh, and the bar figures say what a listener's bars are.
 """
 from __future__ import annotations
 
@@ -18,13 +21,23 @@ from audio_codec import CodecUnavailable
 from beats import AlignmentError
 from checkpoints import CheckpointError
 from config import SILENCE_DB, str2bool
+from fixed_masks import MASK_TYPES
 from inference import Arranger, AudioInputError, aligned_path, load_audio, save_wave, stem_layers, summary_line
-from listening import tone_distance_db
+from listening import bars_heard, tone_distance_db
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of train_simple_ddp.py")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint of train_simple_ddp.py")
+    source.add_argument("--rule", choices=MASK_TYPES, help="arrange by a rule, nothing learned (the MDCT codec): "
+                        "temporal switches songs every --section_bars bars, layers lays the input's rhythm under "
+                        "the target's harmony, ...")
+    p.add_argument("--section_bars", type=int, default=1, metavar="N",
+                   help="with --rule: sections of N bars of the input (default 1; 0: of --section_beats beats)")
+    p.add_argument("--section_beats", type=int, default=2, metavar="N",
+                   help="with --rule: sections of N beats where the input's bars are not known (default 2)")
+    p.add_argument("--sample_rate", type=int, default=24000, help="with --rule: the rate to arrange at (24000)")
     p.add_argument("--input", required=True, help="the input song (any format soundfile reads)")
     p.add_argument("--target", required=True, help="the target song")
     p.add_argument("--output", required=True, help="the arrangement WAV to write")
@@ -44,7 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "harmonic-percussive separation (checkpoints trained with --agent layered)")
     p.add_argument("--target_stems", default=None, metavar="FOLDER", help="the target's stems, likewise")
     p.add_argument("--match_key", type=str2bool, default=True,
-                   help="shift the target to the input's key by the smallest step, -6..+5 semitones (default true)")
+                   help="shift the target only as far as the keys need: none where they fit already (the same, the "
+                        "relative, a neighbour on the circle of fifths), else the smallest step (default true)")
+    p.add_argument("--track_afresh", type=str2bool, default=True,
+                   help="track the written files' bars afresh for the bar figures (default true; a few seconds a "
+                        "minute of audio)")
     p.add_argument("--align", type=str2bool, default=True,
                    help="lay the target on the input's grid first: tempo, beats, key, loudness (default true; false "
                         "arranges the songs as they are)")
@@ -60,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        arranger = Arranger.load(args.checkpoint)
+        arranger = (Arranger.load(args.checkpoint) if args.checkpoint else
+                    Arranger.rule(args.rule, args.sample_rate, args.section_beats, section_bars=args.section_bars))
         arranger.check_balance(args.balance)
         sr = arranger.sample_rate
         song, other = load_audio(args.input, sr, args.silence_db), load_audio(args.target, sr, args.silence_db)
@@ -90,6 +108,11 @@ def main(argv=None) -> int:
     if result.alignment is not None:
         print(f"aligned target ({aligned_path(args.output)}): {result.alignment.line()}")
     print(summary_line(args.output, out, song, result.target, result.masks, result.grid, sr, args.balance))
+    if args.track_afresh:
+        b = bars_heard(out.numpy(), song.numpy(), result.target.numpy(), sr)
+        print(f"bars, every file tracked afresh: {b['on_bar_afresh']:.0%} of switches on the input's bar lines "
+              f"(chance {b['on_bar_afresh_chance']:.0%}), the aligned target's bar lines on the input's "
+              f"F={b['target_bars_f']:.2f}, the input's bars heard in the arrangement F={b['output_bars_f']:.2f}")
     if reference is not None:
         tone = [tone_distance_db(w[None, None], reference[None, None], sr).item() for w in (out, song, result.target)]
         print(f"tone distance to the style reference: arrangement {tone[0]:.1f} dB (input {tone[1]:.1f} dB, "

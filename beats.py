@@ -1,29 +1,30 @@
-"""The music's grid and alignment: the beats, tempo, key and loudness of a song, the sections of N beats that the
-agent and the temporal rule decide on, and laying one song onto another's grid before both are encoded.
+"""The music's grid and alignment: the beats, bars, meter, tempo, key and loudness of a song, the sections of N
+bars (or beats) that the agent and the temporal rule decide on, and laying one song onto another's bars before both
+are encoded.
 
-librosa tracks the beats and the chroma, pedalboard's Rubber Band stretches and shifts, pyloudnorm measures
-ITU-R BS.1770 loudness. A song without a usable pulse (ambient, rubato, noise, a clip shorter than a few beats)
-gets an empty grid and a note, never an error: its sections fall back to fixed blocks of frames.
+The beats, bar lines, meter and key come from madmom's networks trained on annotated music (trackers.py),
+pedalboard's Rubber Band stretches and shifts, pyloudnorm measures ITU-R BS.1770 loudness. A song without a pulse
+the tracker trusts (ambient, rubato, noise, a clip shorter than a few beats) gets an empty grid and a note, never an
+error: its sections fall back to fixed blocks of frames.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+import trackers
+
 MIN_BEATS = 4  # fewer tracked beats than this is no usable pulse
-SNAP_SECONDS = 0.05  # a beat moves to an attack's start at most this far
-MIN_PULSE = 0.1  # the onset envelope's autocorrelation at the beat period below which a "pulse" is noise
+MIN_CONFIDENCE = 0.2  # the tracker's mean activation at its beats below which a "pulse" is noise (docs/results.md)
 MAX_STRETCH = 2.0  # tempos further apart than this after folding octave errors are not stretched
+DRIFT = 0.03  # a song whose local tempo strays further than this from its mean is followed beat by beat
 SWITCH_FADE_SECONDS = 0.025  # a switch between the songs is a cross-fade of this length, not a cut (no click)
 RIDE_SECONDS = 0.2  # at a switch, the incoming song meets the level of the last this-many seconds (a DJ's fader)
 MAX_RIDE_DB = 12.0  # ... moved by at most this much either way
 KEY_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
-# Krumhansl-Kessler key profiles (Krumhansl 1990), tonic first: how well each pitch class fits a major / minor key
-MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
-MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 
 
 class AlignmentError(ValueError):
@@ -31,9 +32,23 @@ class AlignmentError(ValueError):
 
 
 @dataclass
+class Pulse:
+    """What the beat and bar tracker heard: tempo (BPM, 0 without a pulse), beat times (s), bar lines (s), meter
+    (beats a bar, 0 unknown), how sure it is (0..1) and, without a usable pulse, a note that says why."""
+
+    tempo: float
+    beats: np.ndarray
+    downbeats: np.ndarray
+    meter: int
+    confidence: float
+    note: str = ""
+
+
+@dataclass
 class Grid:
     """What a song's grid holds: tempo (BPM, 0 without a pulse), beat times (s), key (tonic pitch class, minor or
-    major), integrated loudness (LUFS) and, for a song without a usable pulse, a note that says why."""
+    major), integrated loudness (LUFS), a note for a song without a usable pulse, its bar lines (s), meter and how
+    sure the trackers are of the pulse and of the key (0..1)."""
 
     tempo: float
     beats: np.ndarray
@@ -41,10 +56,18 @@ class Grid:
     minor: bool
     loudness: float
     note: str = ""
+    downbeats: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    meter: int = 0
+    confidence: float = 0.0
+    key_confidence: float = 0.0
 
     @property
     def has_pulse(self) -> bool:
         return len(self.beats) >= 2 and self.tempo > 0
+
+    @property
+    def has_bars(self) -> bool:
+        return self.has_pulse and self.meter > 0 and len(self.downbeats) > 0
 
     @property
     def key_name(self) -> str:
@@ -53,67 +76,43 @@ class Grid:
 
 # ---------------------------------------------------------------- analysis
 
-def track_beats(audio: np.ndarray, sample_rate: int) -> tuple[float, np.ndarray, str]:
-    """(tempo BPM, beat times s, note): librosa's dynamic-programming beat tracker (Ellis 2007) on 10 ms frames,
-    each beat moved to the start of its attack (the backtracked onset within SNAP_SECONDS), where a switch between
-    songs belongs; checked for a real pulse: the onset envelope must repeat at the beat period. Without one:
-    (0.0, [], why)."""
-    import librosa
+def no_pulse(note: str) -> Pulse:
+    return Pulse(0.0, np.zeros(0), np.zeros(0), 0, 0.0, f"no beat grid: {note}")
 
+
+def track_beats(audio: np.ndarray, sample_rate: int) -> Pulse:
+    """Beats, bar lines, meter and tempo of a mono song by madmom's downbeat tracker (trackers.track_bars),
+    checked for a pulse it trusts. Without one: an empty Pulse with a note that says why."""
     seconds = len(audio) / sample_rate
     if seconds < 1.0:
-        return 0.0, np.zeros(0), f"no beat grid: {seconds:.2f} s is too short to track beats"
-    hop = max(32, int(round(0.01 * sample_rate)))
-    envelope = librosa.onset.onset_strength(y=audio, sr=sample_rate, hop_length=hop)
-    _, beats = librosa.beat.beat_track(onset_envelope=envelope, sr=sample_rate, hop_length=hop, units="time")
-    if len(beats) < MIN_BEATS:
-        return 0.0, np.zeros(0), f"no beat grid: fewer than {MIN_BEATS} beats found in {seconds:.1f} s"
-    tempo = tempo_of(beats)  # from the tracker's regular beats, before they move to the attacks
-    clarity = pulse_clarity(envelope, 60.0 / tempo * sample_rate / hop)
-    if clarity < MIN_PULSE:
-        return 0.0, np.zeros(0), f"no beat grid: no steady pulse (clarity {clarity:.2f} < {MIN_PULSE})"
-    onsets = librosa.onset.onset_detect(onset_envelope=envelope, sr=sample_rate, hop_length=hop, units="time",
-                                        backtrack=True)
-    if len(onsets):  # the tracker's beats lag the attacks by up to a frame and its envelope's rise
-        nearest = onsets[np.abs(onsets[None] - beats[:, None]).argmin(axis=1)]
-        beats = np.where(np.abs(nearest - beats) <= SNAP_SECONDS, nearest, beats)
-    return tempo, np.asarray(beats, dtype=np.float64), ""
+        return no_pulse(f"{seconds:.2f} s is too short to track beats")
+    bars = trackers.track_bars(audio, sample_rate)
+    if len(bars.beats) < MIN_BEATS:
+        return no_pulse(f"fewer than {MIN_BEATS} beats found in {seconds:.1f} s")
+    if bars.confidence < MIN_CONFIDENCE:
+        return no_pulse(f"no steady pulse (the tracker's confidence {bars.confidence:.2f} < {MIN_CONFIDENCE})")
+    return Pulse(tempo_of(bars.beats), bars.beats, bars.downbeats, bars.meter, bars.confidence)
 
 
 def tempo_of(beats: np.ndarray) -> float:
     """BPM of beat times: a line fitted to the beats against their count on the grid (each beat numbered by the
-    median period, so a beat the tracker left out is a gap, not a slower tempo). librosa's own estimate is
-    quantised to its autocorrelation lags, 2 % off at 120 BPM; the median period alone to its frames."""
+    median period, so a beat the tracker left out is a gap, not a slower tempo)."""
     period = float(np.median(np.diff(beats)))
     count = np.round((beats - beats[0]) / period)
     return 60.0 / float(np.polyfit(count, beats, 1)[0])
 
 
-def pulse_clarity(envelope: np.ndarray, period_frames: float) -> float:
-    """How strongly an onset envelope repeats at `period_frames`: its normalised autocorrelation there (best of the
-    neighbouring lags), about 0 for noise, near 1 for a click track."""
-    env = envelope - envelope.mean()
-    energy = float(env @ env)
-    lag = int(round(period_frames))
-    if energy <= 0 or lag < 1 or lag + 1 >= len(env):
+def drift_of(beats: np.ndarray) -> float:
+    """How far the local tempo (over 8 beats) strays from the song's mean: the largest relative difference."""
+    if len(beats) < 10:
         return 0.0
-    return max(float(env[:-k] @ env[k:]) / energy for k in (lag - 1, lag, lag + 1) if k >= 1)
+    local = (beats[8:] - beats[:-8]) / 8
+    return float(np.abs(local / np.median(np.diff(beats)) - 1).max())
 
 
 def estimate_key(audio: np.ndarray, sample_rate: int) -> tuple[int, bool, float]:
-    """(tonic pitch class, minor?, correlation): the Krumhansl-Schmuckler key finder on librosa's chroma."""
-    import librosa
-
-    n_fft = 1 << max(9, int(math.log2(sample_rate / 6)))  # bins of about 6 Hz or finer: low notes resolved
-    chroma = librosa.feature.chroma_stft(y=audio, sr=sample_rate, n_fft=min(n_fft, max(512, len(audio))))
-    profile = chroma.mean(axis=1)
-    best = (0, False, -1.0)
-    for minor, template in ((False, MAJOR_PROFILE), (True, MINOR_PROFILE)):
-        for tonic in range(12):
-            r = float(np.corrcoef(profile, np.roll(template, tonic))[0, 1]) if profile.std() > 0 else 0.0
-            if r > best[2]:
-                best = (tonic, minor, r)
-    return best
+    """(tonic pitch class, minor?, probability): madmom's key CNN over the whole song (trackers.track_key)."""
+    return trackers.track_key(audio, sample_rate)
 
 
 def loudness_lufs(audio: np.ndarray, sample_rate: int) -> float:
@@ -129,20 +128,23 @@ def loudness_lufs(audio: np.ndarray, sample_rate: int) -> float:
     return 20 * math.log10(rms) if rms > 0 else -math.inf
 
 
-def analyse(audio: np.ndarray, sample_rate: int, beats: np.ndarray | None = None) -> Grid:
-    """The grid of a whole mono song: beats, tempo, key and loudness. `beats`: beat times known already (tracked
-    on the whole song the audio was cut from, as make_pairs.py keeps them; NaN entries are padding)."""
+def analyse(audio: np.ndarray, sample_rate: int, pulse: Pulse | None = None) -> Grid:
+    """The grid of a whole mono song: beats, bars, tempo, key and loudness. `pulse`: the beats and bars known
+    already (tracked on the whole song the audio was cut from, as make_pairs.py keeps them)."""
     audio = np.asarray(audio, dtype=np.float32)
-    if beats is None:
-        tempo, beats, note = track_beats(audio, sample_rate)
-    else:
-        beats = np.asarray(beats, dtype=np.float64)
-        beats = beats[np.isfinite(beats)]
-        tempo, note = 0.0, "no beat grid: fewer than 2 beats in the segment"
-        if len(beats) >= 2:
-            tempo, note = tempo_of(beats), ""
-    key, minor, _ = estimate_key(audio, sample_rate)
-    return Grid(tempo, beats, key, minor, loudness_lufs(audio, sample_rate), note)
+    pulse = pulse or track_beats(audio, sample_rate)
+    key, minor, key_confidence = estimate_key(audio, sample_rate)
+    return Grid(pulse.tempo, pulse.beats, key, minor, loudness_lufs(audio, sample_rate), pulse.note, pulse.downbeats,
+                pulse.meter, pulse.confidence, key_confidence)
+
+
+def known_pulse(beats, downbeats=(), meter: int = 0) -> Pulse:
+    """A Pulse from beat and bar times known already (NaN entries are padding)."""
+    beats, downbeats = (np.asarray(b, dtype=np.float64) for b in (beats, downbeats))
+    beats, downbeats = beats[np.isfinite(beats)], downbeats[np.isfinite(downbeats)]
+    if len(beats) < 2:
+        return no_pulse("fewer than 2 beats in the segment")
+    return Pulse(tempo_of(beats), beats, downbeats, meter if len(downbeats) else 0, 1.0)
 
 
 # ---------------------------------------------------------------- sections
@@ -156,43 +158,76 @@ def extend_grid(beats: np.ndarray, seconds: float) -> np.ndarray:
     return np.concatenate([before, beats, after])
 
 
-def section_starts(beats: np.ndarray, seconds: float, beats_per_section: int) -> np.ndarray:
-    """The times (s) at which sections of `beats_per_section` beats start within 0..seconds, counted from the first
-    tracked beat; 0 always starts one, and a start within half a beat of 0 or of the end is dropped (no section
-    shorter than half a beat). Empty beats: only 0."""
+def section_starts(beats: np.ndarray, seconds: float, beats_per_section: int,
+                   downbeat: float = math.nan) -> np.ndarray:
+    """The times (s) at which sections of `beats_per_section` beats start within 0..seconds, counted from a bar
+    line `downbeat` (s, anywhere on the grid, even outside the clip) or else from the first tracked beat; 0
+    always starts one, and a start within half a beat of 0 or of the end is dropped (no section shorter than half
+    a beat). Empty beats: only 0."""
     if len(beats) < 2:
         return np.zeros(1)
     grid = extend_grid(np.asarray(beats, dtype=np.float64), seconds)
-    first = int(np.searchsorted(grid, beats[0]))
+    period = float(np.median(np.diff(beats)))
+    anchor = beats[0] if not math.isfinite(downbeat) else downbeat
+    first = int(round((anchor - grid[0]) / period)) if not grid[0] <= anchor <= grid[-1] else \
+        int(np.abs(grid - anchor).argmin())
     starts = grid[first % beats_per_section :: beats_per_section]
-    half = 0.5 * float(np.median(np.diff(beats)))
-    starts = starts[(starts >= half) & (starts <= seconds - half)]
+    starts = starts[(starts >= 0.5 * period) & (starts <= seconds - 0.5 * period)]
     return np.concatenate([[0.0], starts])
+
+
+@dataclass
+class SectionUnit:
+    """What a section is: `bars` bars of the input (where its bars are known), else `beats` beats, else fixed
+    blocks of `block_frames` latent frames (no pulse, or both 0)."""
+
+    beats: int = 2
+    bars: int = 0
+    block_frames: int = 32
+
+    def beats_per_section(self, meter: int) -> int:
+        return self.bars * meter if self.bars > 0 and meter > 0 else self.beats
+
+
+def section_ids(beats: np.ndarray | None, frames: int, frame_rate: float, unit: SectionUnit,
+                bar: tuple[int, float] = (0, math.nan)) -> torch.Tensor:
+    """Which section each of `frames` latent frames belongs to [frames] (int64, 0, 1, ... in time order): sections
+    of `unit` over `beats` (seconds, NaN or none for no pulse) whose bars have `bar` = (meter, one bar line's
+    time), or fixed blocks of frames where there is no usable grid."""
+    beats = np.asarray([] if beats is None else beats, dtype=np.float64)
+    beats = beats[np.isfinite(beats)]
+    count = unit.beats_per_section(bar[0])
+    if count <= 0 or len(beats) < 2:
+        return torch.arange(frames) // max(1, unit.block_frames)
+    downbeat = bar[1] if count != unit.beats else math.nan
+    starts = np.round(section_starts(beats, frames / frame_rate, count, downbeat) * frame_rate)
+    return torch.from_numpy(np.searchsorted(starts, np.arange(frames), side="right") - 1).long()
+
+
+def batch_section_ids(beats: torch.Tensor, bars: torch.Tensor | None, frames: int, frame_rate: float,
+                      unit: SectionUnit) -> torch.Tensor:
+    """section_ids of every example of a batch of beat times [B, K] (NaN-padded) and bars [B, 2] (meter, a bar
+    line's time; None: unknown) -> [B, frames]."""
+    bars = bars.detach().cpu().double().numpy() if bars is not None else np.tile([0.0, math.nan], (len(beats), 1))
+    return torch.stack([section_ids(b.numpy(), frames, frame_rate, unit, (int(bar[0]), float(bar[1])))
+                        for b, bar in zip(beats.detach().cpu().double(), bars, strict=True)])
+
+
+def bar_of(bars: torch.Tensor) -> tuple[int, float]:
+    """A batch entry of bar_anchor back as (meter, a bar line's time)."""
+    return int(bars[0]), float(bars[1])
+
+
+def bar_anchor(downbeats: np.ndarray, meter: int) -> torch.Tensor:
+    """A segment's bars for batching [2]: (meter, its first bar line's time), (0, NaN) where it has none."""
+    downbeats = np.asarray(downbeats, dtype=np.float64)
+    downbeats = downbeats[np.isfinite(downbeats)]
+    return torch.tensor([float(meter), float(downbeats[0])] if len(downbeats) and meter else [0.0, math.nan])
 
 
 def switch_fade_frames(frame_rate: float) -> int:
     """The number of latent frames closest to SWITCH_FADE_SECONDS at `frame_rate` frames per second."""
     return max(1, int(round(SWITCH_FADE_SECONDS * frame_rate)))
-
-
-def section_ids(beats: np.ndarray | None, frames: int, frame_rate: float, beats_per_section: int,
-                block_frames: int) -> torch.Tensor:
-    """Which section each of `frames` latent frames belongs to [frames] (int64, 0, 1, ... in time order): sections
-    of `beats_per_section` beats of `beats` (seconds, NaN or none for no pulse), or fixed blocks of `block_frames`
-    frames where there is no usable grid or `beats_per_section` is 0."""
-    beats = np.asarray([] if beats is None else beats, dtype=np.float64)
-    beats = beats[np.isfinite(beats)]
-    if beats_per_section <= 0 or len(beats) < 2:
-        return torch.arange(frames) // max(1, block_frames)
-    starts = np.round(section_starts(beats, frames / frame_rate, beats_per_section) * frame_rate)
-    return torch.from_numpy(np.searchsorted(starts, np.arange(frames), side="right") - 1).long()
-
-
-def batch_section_ids(beats: torch.Tensor, frames: int, frame_rate: float, beats_per_section: int,
-                      block_frames: int) -> torch.Tensor:
-    """section_ids of every example of a batch of beat times [B, K] (NaN-padded) -> [B, frames]."""
-    return torch.stack([section_ids(b.numpy(), frames, frame_rate, beats_per_section, block_frames)
-                        for b in beats.detach().cpu().double()])
 
 
 def padded_beats(beats: np.ndarray, seconds: float) -> torch.Tensor:
@@ -210,7 +245,8 @@ def padded_beats(beats: np.ndarray, seconds: float) -> torch.Tensor:
 
 @dataclass
 class Alignment:
-    """What was done to the target: tempo ratio (target's speed-up), semitones, gains, beat offset, and notes."""
+    """What was done to the target: tempo ratio (target's speed-up), semitones, gains, the offset that puts its bar
+    lines (or beats) on the input's, the time map where a drifting tempo is followed bar by bar, and notes."""
 
     tempo_in: float
     tempo_tgt: float
@@ -222,11 +258,14 @@ class Alignment:
     lufs_tgt: float
     notes: list
     used: int  # samples of the target that were stretched
-    offset: int  # samples of the stretched target skipped, so its beats fall on the input's
+    offset: int  # samples of the stretched target skipped, so its bar lines fall on the input's
     gain: float = 1.0  # the loudness match, as a factor
+    on: str = "beats"  # what was lined up: "bars" (downbeat phase), "beats" (beat phase) or "nothing"
+    time_map: np.ndarray | None = None  # [K, 2] (target s, output s) anchors, stretched between them
 
     def line(self) -> str:
-        tempo = (f"tempo {self.tempo_tgt:.1f}\u2192{self.tempo_in:.1f} BPM (\u00d7{self.ratio:.3f})"
+        tempo = (f"tempo {self.tempo_tgt:.1f}\u2192{self.tempo_in:.1f} BPM (\u00d7{self.ratio:.3f}"
+                 f"{', bar by bar' if self.time_map is not None else ''}) on the {self.on}"
                  if self.tempo_in and self.tempo_tgt else "tempo unchanged (no beat grid)")
         key = f"key {self.key_tgt}\u2192{self.key_in} ({self.semitones:+d} semitones)"
         return f"{tempo}, {key}, loudness {self.lufs_tgt:.1f}\u2192{self.lufs_in:.1f} LUFS"
@@ -243,28 +282,44 @@ def tempo_ratio(tempo_in: float, tempo_tgt: float) -> float:
     return ratio
 
 
-def key_shift(input_grid: Grid, target_grid: Grid) -> int:
-    """Semitones (-6..+5) that move the target's key onto the input's by the smallest step; a relative major or
-    minor counts as the same key (A minor = C major)."""
-    def major(g: Grid) -> int:
-        return (g.key + 3) % 12 if g.minor else g.key
+def fifths_apart(key_a: int, key_b: int) -> int:
+    """Steps round the circle of fifths between two major keys' tonics (0..6)."""
+    steps = (key_a - key_b) * 7 % 12
+    return min(steps, 12 - steps)
 
-    return (major(input_grid) - major(target_grid) + 6) % 12 - 6
+
+def major_of(key: int, minor: bool) -> int:
+    """The tonic of a key, or of its relative major (A minor -> C)."""
+    return (key + 3) % 12 if minor else key
+
+
+def key_shift(input_grid: Grid, target_grid: Grid) -> int:
+    """Semitones (-6..+5) that move the target only as far as the music needs: none where the keys already fit (the
+    same, the relative, a neighbour on the circle of fifths), else the smallest shift that makes them fit, the
+    same key before a neighbour at an equal shift. Every semitone costs Rubber Band's sound (docs/results.md)."""
+    def cost(shift: int) -> tuple[int, int]:
+        apart = fifths_apart(major_of(input_grid.key, input_grid.minor),
+                             (major_of(target_grid.key, target_grid.minor) + shift) % 12)
+        return (0 if apart <= 1 else 1, abs(shift) if apart <= 1 else 0, apart)
+
+    return min(range(-6, 6), key=lambda shift: (cost(shift), shift != 0))
 
 
 def beat_phase(beats: np.ndarray, period: float) -> float:
-    """Where in the beat period (s) the beats fall: the circular mean of their times modulo the period."""
+    """Where in the period (s) the beats (or bar lines) fall: the circular mean of their times modulo the period."""
     angle = np.angle(np.exp(2j * np.pi * np.asarray(beats) / period).mean())
     return float(angle % (2 * np.pi)) / (2 * np.pi) * period
 
 
-def stretch(audio: np.ndarray, sample_rate: int, ratio: float, semitones: int) -> np.ndarray:
-    """Rubber Band (pedalboard) time-stretch by `ratio` (> 1: faster) and pitch-shift by `semitones` in one pass."""
-    if abs(ratio - 1) < 1e-4 and semitones == 0:
+def stretch(audio: np.ndarray, sample_rate: int, ratio, semitones: int) -> np.ndarray:
+    """Rubber Band (pedalboard) time-stretch by `ratio` (> 1: faster; a float, or one factor per sample of `audio`
+    for a time map) and pitch-shift by `semitones` in one pass."""
+    if np.ndim(ratio) == 0 and abs(ratio - 1) < 1e-4 and semitones == 0:
         return audio
     import pedalboard
 
-    out = pedalboard.time_stretch(audio[None].astype(np.float32), sample_rate, stretch_factor=float(ratio),
+    factor = np.asarray(ratio, dtype=np.float64) if np.ndim(ratio) else float(ratio)
+    out = pedalboard.time_stretch(audio[None].astype(np.float32), sample_rate, stretch_factor=factor,
                                   pitch_shift_in_semitones=float(semitones))
     return out[0]
 
@@ -312,14 +367,63 @@ def loop_to(audio: np.ndarray, length: int) -> np.ndarray:
     return np.tile(audio, -(-length // max(1, len(audio))))[:length]
 
 
+def bar_offset(input_grid: Grid, target_grid: Grid, ratio: float, notes: list) -> tuple[float, float, str]:
+    """(offset s of the stretched target, the period it was lined up in, "bars" or "beats"): the target's bar lines
+    on the input's where both have bars of the same meter, else its beats on the input's beats, with a note."""
+    beat = 60.0 / input_grid.tempo
+    if input_grid.has_bars and target_grid.has_bars and input_grid.meter == target_grid.meter:
+        bar = beat * input_grid.meter
+        phase = beat_phase(target_grid.downbeats / ratio, bar) - beat_phase(input_grid.downbeats, bar)
+        return phase % bar, bar, "bars"
+    if input_grid.has_bars and target_grid.has_bars:
+        notes.append(f"meters differ ({target_grid.meter} and {input_grid.meter} beats a bar): beats lined up, "
+                     "not bars")
+    return (beat_phase(target_grid.beats / ratio, beat) - beat_phase(input_grid.beats, beat)) % beat, beat, "beats"
+
+
+def time_map(input_grid: Grid, target_grid: Grid, ratio: float, offset: float) -> np.ndarray | None:
+    """Anchors [K, 2] (target s, output s) that follow a drifting tempo bar by bar: each of the target's bar lines
+    (beats where the meters differ) from the first that falls on the input's onto its partner in time (every other
+    one where the tempos were folded by an octave), the tempo ratio held before and after; None where neither song
+    drifts (DRIFT)."""
+    if max(drift_of(input_grid.beats), drift_of(target_grid.beats)) <= DRIFT:
+        return None
+    fold = ratio * target_grid.tempo / input_grid.tempo  # 1, or 2 / 0.5: the target in double / half time
+    bars = input_grid.meter == target_grid.meter and input_grid.has_bars and target_grid.has_bars
+    mine, theirs = (input_grid.downbeats, target_grid.downbeats) if bars else (input_grid.beats, target_grid.beats)
+    period = float(np.median(np.diff(mine))) if len(mine) > 1 else 60.0 / input_grid.tempo
+    landed = theirs / ratio - offset  # where the target's marks fall under the global ratio
+    first = np.abs(landed[:, None] - mine[None]).min(axis=1) < period / 2
+    if first.sum() < 2:
+        return None
+    k, j = int(first.argmax()), int(np.abs(mine - landed[first.argmax()]).argmin())
+    theirs, mine = theirs[k :: 2 if fold > 1.5 else 1], mine[j :: 2 if fold < 0.75 else 1]
+    n = min(len(theirs), len(mine))
+    if n < 2:
+        return None
+    anchors = np.stack([theirs[:n], mine[:n]], axis=1)
+    start = anchors[0, 0] - anchors[0, 1] * ratio  # the target's time at output 0, under the global ratio
+    return np.concatenate([[[start, 0.0]], anchors])
+
+
+def map_factors(anchors: np.ndarray, samples: int, sample_rate: int, ratio: float) -> np.ndarray:
+    """The stretch factor of each of `samples` target samples from its start anchors[0, 0]: the ratio of target to
+    output time between consecutive anchors, `ratio` after the last."""
+    t = anchors[0, 0] + np.arange(samples) / sample_rate
+    speed = np.diff(anchors[:, 0]) / np.maximum(np.diff(anchors[:, 1]), 1e-3)
+    piece = np.searchsorted(anchors[:, 0], t, side="right") - 1
+    return np.where(piece < len(speed), speed[np.minimum(piece, len(speed) - 1)], ratio)
+
+
 def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_grid: Grid | None = None,
           input_grid: Grid | None = None, match_key: bool = True,
           tolerant: bool = False) -> tuple[np.ndarray, Alignment]:
     """The target laid on the input's grid, as it enters the arrangement: stretched to the input's tempo with its
-    beats on the input's beats, shifted to the input's key (`match_key`), brought to the input's loudness
-    (BS.1770) and looped or cut to the input's length (levels at the switches: level_switches). Where either
-    song has no beat grid the tempo is left alone, with a note. AlignmentError for tempos too far apart, unless
-    `tolerant` (training pairs): then the tempo is left alone, with a note."""
+    bar lines on the input's (beats where the meters differ; bar by bar where a tempo drifts), shifted only as far
+    as the keys need (`match_key`), brought to the input's loudness (BS.1770) and looped or cut to the input's
+    length (levels at the switches: level_switches). Where either song has no beat grid the tempo is left alone,
+    with a note. AlignmentError for tempos too far apart, unless `tolerant` (training pairs): then the tempo is
+    left alone, with a note."""
     input_grid = input_grid or analyse(input_song, sample_rate)
     target_grid = target_grid or analyse(target, sample_rate)
     notes = [f"{name}: {g.note}" for name, g in (("input", input_grid), ("target", target_grid)) if g.note]
@@ -332,15 +436,15 @@ def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_g
         pulse, ratio = False, 1.0
         notes.append(f"tempo left alone: {err}")
     semitones = key_shift(input_grid, target_grid) if match_key else 0
-    period = 60.0 / input_grid.tempo if pulse else 0.0
-    # stretch only what the arrangement takes (the input's length, and a beat for the offset), not a long tail
-    used = math.ceil((len(input_song) / sample_rate + period + 0.1) * ratio * sample_rate)
-    offset = 0  # samples: the stretched target starts where its beats fall on the input's
+    offset, period, on, anchors = 0.0, 0.0, "nothing", None
     if pulse:
-        phase = (beat_phase(target_grid.beats / ratio, period) - beat_phase(input_grid.beats, period)) % period
-        offset = int(round(phase * sample_rate))
+        offset, period, on = bar_offset(input_grid, target_grid, ratio, notes)
+        anchors = time_map(input_grid, target_grid, ratio, offset)
+    # stretch only what the arrangement takes (the input's length, and a bar for the offset), not a long tail
+    used = math.ceil((len(input_song) / sample_rate + period + 0.1) * ratio * sample_rate)
     info = Alignment(input_grid.tempo, target_grid.tempo, ratio, input_grid.key_name, target_grid.key_name, semitones,
-                     input_grid.loudness, target_grid.loudness, notes, used, offset)
+                     input_grid.loudness, target_grid.loudness, notes, used, int(round(offset * sample_rate)),
+                     on=on, time_map=anchors)
     out = lay_on_grid(target, info, len(input_song), sample_rate)
     lufs_tgt = loudness_lufs(out, sample_rate)
     if math.isfinite(lufs_tgt) and math.isfinite(info.lufs_in):
@@ -350,8 +454,14 @@ def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_g
 
 def lay_on_grid(audio: np.ndarray, alignment: Alignment, length: int, sample_rate: int) -> np.ndarray:
     """A recording of the target (the target itself, or one of its stems) laid on the input's grid as `align` laid
-    the target: stretched and shifted alike, started at the same offset, looped or cut to `length` samples and
-    levelled by the same gain. Stems laid this way still sum to the aligned target, up to Rubber Band's rounding."""
+    the target: stretched and shifted alike (through the same time map), started at the same offset, looped or cut
+    to `length` samples and levelled by the same gain. Stems laid this way still sum to the aligned target, up to
+    Rubber Band's rounding."""
     a = alignment
-    out = stretch(np.asarray(audio[: a.used], dtype=np.float32), sample_rate, a.ratio, a.semitones)
-    return loop_to(out[a.offset :], length) * np.float32(a.gain)
+    if a.time_map is not None and a.time_map[0, 0] >= 0:
+        start = int(round(a.time_map[0, 0] * sample_rate))
+        piece = np.asarray(audio[start : start + a.used], dtype=np.float32)
+        out = stretch(piece, sample_rate, map_factors(a.time_map, len(piece), sample_rate, a.ratio), a.semitones)
+    else:
+        out = stretch(np.asarray(audio[: a.used], dtype=np.float32), sample_rate, a.ratio, a.semitones)[a.offset :]
+    return loop_to(out, length) * np.float32(a.gain)

@@ -35,7 +35,7 @@ def build_model(config: Config, codec_dim: int) -> SimpleTransformer:
         style_dim=STYLE_DIM if config.style_weight > 0 else 0, fade_frames=config.fade_frames, use_sdpa=config.sdpa,
         bass=bass_rows(config.sample_rate / 2 / codec_dim, config.bass_hz), guide=config.layer_guide,
         **agent_term_weights(config))
-    model.section_beats = config.section_beats
+    model.section_beats, model.section_bars = config.section_beats, config.section_bars
     return model
 
 

@@ -122,6 +122,9 @@ class Config:
                               "of N beats of the input's beat grid, so the songs switch only on the beat (default "
                               "2; 0: fixed blocks of --agent_block_frames / --temporal_segment_frames frames); "
                               "songs without a pulse fall back to those blocks", type=count, metavar="N")
+    section_bars: int = flag(1, "masks", "... or once per section of N bars of the input, so the songs switch only "
+                             "on its bar lines (default 1; 0: sections of --section_beats beats); songs whose bars "
+                             "are not known fall back to --section_beats", type=count, metavar="N")
     balance_range: tuple = flag((0.2, 0.8), "masks", "train the agent for any wanted input share: each example "
                                 "draws one from LO..HI, and arrange.py/evaluate.py --balance choose it later "
                                 "(default 0.2,0.8; 0.5,0.5: always even)", type=share_range, metavar="LO,HI")
@@ -225,7 +228,7 @@ class Config:
 
 # A setting's meaning in runs made before it existed, where that differs from today's default.
 LEGACY = dict(agent_gates="cell", agent_scales=(1,), balance_range=(0.5, 0.5), agent_block_frames=0,
-              section_beats=0, far_lsd_weight=0.0, bass_hz=0.0, layer_guide=0.0)
+              section_beats=0, section_bars=0, far_lsd_weight=0.0, bass_hz=0.0, layer_guide=0.0)
 RENAMED = {"num_transformer_layers": "num_stages"}  # old name in checkpoints -> field
 
 
@@ -242,8 +245,8 @@ def upgrade(saved: dict) -> Config:
 # the settings that shape the model: a resumed run must have the same
 MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_stages", "num_layers", "nhead", "dropout", "anti_cheating",
               "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split", "agent_gates",
-              "agent_scales", "agent", "style_weight", "agent_block_frames", "section_beats", "fade_frames", "bass_hz",
-              "layer_guide")
+              "agent_scales", "agent", "style_weight", "agent_block_frames", "section_beats", "section_bars",
+              "fade_frames", "bass_hz", "layer_guide")
 
 
 GROUP_TITLES = dict(masks="masks: the agent (--agent KIND or --use_creative_agent true) or a rule (--mask_type)",

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from audio_codec import CodecUnavailable
-from beats import align, lay_on_grid
+from beats import align, bar_of, lay_on_grid
 from checkpoints import CheckpointError
 from config import SILENCE_DB
 from creative_agent import component_names, takes_stems
@@ -125,10 +125,10 @@ def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_si
     sums, count, seconds, patterns, shown, timing = {}, 0, 0.0, [], [], []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        inp, tgt, beats = (torch.stack([b[k] for b in batch]) for k in ("input", "target", "beats"))
+        inp, tgt, beats, bars = (torch.stack([b[k] for b in batch]) for k in ("input", "target", "beats", "bars"))
         stems = "rhythm" in batch[0] and takes_stems(model)
         rhythm = torch.stack([b["rhythm"] for b in batch]).unbind(1) if stems else None
-        sections = model.sections(beats, codec.num_frames(inp.shape[-1]), sr / codec.hop_length)
+        sections = model.sections(beats, codec.num_frames(inp.shape[-1]), sr / codec.hop_length, bars)
         begin = time.perf_counter()
         out, masks, attention = arrange_latents(model, codec, norm, inp, tgt, hard=hard, balance=balance,
                                                 keep_attention=model.use_creative_agent and start == 0,
@@ -148,7 +148,7 @@ def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_si
         patterns.append(masks[0].float())
         for j in range(len(batch)):
             waves = (out[j, 0].numpy(), inp[j, 0].numpy(), tgt[j, 0].numpy())
-            timing.append(heard_in_time_and_layers(*waves, beats[j].numpy(), sr))
+            timing.append(heard_in_time_and_layers(*waves, beats[j].numpy(), sr, bar_of(bars[j])))
             if start + j < num_examples:
                 att = attention[j] if attention is not None else None
                 shown.append((start + j, inp[j, 0], tgt[j, 0], out[j, 0], (masks[0][j], masks[1][j]), att,

@@ -90,6 +90,7 @@ class RuleMix(nn.Module):
         if mask_type not in MASK_TYPES:
             raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
         self.mask_type, self.section_beats, self.fade_frames = mask_type, section_beats, fade_frames
+        self.section_bars = 0  # sections of this many bars where the input's bars are known (as SimpleTransformer)
         self.temporal_segment_frames, self.frequency_split, self.bass = segment_frames, split, bass
         self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 

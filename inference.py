@@ -7,6 +7,7 @@ trained segment length, cut where sections of the input's beat grid start, so ev
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from beats import (
     SWITCH_FADE_SECONDS,
     Alignment,
     Grid,
+    SectionUnit,
     align,
     analyse,
     lay_on_grid,
@@ -155,13 +157,21 @@ def song_guide(model, song: torch.Tensor, other: torch.Tensor, codec, frames: in
 
 
 def song_sections(model, song_grid: Grid | None, num_samples: int, codec) -> torch.Tensor:
-    """Each latent frame's section [frames] over the whole song: sections of the model's `section_beats` beats of
-    the input's grid, or fixed blocks of frames (a model that decides in blocks, or a song without a pulse)."""
+    """Each latent frame's section [frames] over the whole song: sections of the model's `section_bars` bars (or
+    `section_beats` beats) of the input's grid, or fixed blocks of frames (a model that decides in blocks, or a song
+    without a pulse)."""
     generator = model.creative_agent.mask_generator if model.use_creative_agent else None
     block = (generator.block_frames if generator is not None else model.temporal_segment_frames) or 32
-    beats = song_grid.beats if song_grid is not None and model.section_beats > 0 else None
-    frame_rate = codec.sample_rate / codec.hop_length
-    return section_ids(beats, codec.num_frames(num_samples), frame_rate, model.section_beats, block)
+    beats = song_grid.beats if song_grid is not None and has_sections(model) else None
+    bar = (song_grid.meter, float(song_grid.downbeats[0])) if song_grid is not None and song_grid.has_bars else \
+        (0, math.nan)
+    unit = SectionUnit(model.section_beats, model.section_bars, block)
+    return section_ids(beats, codec.num_frames(num_samples), codec.sample_rate / codec.hop_length, unit, bar)
+
+
+def has_sections(model) -> bool:
+    """Whether a model (or rule) decides per section of the input's beats or bars."""
+    return model.section_beats > 0 or model.section_bars > 0
 
 
 def plan_windows(sections: torch.Tensor, hop: int, length: int, window: int, margin: int) -> list[tuple[int, int, int]]:
@@ -256,7 +266,7 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
         leans = None if guide is None else torch.stack([guide[b // hop : b // hop + frames] for b, _, _ in batch])
         y, (m_in, m_tgt), att = arrange_latents(model, codec, norm, inp, tgt, hard, keep_attention and i == 0,
                                                 balance, style, style_strength,
-                                                parts if model.section_beats > 0 else None, layers, leans)
+                                                parts if has_sections(model) else None, layers, leans)
         attention = att[0].cpu() if att is not None else attention
         for j, (begin, kept, end) in enumerate(batch):
             rise = ((positions + begin - kept + fade) / (2 * fade)).clamp(0, 1) if kept > 0 else 1.0
@@ -348,15 +358,15 @@ def aligned_path(output: str) -> str:
 
 
 def prepare_songs(song: torch.Tensor, other: torch.Tensor, sample_rate: int, match_key: bool = True,
-                  align_songs: bool = True, song_beats=None):
+                  align_songs: bool = True, song_pulse=None):
     """(input grid, the target aligned to the input, Alignment or None): both songs' grids, then the target laid on
-    the input's tempo, beats, key and loudness (beats.align). `song_beats`: the input's beats where they are known
-    (a pair's, tracked on its whole song). AlignmentError for tempos too far apart. The two songs are analysed at
-    once, in two threads (librosa's spectra and filters let go of the interpreter): 20 % less time on two cores."""
+    the input's tempo, bars, key and loudness (beats.align). `song_pulse`: the input's beats and bars where they
+    are known (a pair's, tracked on its whole song). AlignmentError for tempos too far apart. The two songs are
+    analysed at once, in two threads."""
     song_np, other_np = song.numpy(), other.numpy()
     with ThreadPoolExecutor(1) as pool:
         target_grid = pool.submit(analyse, other_np, sample_rate) if align_songs else None
-        grid = analyse(song_np, sample_rate, song_beats)
+        grid = analyse(song_np, sample_rate, song_pulse)
         target_grid = target_grid.result() if target_grid is not None else None
     if not align_songs:
         return grid, loop_to_length(other, len(song)), None
@@ -369,13 +379,17 @@ def summary_line(path: str, out: torch.Tensor, song: torch.Tensor, other: torch.
     """What a listener hears, from the audio: input share, the sections in time, and the mask figures."""
     metrics = mask_metrics(*masks)
     share = input_share(out[None, None], song[None, None], other[None, None]).item()
-    t = in_time(out.numpy(), song.numpy(), other.numpy(), grid.beats if grid.has_pulse else None, sample_rate)
+    bar = (grid.meter, float(grid.downbeats[0])) if grid.has_bars else (0, math.nan)
+    t = in_time(out.numpy(), song.numpy(), other.numpy(), grid.beats if grid.has_pulse else None, sample_rate, bar)
     layered = layering(out.numpy(), song.numpy(), other.numpy(), sample_rate)
     asked = f" (asked {balance:g})" if balance != 0.5 else ""
     both = (", both songs sound at once most of the time, so which one is heard, and so its switches, are "
             "ambiguous" if layered["both_heard"] > 0.5 else "")
+    on_bar = (f", {t['on_bar']:.0%} on the input's bar lines (chance {t['on_bar_chance']:.0%})"
+              if math.isfinite(t["on_bar"]) else "")
     beats = (f" ({t['section_in_beats']:.1f} beats), {t['on_beat']:.0%} of switches on the beat (chance "
-             f"{t['on_beat_chance']:.0%}), tempo \u00d7{t['tempo_ratio']:.2f}" if grid.has_pulse else " (no beat grid)")
+             f"{t['on_beat_chance']:.0%}){on_bar}, tempo \u00d7{t['tempo_ratio']:.2f}" if grid.has_pulse
+             else " (no beat grid)")
     return (f"{path}: {len(out) / sample_rate:.1f} s at {sample_rate} Hz | input share {share:.2f}{asked} | "
             f"{t['switches_per_s']:.2f} switches/s, median section {t['section_s']:.2f} s{beats}, loudness jump "
             f"{t['loudness_jump_db']:.1f} dB (the input alone {t['input_jump_db']:.1f} dB){both} | both songs heard "
@@ -423,16 +437,18 @@ class Arranger:
 
     @classmethod
     def rule(cls, mask_type: str = "temporal", sample_rate: int = 24000, section_beats: int = 2,
-             window_seconds: float = 8.0) -> Arranger:
+             window_seconds: float = 8.0, section_bars: int = 0) -> Arranger:
         """A rule with nothing learned (fixed_masks.RuleMix) over the MDCT codec, which reconstructs exactly: the
-        temporal rule switches songs every `section_beats` beats of the input, the layers rule lays the input's
-        rhythm under the target's harmony. Arranges in windows of `window_seconds`."""
+        temporal rule switches songs every `section_bars` bars of the input (where its bars are known) or every
+        `section_beats` beats, the layers rule lays the input's rhythm under the target's harmony. Arranges in
+        windows of `window_seconds`."""
         codec = build_codec("mdct", sample_rate)
         fade = switch_fade_frames(codec.sample_rate / codec.hop_length)
         config = Config(mask_type=mask_type, sample_rate=sample_rate, section_beats=section_beats,
-                        segment_seconds=window_seconds, segment_samples=round(window_seconds * sample_rate),
-                        fade_frames=fade)
+                        section_bars=section_bars, segment_seconds=window_seconds,
+                        segment_samples=round(window_seconds * sample_rate), fade_frames=fade)
         model = RuleMix(mask_type, section_beats, fade, bass=bass_rows(codec.sample_rate / 2 / codec.dim))
+        model.section_bars = section_bars
         return cls(model.eval(), codec.eval(), LatentNorm(codec.dim), config, f"the {mask_type} rule")
 
     @property
@@ -461,11 +477,11 @@ class Arranger:
     def arrange(self, song: torch.Tensor, other: torch.Tensor, balance: float = 0.5, hard: bool = False,
                 match_key: bool = True, align_songs: bool = True, style: torch.Tensor | None = None,
                 style_strength: float = 0.5, batch_size: int = 4, keep_attention: bool = False,
-                song_beats=None, rhythm: tuple | None = None) -> Arrangement:
-        """Two whole songs [S_in], [S_tgt] at the model's sample rate -> their Arrangement (`song_beats`: the
+                song_pulse=None, rhythm: tuple | None = None) -> Arrangement:
+        """Two whole songs [S_in], [S_tgt] at the model's sample rate -> their Arrangement (`song_pulse`: the
         input's beats where they are known already; `rhythm`: the songs' rhythm stems [S] from a separator,
         either one None (stem_layers), for the layering agent). AlignmentError for tempos too far apart."""
-        grid, other, alignment = prepare_songs(song, other, self.sample_rate, match_key, align_songs, song_beats)
+        grid, other, alignment = prepare_songs(song, other, self.sample_rate, match_key, align_songs, song_pulse)
         if rhythm is not None and rhythm[1] is not None and alignment is not None:  # laid like the target
             laid = lay_on_grid(rhythm[1].numpy(), alignment, len(song), self.sample_rate)
             rhythm = (rhythm[0], torch.from_numpy(laid))
@@ -485,9 +501,10 @@ class Arranger:
 
 
 def write_example(arranger: Arranger, song: torch.Tensor, other: torch.Tensor, folder: str, title: str = "",
-                  song_beats=None) -> None:
-    """The trainer's example: `song` arranged with `other` laid on its grid (`song_beats`: its known beats), written
-    to FOLDER/arrangement_example.wav with a picture of its masks and beat grid, FOLDER/masks_example.png."""
-    result = arranger.arrange(song, other, keep_attention=arranger.model.use_creative_agent, song_beats=song_beats)
+                  song_pulse=None) -> None:
+    """The trainer's example: `song` arranged with `other` laid on its grid (`song_pulse`: its known beats and
+    bars), written to FOLDER/arrangement_example.wav with a picture of its masks and beat grid,
+    FOLDER/masks_example.png."""
+    result = arranger.arrange(song, other, keep_attention=arranger.model.use_creative_agent, song_pulse=song_pulse)
     save_wave(os.path.join(folder, "arrangement_example.wav"), result.output, arranger.sample_rate)
     arranger.picture(os.path.join(folder, "masks_example.png"), song, result, title)

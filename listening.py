@@ -8,7 +8,11 @@ not loudness), in one vocabulary for training's validation, evaluate.py, arrange
 - in time (`in_time`): switches_per_s, section_s and section_in_beats (median section), on_beat (share of switches
   within 70 ms of an input beat) beside on_beat_chance (what random times would get), loudness_jump_db (median
   level change across a switch, 0.2 s either side) beside input_jump_db (the input's own level change at the same
-  times: on a beat a song gets louder by itself) and tempo_ratio (output tempo / input tempo)
+  times: on a beat a song gets louder by itself), on_bar beside on_bar_chance (the same, against the input's bar
+  lines) and tempo_ratio (output tempo / input tempo, the output tracked afresh)
+- bars (`bars_heard`, every file tracked afresh by the downbeat tracker): on_bar_afresh (and its chance),
+  target_bars_f (the aligned target's bar lines on the input's, F within 70 ms), output_bars_f (the input's bars
+  still heard in the arrangement)
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+import trackers
 from beats import extend_grid, level_db, track_beats
 from layers import bass_rows, harmony_mask
 from losses import DB_PER_NEPER, lsd_of_magnitudes, magnitude, mel_filterbank
@@ -24,8 +29,9 @@ from losses import DB_PER_NEPER, lsd_of_magnitudes, magnitude, mel_filterbank
 ON_BEAT_SECONDS = 0.07  # a switch this close to a beat is on the beat
 JUMP_SECONDS = 0.2  # the level before and after a switch is measured over this long
 LABEL_SMOOTH_SECONDS = 0.09  # which song is heard is smoothed over this long (a majority of frames) before counting
-IN_TIME_KEYS = ("switches_per_s", "section_s", "section_in_beats", "on_beat", "on_beat_chance", "loudness_jump_db",
-                "input_jump_db", "tempo_ratio")
+IN_TIME_KEYS = ("switches_per_s", "section_s", "section_in_beats", "on_beat", "on_beat_chance", "on_bar",
+                "on_bar_chance", "loudness_jump_db", "input_jump_db", "tempo_ratio")
+BAR_KEYS = ("on_bar_afresh", "on_bar_afresh_chance", "target_bars_f", "output_bars_f")  # bars_heard
 
 
 @torch.no_grad()
@@ -201,10 +207,10 @@ def near_grid(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, beats: np.ndarray | None,
-            sample_rate: int, tempo: bool = True) -> dict[str, float]:
+            sample_rate: int, bar: tuple[int, float] = (0, math.nan)) -> dict[str, float]:
     """What is heard in time, from the audio of one arrangement (mono arrays of one length) and the input's beat
-    times `beats` (s; None or empty: no grid, so the beat figures are NaN): see the module's docstring. `tempo`:
-    also track the output's beats for tempo_ratio (the slowest part)."""
+    times `beats` (s; None or empty: no grid, so the beat figures are NaN) and bars `bar` = (meter, one bar line's
+    time; unknown: the bar figures are NaN): see the module's docstring. The output's tempo is tracked afresh."""
     labels, hop_s = source_labels(output, input_wave, target_wave, sample_rate)
     seconds = len(output) / sample_rate
     switches = (np.flatnonzero(labels[1:] != labels[:-1]) + 0.5) * hop_s
@@ -214,7 +220,8 @@ def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray,
     beats = np.asarray([] if beats is None else beats, dtype=np.float64)
     beats = beats[np.isfinite(beats)]
     result = dict(switches_per_s=len(switches) / seconds, section_s=float(np.median(inner)))
-    nan = dict(section_in_beats=math.nan, on_beat=math.nan, on_beat_chance=math.nan, tempo_ratio=math.nan)
+    nan = dict(section_in_beats=math.nan, on_beat=math.nan, on_beat_chance=math.nan, on_bar=math.nan,
+               on_bar_chance=math.nan, tempo_ratio=math.nan)
     if len(beats) >= 2:
         grid = extend_grid(beats, seconds)
         period = float(np.median(np.diff(beats)))
@@ -222,10 +229,12 @@ def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray,
         nan.update(section_in_beats=result["section_s"] / period,
                    on_beat=float(near_grid(switches, grid).mean()) if len(switches) else math.nan,
                    on_beat_chance=float(near_grid(times, grid).mean()))
-        if tempo:
-            out_tempo = track_beats(np.asarray(output, dtype=np.float32), sample_rate)[0]
-            in_tempo = 60.0 / period
-            nan["tempo_ratio"] = out_tempo / in_tempo if out_tempo else math.nan
+        if bar[0] > 0 and math.isfinite(bar[1]):
+            lines = grid[int(np.abs(grid - bar[1]).argmin()) % bar[0] :: bar[0]]
+            nan.update(on_bar=float(near_grid(switches, lines).mean()) if len(switches) else math.nan,
+                       on_bar_chance=float(near_grid(times, lines).mean()))
+        out_tempo = track_beats(np.asarray(output, dtype=np.float32), sample_rate).tempo
+        nan["tempo_ratio"] = out_tempo * period / 60.0 if out_tempo else math.nan
     result.update(nan)
     w = int(JUMP_SECONDS * sample_rate)
     jumps = [abs(level_db(output[max(0, i - w) : i]) - level_db(output[i : i + w]))
@@ -235,6 +244,35 @@ def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray,
     result["loudness_jump_db"] = float(np.median(jumps)) if jumps else math.nan
     result["input_jump_db"] = float(np.median(own)) if own else math.nan
     return result
+
+
+def bar_fmeasure(detected: np.ndarray, reference: np.ndarray) -> float:
+    """F-measure of bar lines against a reference's, each matched within ON_BEAT_SECONDS (madmom's evaluation)."""
+    trackers.madmom()
+    from madmom.evaluation.onsets import onset_evaluation
+
+    if len(detected) == 0 and len(reference) == 0:
+        return 1.0
+    tp, fp, _, fn, _ = onset_evaluation(np.sort(detected), np.sort(reference), ON_BEAT_SECONDS)
+    return 2 * len(tp) / max(1, 2 * len(tp) + len(fp) + len(fn))
+
+
+def bars_heard(output: np.ndarray, input_wave: np.ndarray, aligned_target: np.ndarray,
+               sample_rate: int) -> dict[str, float]:
+    """The bar figures of one arrangement from its files' audio, each tracked afresh by the downbeat tracker (not
+    from the grid the arrangement was made on): the share of switches on the input's bar lines (and by chance),
+    the aligned target's bar lines on the input's (F) and the input's bars still heard in the output (F)."""
+    bars = {name: trackers.track_bars(np.asarray(a, dtype=np.float32), sample_rate).downbeats
+            for name, a in (("input", input_wave), ("target", aligned_target), ("output", output))}
+    labels, hop_s = source_labels(output, input_wave, aligned_target, sample_rate)
+    switches = (np.flatnonzero(labels[1:] != labels[:-1]) + 0.5) * hop_s
+    lines = bars["input"]
+    on_bar = on_chance = math.nan
+    if len(lines) >= 2:
+        on_bar = float(near_grid(switches, lines).mean()) if len(switches) else math.nan
+        on_chance = float(near_grid(np.arange(lines[0], lines[-1], 0.001), lines).mean())
+    return dict(on_bar_afresh=on_bar, on_bar_afresh_chance=on_chance,
+                target_bars_f=bar_fmeasure(bars["target"], lines), output_bars_f=bar_fmeasure(bars["output"], lines))
 
 
 def mean_in_time(rows: list[dict[str, float]], keys: tuple[str, ...] = IN_TIME_KEYS) -> dict[str, float]:
@@ -247,7 +285,8 @@ def mean_in_time(rows: list[dict[str, float]], keys: tuple[str, ...] = IN_TIME_K
 
 
 def heard_in_time_and_layers(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray,
-                             beats: np.ndarray | None, sample_rate: int) -> dict[str, float]:
+                             beats: np.ndarray | None, sample_rate: int,
+                             bar: tuple[int, float] = (0, math.nan)) -> dict[str, float]:
     """in_time and layering of one arrangement, in one record (training's validation, evaluate.py)."""
-    return {**in_time(output, input_wave, target_wave, beats, sample_rate),
+    return {**in_time(output, input_wave, target_wave, beats, sample_rate, bar),
             **layering(output, input_wave, target_wave, sample_rate)}

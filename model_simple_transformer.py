@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from beats import batch_section_ids
+from beats import SectionUnit, batch_section_ids
 from creative_agent import (
     GENERATOR_OPTIONS,
     TERM_WEIGHTS,
@@ -180,6 +180,7 @@ class SimpleTransformer(nn.Module):
         self.fade_frames = fade_frames  # a switch between the songs ramps over this many frames (0: a cut)
         self.bass = bass  # layering: the latent's lowest rows that belong to the rhythm layer (layers.py)
         self.section_beats = 0  # decisions per section of this many beats of the input (0: fixed blocks of frames)
+        self.section_bars = 0  # ... or of this many bars, where the input's bars are known
         self.stages = nn.ModuleList(Stage(c, w, d, num_layers, h, dropout, use_sdpa, style_dim)
                                     for c, w, h in zip(in_channels, widths, heads, strict=True))
         self.creative_agent = (CreativeAgent(d, agent_hidden_dim, agent_heads, style_dim=style_dim, discriminator=False,
@@ -199,21 +200,24 @@ class SimpleTransformer(nn.Module):
     def use_creative_agent(self) -> bool:
         return self.creative_agent is not None
 
-    def sections(self, beats: torch.Tensor | None, frames: int, frame_rate: float) -> torch.Tensor | None:
-        """Each frame's section [B, frames] of the input's beat grid `beats` [B, K] (seconds, NaN-padded): sections
-        of `section_beats` beats, fixed blocks for an example without a pulse, and the agent's fixed blocks of
+    def sections(self, beats: torch.Tensor | None, frames: int, frame_rate: float,
+                 bars: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Each frame's section [B, frames] of the input's beat grid `beats` [B, K] (seconds, NaN-padded) and bars
+        [B, 2] (beats.bar_anchor): sections of `section_bars` bars, or of `section_beats` beats where the bars are
+        not known, fixed blocks for an example without a pulse, and the agent's fixed blocks of
         frames for a model trained to decide in blocks; None where no beats are given or the model has no sections.
         Computed here, outside a compiled forward: inductor miscompiles the agent's own block index (torch 2.13 on
         CPU, the index of its scatter is garbage), and a graph input is safe."""
         generator = self.creative_agent.mask_generator if self.creative_agent is not None else None
         if beats is None:
             return None
-        if self.section_beats <= 0:
+        if self.section_beats <= 0 and self.section_bars <= 0:
             if generator is None or generator.gates != "frame" or generator.block_frames <= 0:
                 return None
             return (torch.arange(frames) // generator.block_frames).expand(len(beats), -1)
         block = generator.block_frames if generator is not None else self.temporal_segment_frames
-        return batch_section_ids(beats, frames, frame_rate, self.section_beats, block or 32)
+        return batch_section_ids(beats, bars, frames, frame_rate,
+                                 SectionUnit(self.section_beats, self.section_bars, block or 32))
 
     def guide(self, input_wave: torch.Tensor, target_wave: torch.Tensor, sample_rate: int,
               frames: int) -> torch.Tensor | None:

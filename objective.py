@@ -106,7 +106,7 @@ class Objective:
         if training and self.config.style_weight > 0:  # the target of the batch's previous pair, for half of them
             source, present = z_tgt.roll(1, dims=0), (self.draws(z_tgt.shape[0], step, 1) < 0.5).float()
             reference = source * present[:, None, None]  # all zeros: no reference
-        sections = self.model.sections(batch["beats"], z_in.shape[-1], self.frame_rate)
+        sections = self.model.sections(batch["beats"], z_in.shape[-1], self.frame_rate, batch.get("bars"))
         if sections is not None:
             sections = sections.to(self.device, non_blocking=True)
         guide = batch.get("guide")  # the layering agent's, from the data (pairs_dataset)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from beats import Grid, align, estimate_key, lay_on_grid, loudness_lufs, padded_beats, track_beats
+from beats import Grid, Pulse, align, bar_anchor, estimate_key, lay_on_grid, loudness_lufs, padded_beats, track_beats
 from config import SILENCE_DB
 from distributed import cpus_per_rank
 from listening import layer_guide
@@ -121,33 +121,38 @@ def pair_name(input_path: str) -> str:
     return os.path.basename(input_path)[: -len("_input.wav")]
 
 
-def pair_grid(beats: np.ndarray, start: float, middle: float, end: float, tempo: float, key: int,
-              minor: bool) -> dict:
+def pair_grid(pulse: Pulse, start: float, middle: float, end: float, key: tuple[int, bool]) -> dict:
     """A pair's entry in beats.json: the beat times (s) of its input (start..middle) and output (middle..end)
-    segments, each from its own start, and the tempo (BPM, 0 without a pulse) and key of its song."""
-    def inside(a: float, b: float) -> list[float]:
-        return [round(float(t) - a, 4) for t in beats if a <= t < b]
+    segments, each from its own start; their bar lines likewise, from a bar before to a bar after, so a segment
+    shorter than a bar still knows where its bars fall; the meter, tempo (BPM, 0 without a pulse) and key of its
+    song."""
+    bar = 60.0 / pulse.tempo * max(1, pulse.meter) if pulse.tempo else 0.0
 
-    return dict(input=inside(start, middle), output=inside(middle, end), tempo=round(float(tempo), 3), key=int(key),
-                minor=bool(minor))
+    def inside(times: np.ndarray, a: float, b: float, margin: float = 0.0) -> list[float]:
+        return [round(float(t) - a, 4) for t in times if a - margin <= t < b + margin]
+
+    return dict(input=inside(pulse.beats, start, middle), output=inside(pulse.beats, middle, end),
+                input_bars=inside(pulse.downbeats, start, middle, bar), output_bars=inside(pulse.downbeats, middle,
+                                                                                             end, bar),
+                meter=int(pulse.meter), tempo=round(float(pulse.tempo), 3), key=int(key[0]), minor=bool(key[1]))
 
 
 def load_beat_grids(folder: str, pairs: list[tuple[str, str]], sample_rate: int, progress: bool = False) -> dict:
     """Pair name -> its grid (pair_grid), from FOLDER/beats.json, which make_pairs.py writes after tracking the
-    beats of every whole song. Pairs it lacks (folders made before it) are analysed once, on their two segments
-    joined, and the file is completed and kept. Empty beats: no usable pulse (sections are fixed blocks)."""
+    beats and bars of every whole song. Pairs it lacks, or whose bars it lacks (folders made before it, or before
+    bars), are analysed once, on their two segments joined, and the file is completed and kept. Empty beats: no
+    usable pulse (sections are fixed blocks)."""
     path = os.path.join(folder, BEATS_FILE)
     grids = {}
     if os.path.isfile(path):
         with open(path) as f:
             grids = json.load(f)
-    missing = [pair for pair in pairs if pair_name(pair[0]) not in grids]
+    missing = [pair for pair in pairs if "input_bars" not in grids.get(pair_name(pair[0]), {})]
     for inp, out in tqdm(missing, desc=f"beat grids of {folder}", unit="pair", disable=not progress, leave=False):
         audio = np.concatenate([sf.read(p, dtype="float32", always_2d=True)[0].mean(axis=1) for p in (inp, out)])
-        tempo, beats, _ = track_beats(audio, sample_rate)
         seconds = len(audio) / sample_rate
         key, minor, _ = estimate_key(audio, sample_rate)
-        grids[pair_name(inp)] = pair_grid(beats, 0.0, seconds / 2, seconds, tempo, key, minor)
+        grids[pair_name(inp)] = pair_grid(track_beats(audio, sample_rate), 0.0, seconds / 2, seconds, (key, minor))
     if missing:
         try:
             tmp = f"{path}.tmp{os.getpid()}"
@@ -214,6 +219,7 @@ class WavPairsDataset(Dataset):
         self.grids = [grids[pair_name(inp)] for inp, _ in good]
         seconds = segment_samples / sample_rate
         self.beats = [padded_beats(g["input"], seconds) for g in self.grids]
+        self.bars = [bar_anchor(g["input_bars"], g["meter"]) for g in self.grids]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -233,10 +239,12 @@ class WavPairsDataset(Dataset):
         return other + (other >= index)  # any pair but this one
 
     def grid(self, index: int, role: str, audio: torch.Tensor) -> Grid:
-        """The grid of pair `index`'s input or output segment: its beats, its song's tempo and key, its loudness."""
+        """The grid of pair `index`'s input or output segment: its beats and bars, its song's tempo, meter and key,
+        its loudness."""
         g = self.grids[index]
         return Grid(g["tempo"] if len(g[role]) >= 2 else 0.0, np.asarray(g[role]), g["key"], g["minor"],
-                    loudness_lufs(audio[0].numpy(), self.sample_rate))
+                    loudness_lufs(audio[0].numpy(), self.sample_rate), downbeats=np.asarray(g[f"{role}_bars"]),
+                    meter=g["meter"])
 
     def pair_guide(self, index: int, other: int, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """The layering agent's guide of one pair (listening.layer_guide), computed once for a pair whose target
@@ -259,7 +267,7 @@ class WavPairsDataset(Dataset):
             if rhythm:  # the target's rhythm laid as the target was
                 rhythm[1] = torch.from_numpy(lay_on_grid(rhythm[1][0].numpy(), alignment, inp.shape[-1],
                                                          self.sample_rate))[None]
-        item = dict(input=inp, target=tgt, beats=self.beats[index])
+        item = dict(input=inp, target=tgt, beats=self.beats[index], bars=self.bars[index])
         if self.guide:
             item["guide"] = self.pair_guide(index, other, inp, tgt)
         return {**item, "rhythm": torch.stack(rhythm)} if rhythm else item

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,34 +36,57 @@ def _place(track: np.ndarray, sound: np.ndarray, start: int) -> None:
         track[start:end] += sound[: end - start]
 
 
-def synth_song(seed: int, seconds: float = 16.0, sr: int = 24000) -> np.ndarray:
-    """A deterministic little song: drums, bass, chords and a melody; tempo, key and timbre depend on `seed`."""
+@dataclass
+class SynthSong:
+    """A synthetic song and its truth: audio, beat and bar-line times (s), meter and key (tonic, major)."""
+
+    audio: np.ndarray
+    beats: np.ndarray
+    downbeats: np.ndarray
+    meter: int
+    key: int
+
+
+def beat_starts(n: int, beat: int, drift: float) -> list[int]:
+    """Beat starts (samples) of a song of `n` samples at `beat` samples a beat, its tempo swaying by +-`drift`
+    over the song (one slow sine: slower, then faster); exactly every `beat` samples for no drift."""
+    starts, at = [], 0.0
+    while at < n:
+        starts.append(int(round(at)))
+        at += beat / (1 + drift * math.sin(2 * math.pi * at / n))
+    return starts
+
+
+def make_song(seed: int, seconds: float = 16.0, sr: int = 24000, meter: int = 4, drift: float = 0.0) -> SynthSong:
+    """A deterministic little song with its truth: drums (kick on the bar line), bass, a chord a bar and a melody;
+    tempo, key and timbre depend on `seed`, the bars have `meter` beats, the tempo sways by +-`drift`."""
     rng = np.random.default_rng(seed)
     n = int(seconds * sr)
     bpm, root = rng.uniform(84, 140), 40 + int(rng.integers(0, 12))  # root: MIDI note of the bass
-    beat = int(sr * 60 / bpm)
     hz = lambda midi: 440.0 * 2 ** ((midi - 69) / 12)  # noqa: E731
     progression = [[0, 4, 7], [7, 11, 14], [9, 12, 16], [5, 9, 12]][:: 1 if seed % 2 else -1]
     scale = [0, 2, 4, 7, 9, 12, 14, 16]
     drums, bass, chords, melody = (np.zeros(n) for _ in range(4))
-    for b, start in enumerate(range(0, n, beat)):
+    starts = beat_starts(n, int(sr * 60 / bpm), drift)
+    for b, start in enumerate(starts):
+        beat = (starts[b + 1] if b + 1 < len(starts) else n) - start if drift else int(sr * 60 / bpm)
         t = np.arange(beat) / sr
         kick = np.sin(2 * np.pi * (50 + 100 * np.exp(-t * 30)) * t) * _envelope(beat, sr, 0.002, 0.12)
         noise = rng.standard_normal(beat)
-        if b % 2 == 0:
+        if b % meter % 2 == 0:
             _place(drums, kick, start)
         else:
             _place(drums, 0.5 * noise * _envelope(beat, sr, 0.001, 0.06), start)
         hat = np.diff(noise, prepend=0) * _envelope(beat, sr, 0.001, 0.015)
         _place(drums, 0.15 * hat, start + beat // 2)
-        chord = progression[(b // 4) % 4]
+        chord = progression[(b // meter) % 4]
         bass_hz = hz(root + chord[0])
         saw = 2 * ((t * bass_hz) % 1.0) - 1
         _place(bass, 0.4 * saw * _envelope(beat, sr, 0.005, 0.3), start)
-        if b % 4 == 0:
-            bar = np.arange(4 * beat) / sr
+        if b % meter == 0:
+            bar = np.arange(meter * beat) / sr
             tone = sum(np.sin(2 * np.pi * hz(root + 24 + c) * bar) for c in chord) / 3
-            _place(chords, 0.3 * tone * _envelope(4 * beat, sr, 0.05, 1.5), start)
+            _place(chords, 0.3 * tone * _envelope(meter * beat, sr, 0.05, 1.5), start)
         for half in range(2):
             if rng.random() < 0.7:
                 note = hz(root + 36 + scale[int(rng.integers(0, len(scale)))])
@@ -71,7 +95,13 @@ def synth_song(seed: int, seconds: float = 16.0, sr: int = 24000) -> np.ndarray:
                 _place(melody, 0.25 * tone * _envelope(beat // 2, sr, 0.01, 0.2), start + half * beat // 2)
     gains = rng.uniform(0.6, 1.0, size=4)
     song = gains[0] * drums + gains[1] * bass + gains[2] * chords + gains[3] * melody
-    return (0.8 * song / np.abs(song).max()).astype(np.float32)
+    beats = np.asarray(starts, dtype=np.float64) / sr
+    return SynthSong((0.8 * song / np.abs(song).max()).astype(np.float32), beats, beats[::meter], meter, root % 12)
+
+
+def synth_song(seed: int, seconds: float = 16.0, sr: int = 24000) -> np.ndarray:
+    """The audio of make_song: a demo song in 4/4 at a steady tempo."""
+    return make_song(seed, seconds, sr).audio
 
 
 # ---------------------------------------------------------------- reading songs
@@ -139,10 +169,10 @@ def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment
     if n_segments < 2:
         summary.skipped["songs too short for one pair"] += 1
         return
-    tempo, beats, note = track_beats(audio, sample_rate)
-    key, minor, _ = estimate_key(audio, sample_rate)
-    if note:
-        summary.no_pulse.append((song, note))
+    pulse = track_beats(audio, sample_rate)
+    key = estimate_key(audio, sample_rate)[:2]
+    if pulse.note:
+        summary.no_pulse.append((song, pulse.note))
     pieces = [audio[k * segment : (k + 1) * segment] for k in range(n_segments)]
     loud = [silence_problem(p, silence_db) is None for p in pieces]
     for k in range(n_segments - 1):
@@ -157,9 +187,9 @@ def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment
             sf.write(os.path.join(out, split, f"pair_{index:04d}_{role}{RHYTHM_SUFFIX}.wav"),
                      np.clip(rhythm[j * segment : (j + 1) * segment], -1, 1), sample_rate, subtype="PCM_16")
         start, end = k * segment / sample_rate, (k + 1) * segment / sample_rate
-        summary.beats[split][f"pair_{index:04d}"] = pair_grid(beats, start, end, 2 * end - start, tempo, key, minor)
+        summary.beats[split][f"pair_{index:04d}"] = pair_grid(pulse, start, end, 2 * end - start, key)
         rows.append(dict(split=split, pair=f"pair_{index:04d}", song=song, input_offset_s=start,
-                         output_offset_s=end, tempo_bpm=round(tempo, 2)))
+                         output_offset_s=end, tempo_bpm=round(pulse.tempo, 2)))
         summary.pairs[split] += 1
 
 

