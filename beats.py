@@ -19,8 +19,8 @@ import trackers
 
 MIN_BEATS = 4  # fewer tracked beats than this is no usable pulse
 MIN_CONFIDENCE = 0.2  # the tracker's mean activation at its beats below which a "pulse" is noise (docs/results.md)
+MAP_MARKS = 4  # a time map needs this many bar lines (or beats) in both songs: not a training segment's few
 MAX_STRETCH = 2.0  # tempos further apart than this after folding octave errors are not stretched
-DRIFT = 0.03  # a song whose local tempo strays further than this from its mean is followed beat by beat
 SWITCH_FADE_SECONDS = 0.025  # a switch between the songs is a cross-fade of this length, not a cut (no click)
 RIDE_SECONDS = 0.2  # at a switch, the incoming song meets the level of the last this-many seconds (a DJ's fader)
 MAX_RIDE_DB = 12.0  # ... moved by at most this much either way
@@ -100,14 +100,6 @@ def tempo_of(beats: np.ndarray) -> float:
     period = float(np.median(np.diff(beats)))
     count = np.round((beats - beats[0]) / period)
     return 60.0 / float(np.polyfit(count, beats, 1)[0])
-
-
-def drift_of(beats: np.ndarray) -> float:
-    """How far the local tempo (over 8 beats) strays from the song's mean: the largest relative difference."""
-    if len(beats) < 10:
-        return 0.0
-    local = (beats[8:] - beats[:-8]) / 8
-    return float(np.abs(local / np.median(np.diff(beats)) - 1).max())
 
 
 def estimate_key(audio: np.ndarray, sample_rate: int) -> tuple[int, bool, float]:
@@ -382,12 +374,11 @@ def bar_offset(input_grid: Grid, target_grid: Grid, ratio: float, notes: list) -
 
 
 def time_map(input_grid: Grid, target_grid: Grid, ratio: float, offset: float) -> np.ndarray | None:
-    """Anchors [K, 2] (target s, output s) that follow a drifting tempo bar by bar: each of the target's bar lines
-    (beats where the meters differ) from the first that falls on the input's onto its partner in time (every other
-    one where the tempos were folded by an octave), the tempo ratio held before and after; None where neither song
-    drifts (DRIFT)."""
-    if max(drift_of(input_grid.beats), drift_of(target_grid.beats)) <= DRIFT:
-        return None
+    """Anchors [K, 2] (target s, output s) that lay the target bar by bar: each of its bar lines (beats where the
+    meters differ) from the first that falls on the input's onto its partner in time (every other one where the
+    tempos were folded by an octave), the tempo ratio held before and after. One global ratio is not enough even
+    for steady songs: 0.5 % of tempo error is a beat after a minute (docs/results.md). None with fewer than
+    MAP_MARKS marks."""
     fold = ratio * target_grid.tempo / input_grid.tempo  # 1, or 2 / 0.5: the target in double / half time
     bars = input_grid.meter == target_grid.meter and input_grid.has_bars and target_grid.has_bars
     mine, theirs = (input_grid.downbeats, target_grid.downbeats) if bars else (input_grid.beats, target_grid.beats)
@@ -399,7 +390,7 @@ def time_map(input_grid: Grid, target_grid: Grid, ratio: float, offset: float) -
     k, j = int(first.argmax()), int(np.abs(mine - landed[first.argmax()]).argmin())
     theirs, mine = theirs[k :: 2 if fold > 1.5 else 1], mine[j :: 2 if fold < 0.75 else 1]
     n = min(len(theirs), len(mine))
-    if n < 2:
+    if n < MAP_MARKS:
         return None
     anchors = np.stack([theirs[:n], mine[:n]], axis=1)
     start = anchors[0, 0] - anchors[0, 1] * ratio  # the target's time at output 0, under the global ratio
@@ -458,9 +449,10 @@ def lay_on_grid(audio: np.ndarray, alignment: Alignment, length: int, sample_rat
     to `length` samples and levelled by the same gain. Stems laid this way still sum to the aligned target, up to
     Rubber Band's rounding."""
     a = alignment
-    if a.time_map is not None and a.time_map[0, 0] >= 0:
-        start = int(round(a.time_map[0, 0] * sample_rate))
-        piece = np.asarray(audio[start : start + a.used], dtype=np.float32)
+    if a.time_map is not None:
+        start = int(round(a.time_map[0, 0] * sample_rate))  # before the target's start: silence
+        piece = np.asarray(audio[max(0, start) : start + a.used], dtype=np.float32)
+        piece = np.concatenate([np.zeros(max(0, -start), np.float32), piece])
         out = stretch(piece, sample_rate, map_factors(a.time_map, len(piece), sample_rate, a.ratio), a.semitones)
     else:
         out = stretch(np.asarray(audio[: a.used], dtype=np.float32), sample_rate, a.ratio, a.semitones)[a.offset :]

@@ -122,9 +122,10 @@ class Config:
                               "of N beats of the input's beat grid, so the songs switch only on the beat (default "
                               "2; 0: fixed blocks of --agent_block_frames / --temporal_segment_frames frames); "
                               "songs without a pulse fall back to those blocks", type=count, metavar="N")
-    section_bars: int = flag(1, "masks", "... or once per section of N bars of the input, so the songs switch only "
-                             "on its bar lines (default 1; 0: sections of --section_beats beats); songs whose bars "
-                             "are not known fall back to --section_beats", type=count, metavar="N")
+    section_bars: int = flag(0, "masks", "... or once per section of N bars of the input, so the songs switch only "
+                             "on its bar lines; songs whose bars are not known fall back to --section_beats "
+                             "(default 0: beats, since a 2 s training segment holds one or two bars, too few "
+                             "sections to learn from; 1 for segments of 4 s or more)", type=count, metavar="N")
     balance_range: tuple = flag((0.2, 0.8), "masks", "train the agent for any wanted input share: each example "
                                 "draws one from LO..HI, and arrange.py/evaluate.py --balance choose it later "
                                 "(default 0.2,0.8; 0.5,0.5: always even)", type=share_range, metavar="LO,HI")

@@ -1,13 +1,18 @@
 """Shared fixtures: a tiny pairs folder and the arguments of a tiny, fast training run."""
+import csv
+import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pairs_folder import make_pairs, synth_song  # noqa: E402
+from beats import Pulse  # noqa: E402
+from pairs_dataset import pair_grid  # noqa: E402
+from pairs_folder import make_pairs, make_song, synth_song  # noqa: E402
 from train_simple_ddp import parse_args  # noqa: E402
 
 SR = 8000
@@ -15,9 +20,22 @@ SEGMENT_SECONDS = 0.5
 
 
 def tiny_pairs(folder: str, songs: int = 4, seconds: float = 2.0) -> str:
-    """Synthetic songs at 8 kHz cut into 0.5 s pairs: a pairs folder that trains in seconds."""
+    """Synthetic songs at 8 kHz cut into 0.5 s pairs: a pairs folder that trains in seconds. Its beats.json holds
+    the songs' true grids, so what the training tests measure does not hang on a tracker hearing 2 s songs."""
     loaders = [(f"song_{i}", lambda i=i: synth_song(100 + i, seconds, SR)) for i in range(songs)]
     make_pairs(loaders, folder, SEGMENT_SECONDS, SR, val_fraction=0.25, seed=0, progress=False)
+    with open(os.path.join(folder, "manifest.csv")) as f:
+        rows = list(csv.DictReader(f))
+    for split in ("train", "val"):
+        grids = {}
+        for row in (r for r in rows if r["split"] == split):
+            truth = make_song(100 + int(row["song"].split("_")[1]), seconds, SR)
+            pulse = Pulse(60.0 / float(np.median(np.diff(truth.beats))), truth.beats, truth.downbeats, 4, 1.0)
+            start = float(row["input_offset_s"])
+            grids[row["pair"]] = pair_grid(pulse, start, start + SEGMENT_SECONDS, start + 2 * SEGMENT_SECONDS,
+                                           (truth.key, False))
+        with open(os.path.join(folder, split, "beats.json"), "w") as f:
+            json.dump(grids, f)
     return folder
 
 
