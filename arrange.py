@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         print(f"aligned target ({aligned_path(args.output)}): {result.alignment.line()}")
     print(summary_line(args.output, out, song, result.target, result.masks, result.grid, sr, args.balance))
     if args.track_afresh:
-        b = bars_heard(out.numpy(), song.numpy(), result.target.numpy(), sr)
+        b = bars_heard(out.numpy(), song.numpy(), result.target.numpy(), sr, result.grid.downbeats)
         print(f"bars, every file tracked afresh: {b['on_bar_afresh']:.0%} of switches on the input's bar lines "
               f"(chance {b['on_bar_afresh_chance']:.0%}), the aligned target's bar lines on the input's "
               f"F={b['target_bars_f']:.2f}, the input's bars heard in the arrangement F={b['output_bars_f']:.2f}")

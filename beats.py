@@ -70,6 +70,11 @@ class Grid:
         return self.has_pulse and self.meter > 0 and len(self.downbeats) > 0
 
     @property
+    def bar(self) -> tuple[int, float]:
+        """(meter, its first bar line's time), or (0, NaN) where the bars are not known: what sections count from."""
+        return (self.meter, float(self.downbeats[0])) if self.has_bars else (0, math.nan)
+
+    @property
     def key_name(self) -> str:
         return KEY_NAMES[self.key] + (" minor" if self.minor else " major")
 
@@ -177,9 +182,6 @@ class SectionUnit:
     bars: int = 0
     block_frames: int = 32
 
-    def beats_per_section(self, meter: int) -> int:
-        return self.bars * meter if self.bars > 0 and meter > 0 else self.beats
-
 
 def section_ids(beats: np.ndarray | None, frames: int, frame_rate: float, unit: SectionUnit,
                 bar: tuple[int, float] = (0, math.nan)) -> torch.Tensor:
@@ -188,10 +190,11 @@ def section_ids(beats: np.ndarray | None, frames: int, frame_rate: float, unit: 
     time), or fixed blocks of frames where there is no usable grid."""
     beats = np.asarray([] if beats is None else beats, dtype=np.float64)
     beats = beats[np.isfinite(beats)]
-    count = unit.beats_per_section(bar[0])
+    on_bars = unit.bars > 0 and bar[0] > 0 and math.isfinite(bar[1])
+    count = unit.bars * bar[0] if on_bars else unit.beats
     if count <= 0 or len(beats) < 2:
         return torch.arange(frames) // max(1, unit.block_frames)
-    downbeat = bar[1] if count != unit.beats else math.nan
+    downbeat = bar[1] if on_bars else math.nan
     starts = np.round(section_starts(beats, frames / frame_rate, count, downbeat) * frame_rate)
     return torch.from_numpy(np.searchsorted(starts, np.arange(frames), side="right") - 1).long()
 

@@ -163,8 +163,7 @@ def song_sections(model, song_grid: Grid | None, num_samples: int, codec) -> tor
     generator = model.creative_agent.mask_generator if model.use_creative_agent else None
     block = (generator.block_frames if generator is not None else model.temporal_segment_frames) or 32
     beats = song_grid.beats if song_grid is not None and has_sections(model) else None
-    bar = (song_grid.meter, float(song_grid.downbeats[0])) if song_grid is not None and song_grid.has_bars else \
-        (0, math.nan)
+    bar = song_grid.bar if song_grid is not None else (0, math.nan)
     unit = SectionUnit(model.section_beats, model.section_bars, block)
     return section_ids(beats, codec.num_frames(num_samples), codec.sample_rate / codec.hop_length, unit, bar)
 
@@ -379,8 +378,8 @@ def summary_line(path: str, out: torch.Tensor, song: torch.Tensor, other: torch.
     """What a listener hears, from the audio: input share, the sections in time, and the mask figures."""
     metrics = mask_metrics(*masks)
     share = input_share(out[None, None], song[None, None], other[None, None]).item()
-    bar = (grid.meter, float(grid.downbeats[0])) if grid.has_bars else (0, math.nan)
-    t = in_time(out.numpy(), song.numpy(), other.numpy(), grid.beats if grid.has_pulse else None, sample_rate, bar)
+    t = in_time(out.numpy(), song.numpy(), other.numpy(), grid.beats if grid.has_pulse else None, sample_rate,
+                grid.bar)
     layered = layering(out.numpy(), song.numpy(), other.numpy(), sample_rate)
     asked = f" (asked {balance:g})" if balance != 0.5 else ""
     both = (", both songs sound at once most of the time, so which one is heard, and so its switches, are "

@@ -257,13 +257,15 @@ def bar_fmeasure(detected: np.ndarray, reference: np.ndarray) -> float:
     return 2 * len(tp) / max(1, 2 * len(tp) + len(fp) + len(fn))
 
 
-def bars_heard(output: np.ndarray, input_wave: np.ndarray, aligned_target: np.ndarray,
-               sample_rate: int) -> dict[str, float]:
+def bars_heard(output: np.ndarray, input_wave: np.ndarray, aligned_target: np.ndarray, sample_rate: int,
+               input_bars: np.ndarray | None = None) -> dict[str, float]:
     """The bar figures of one arrangement from its files' audio, each tracked afresh by the downbeat tracker (not
     from the grid the arrangement was made on): the share of switches on the input's bar lines (and by chance),
-    the aligned target's bar lines on the input's (F) and the input's bars still heard in the output (F)."""
-    bars = {name: trackers.track_bars(np.asarray(a, dtype=np.float32), sample_rate).downbeats
-            for name, a in (("input", input_wave), ("target", aligned_target), ("output", output))}
+    the aligned target's bar lines on the input's (F) and the input's bars still heard in the output (F).
+    `input_bars`: the input's bar lines where the same tracker heard them already on the same audio."""
+    waves = (("target", aligned_target), ("output", output)) + ((("input", input_wave),) if input_bars is None else ())
+    bars = {name: trackers.track_bars(np.asarray(a, dtype=np.float32), sample_rate).downbeats for name, a in waves}
+    bars.setdefault("input", input_bars)
     labels, hop_s = source_labels(output, input_wave, aligned_target, sample_rate)
     switches = (np.flatnonzero(labels[1:] != labels[:-1]) + 0.5) * hop_s
     lines = bars["input"]

@@ -59,8 +59,7 @@ class BLSTMEnsemble:
     """madmom's downbeat networks (3 bidirectional LSTM layers of 25 cells with peepholes, a softmax over
     none / beat / downbeat), all 8 of them, each direction of each network one row of a batch."""
 
-    def __init__(self, files: list[str]):
-        nets = [madmom().ml.nn.NeuralNetwork.load(f) for f in files]
+    def __init__(self, nets: list):
         self.layers = []
         for depth in range(len(nets[0].layers) - 1):
             cells = [lstm for net in nets for lstm in (net.layers[depth].fwd_layer, net.layers[depth].bwd_layer)]
@@ -109,13 +108,12 @@ class BLSTMEnsemble:
 
 @functools.cache
 def _downbeat_parts():
-    m = madmom()
+    madmom()
     from madmom.features.downbeats import DBNDownBeatTrackingProcessor, RNNDownBeatProcessor
 
-    reference = RNNDownBeatProcessor()
-    features = reference.processors[0]  # madmom's own spectrograms and their differences
+    features, ensemble, _ = RNNDownBeatProcessor().processors  # madmom's spectrograms, its networks, a column cut
     decoder = DBNDownBeatTrackingProcessor(beats_per_bar=list(METERS), fps=FPS)
-    return features, BLSTMEnsemble(m.models.DOWNBEATS_BLSTM), decoder
+    return features, BLSTMEnsemble(ensemble.processors[0].processors), decoder
 
 
 def downbeat_activations(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -159,8 +157,7 @@ class KeyCNN:
     """madmom's key CNN (padded convolutions, batch norm, ELU, max pooling, a global average over 24 key classes)
     with its trained weights, in torch. madmom's convolutions are true convolutions, so the kernels are flipped."""
 
-    def __init__(self, file: str):
-        net = madmom().ml.nn.NeuralNetwork.load(file)
+    def __init__(self, net):
         self.steps = []
         for layer in net.layers:
             kind = type(layer).__name__
@@ -178,7 +175,7 @@ class KeyCNN:
             elif kind == "AverageLayer":
                 self.steps.append(("mean", None))
             else:
-                raise ValueError(f"madmom key model {file}: a layer this port does not know: {kind}")
+                raise ValueError(f"madmom's key model has a layer this port does not know: {kind}")
 
     @torch.no_grad()
     def __call__(self, spectrogram: torch.Tensor) -> torch.Tensor:
@@ -203,9 +200,9 @@ def _key_parts():
     m = madmom()
     from madmom.features.key import CNNKeyRecognitionProcessor
 
-    reference = CNNKeyRecognitionProcessor()
-    spectrogram = m.processors.SequentialProcessor(reference.processors[:4])  # madmom's own front end
-    return spectrogram, [KeyCNN(f) for f in m.models.KEY_CNN]
+    reference = CNNKeyRecognitionProcessor().processors
+    spectrogram = m.processors.SequentialProcessor(reference[:4])  # madmom's own front end
+    return spectrogram, [KeyCNN(net) for net in reference[4].processors[0].processors]
 
 
 def key_probabilities(audio: np.ndarray, sample_rate: int) -> np.ndarray:
