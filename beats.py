@@ -257,12 +257,13 @@ class Alignment:
     gain: float = 1.0  # the loudness match, as a factor
     on: str = "beats"  # what was lined up: "bars" (downbeat phase), "beats" (beat phase) or "nothing"
     time_map: np.ndarray | None = None  # [K, 2] (target s, output s) anchors, stretched between them
+    key_out: str = ""  # the target's key after the shift (a key that fits the input's, not always the same)
 
     def line(self) -> str:
         tempo = (f"tempo {self.tempo_tgt:.1f}\u2192{self.tempo_in:.1f} BPM (\u00d7{self.ratio:.3f}"
                  f"{', bar by bar' if self.time_map is not None else ''}) on the {self.on}"
                  if self.tempo_in and self.tempo_tgt else "tempo unchanged (no beat grid)")
-        key = f"key {self.key_tgt}\u2192{self.key_in} ({self.semitones:+d} semitones)"
+        key = f"key {self.key_tgt}\u2192{self.key_out or self.key_tgt} ({self.semitones:+d} semitones) on {self.key_in}"
         return f"{tempo}, {key}, loudness {self.lufs_tgt:.1f}\u2192{self.lufs_in:.1f} LUFS"
 
 
@@ -438,7 +439,8 @@ def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_g
     used = math.ceil((len(input_song) / sample_rate + period + 0.1) * ratio * sample_rate)
     info = Alignment(input_grid.tempo, target_grid.tempo, ratio, input_grid.key_name, target_grid.key_name, semitones,
                      input_grid.loudness, target_grid.loudness, notes, used, int(round(offset * sample_rate)),
-                     on=on, time_map=anchors)
+                     on=on, time_map=anchors, key_out=KEY_NAMES[(target_grid.key + semitones) % 12]
+                     + (" minor" if target_grid.minor else " major"))
     out = lay_on_grid(target, info, len(input_song), sample_rate)
     lufs_tgt = loudness_lufs(out, sample_rate)
     if math.isfinite(lufs_tgt) and math.isfinite(info.lufs_in):
