@@ -107,12 +107,15 @@ def main(argv=None) -> int:
         arranger.picture(args.mask_plot, song, result, title=os.path.basename(args.output))
     if result.alignment is not None:
         print(f"aligned target ({aligned_path(args.output)}): {result.alignment.line()}")
-    print(summary_line(args.output, out, song, result.target, result.masks, result.grid, sr, args.balance))
-    if args.track_afresh:
-        b = bars_heard(out.numpy(), song.numpy(), result.target.numpy(), sr, result.grid.downbeats)
-        print(f"bars, every file tracked afresh: {b['on_bar_afresh']:.0%} of switches on the input's bar lines "
-              f"(chance {b['on_bar_afresh_chance']:.0%}), the aligned target's bar lines on the input's "
-              f"F={b['target_bars_f']:.2f}, the input's bars heard in the arrangement F={b['output_bars_f']:.2f}")
+    heard = (bars_heard(out.numpy(), song.numpy(), result.target.numpy(), sr, result.grid.downbeats)
+             if args.track_afresh else None)
+    print(summary_line(args.output, out, song, result.target, result.masks, result.grid, sr, args.balance,
+                       heard["output_tempo"] if heard else None))
+    if heard:
+        print(f"bars, every file tracked afresh: {heard['on_bar_afresh']:.0%} of switches on the input's bar lines "
+              f"(chance {heard['on_bar_afresh_chance']:.0%}), the aligned target's bar lines on the input's "
+              f"F={heard['target_bars_f']:.2f}, the input's bars heard in the arrangement "
+              f"F={heard['output_bars_f']:.2f}")
     if reference is not None:
         tone = [tone_distance_db(w[None, None], reference[None, None], sr).item() for w in (out, song, result.target)]
         print(f"tone distance to the style reference: arrangement {tone[0]:.1f} dB (input {tone[1]:.1f} dB, "

@@ -88,10 +88,19 @@ def no_pulse(note: str) -> Pulse:
 def track_beats(audio: np.ndarray, sample_rate: int) -> Pulse:
     """Beats, bar lines, meter and tempo of a mono song by madmom's downbeat tracker (trackers.track_bars),
     checked for a pulse it trusts. Without one: an empty Pulse with a note that says why."""
-    seconds = len(audio) / sample_rate
-    if seconds < 1.0:
-        return no_pulse(f"{seconds:.2f} s is too short to track beats")
-    bars = trackers.track_bars(audio, sample_rate)
+    return track_pulses([audio], sample_rate)[0]
+
+
+def track_pulses(songs: list[np.ndarray], sample_rate: int) -> list[Pulse]:
+    """track_beats of several songs at once (the tracker's networks step through them together)."""
+    long_enough = [i for i, s in enumerate(songs) if len(s) >= sample_rate]
+    bars = dict(zip(long_enough, trackers.track_bars([songs[i] for i in long_enough], sample_rate), strict=True))
+    return [trusted(bars[i], len(s) / sample_rate) if i in bars else
+            no_pulse(f"{len(s) / sample_rate:.2f} s is too short to track beats") for i, s in enumerate(songs)]
+
+
+def trusted(bars: trackers.Bars, seconds: float) -> Pulse:
+    """The tracker's Pulse of a song of `seconds`, or an empty one with a note where there is no pulse it trusts."""
     if len(bars.beats) < MIN_BEATS:
         return no_pulse(f"fewer than {MIN_BEATS} beats found in {seconds:.1f} s")
     if bars.confidence < MIN_CONFIDENCE:

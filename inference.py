@@ -28,6 +28,7 @@ from beats import (
     level_switches,
     section_ids,
     switch_fade_frames,
+    track_pulses,
 )
 from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint
 from config import Config, upgrade
@@ -361,10 +362,12 @@ def prepare_songs(song: torch.Tensor, other: torch.Tensor, sample_rate: int, mat
     """(input grid, the target aligned to the input, Alignment or None): both songs' grids, then the target laid on
     the input's tempo, bars, key and loudness (beats.align). `song_pulse`: the input's beats and bars where they
     are known (a pair's, tracked on its whole song). AlignmentError for tempos too far apart. The two songs are
-    analysed at once, in two threads."""
+    tracked together, then the rest of their analysis runs in two threads."""
     song_np, other_np = song.numpy(), other.numpy()
+    tracked = iter(track_pulses(([] if song_pulse else [song_np]) + ([other_np] if align_songs else []), sample_rate))
+    song_pulse = song_pulse or next(tracked)
     with ThreadPoolExecutor(1) as pool:
-        target_grid = pool.submit(analyse, other_np, sample_rate) if align_songs else None
+        target_grid = pool.submit(analyse, other_np, sample_rate, next(tracked)) if align_songs else None
         grid = analyse(song_np, sample_rate, song_pulse)
         target_grid = target_grid.result() if target_grid is not None else None
     if not align_songs:
@@ -374,12 +377,13 @@ def prepare_songs(song: torch.Tensor, other: torch.Tensor, sample_rate: int, mat
 
 
 def summary_line(path: str, out: torch.Tensor, song: torch.Tensor, other: torch.Tensor, masks, grid: Grid,
-                 sample_rate: int, balance: float) -> str:
-    """What a listener hears, from the audio: input share, the sections in time, and the mask figures."""
+                 sample_rate: int, balance: float, output_tempo: float | None = None) -> str:
+    """What a listener hears, from the audio: input share, the sections in time, and the mask figures
+    (`output_tempo`: the output's, where it was tracked already; see in_time)."""
     metrics = mask_metrics(*masks)
     share = input_share(out[None, None], song[None, None], other[None, None]).item()
     t = in_time(out.numpy(), song.numpy(), other.numpy(), grid.beats if grid.has_pulse else None, sample_rate,
-                grid.bar)
+                grid.bar, output_tempo)
     layered = layering(out.numpy(), song.numpy(), other.numpy(), sample_rate)
     asked = f" (asked {balance:g})" if balance != 0.5 else ""
     both = (", both songs sound at once most of the time, so which one is heard, and so its switches, are "

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import trackers
-from beats import extend_grid, level_db, track_beats
+from beats import extend_grid, level_db, track_beats, trusted
 from layers import bass_rows, harmony_mask
 from losses import DB_PER_NEPER, lsd_of_magnitudes, magnitude, mel_filterbank
 
@@ -207,10 +207,12 @@ def near_grid(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, beats: np.ndarray | None,
-            sample_rate: int, bar: tuple[int, float] = (0, math.nan)) -> dict[str, float]:
+            sample_rate: int, bar: tuple[int, float] = (0, math.nan),
+            output_tempo: float | None = None) -> dict[str, float]:
     """What is heard in time, from the audio of one arrangement (mono arrays of one length) and the input's beat
     times `beats` (s; None or empty: no grid, so the beat figures are NaN) and bars `bar` = (meter, one bar line's
-    time; unknown: the bar figures are NaN): see the module's docstring. The output's tempo is tracked afresh."""
+    time; unknown: the bar figures are NaN): see the module's docstring. The output's tempo is tracked afresh,
+    unless `output_tempo` (BPM, 0 for no pulse) says what it was tracked at already (bars_heard)."""
     labels, hop_s = source_labels(output, input_wave, target_wave, sample_rate)
     seconds = len(output) / sample_rate
     switches = (np.flatnonzero(labels[1:] != labels[:-1]) + 0.5) * hop_s
@@ -233,7 +235,8 @@ def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray,
             lines = grid[int(np.abs(grid - bar[1]).argmin()) % bar[0] :: bar[0]]
             nan.update(on_bar=float(near_grid(switches, lines).mean()) if len(switches) else math.nan,
                        on_bar_chance=float(near_grid(times, lines).mean()))
-        out_tempo = track_beats(np.asarray(output, dtype=np.float32), sample_rate).tempo
+        out_tempo = (track_beats(np.asarray(output, dtype=np.float32), sample_rate).tempo if output_tempo is None
+                     else output_tempo)
         nan["tempo_ratio"] = out_tempo * period / 60.0 if out_tempo else math.nan
     result.update(nan)
     w = int(JUMP_SECONDS * sample_rate)
@@ -262,9 +265,11 @@ def bars_heard(output: np.ndarray, input_wave: np.ndarray, aligned_target: np.nd
     """The bar figures of one arrangement from its files' audio, each tracked afresh by the downbeat tracker (not
     from the grid the arrangement was made on): the share of switches on the input's bar lines (and by chance),
     the aligned target's bar lines on the input's (F) and the input's bars still heard in the output (F).
-    `input_bars`: the input's bar lines where the same tracker heard them already on the same audio."""
+    `input_bars`: the input's bar lines where the same tracker heard them already on the same audio. Also
+    gives the output's tempo as tracked (0 without a pulse), for in_time's `output_tempo`."""
     waves = (("target", aligned_target), ("output", output)) + ((("input", input_wave),) if input_bars is None else ())
-    bars = {name: trackers.track_bars(np.asarray(a, dtype=np.float32), sample_rate).downbeats for name, a in waves}
+    heard = trackers.track_bars([np.asarray(a, dtype=np.float32) for _, a in waves], sample_rate)
+    bars = {name: b.downbeats for (name, _), b in zip(waves, heard, strict=True)}
     bars.setdefault("input", input_bars)
     labels, hop_s = source_labels(output, input_wave, aligned_target, sample_rate)
     switches = (np.flatnonzero(labels[1:] != labels[:-1]) + 0.5) * hop_s
@@ -274,7 +279,8 @@ def bars_heard(output: np.ndarray, input_wave: np.ndarray, aligned_target: np.nd
         on_bar = float(near_grid(switches, lines).mean()) if len(switches) else math.nan
         on_chance = float(near_grid(np.arange(lines[0], lines[-1], 0.001), lines).mean())
     return dict(on_bar_afresh=on_bar, on_bar_afresh_chance=on_chance,
-                target_bars_f=bar_fmeasure(bars["target"], lines), output_bars_f=bar_fmeasure(bars["output"], lines))
+                target_bars_f=bar_fmeasure(bars["target"], lines), output_bars_f=bar_fmeasure(bars["output"], lines),
+                output_tempo=trusted(heard[1], len(output) / sample_rate).tempo)
 
 
 def mean_in_time(rows: list[dict[str, float]], keys: tuple[str, ...] = IN_TIME_KEYS) -> dict[str, float]:

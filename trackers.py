@@ -3,13 +3,14 @@ bar-pointer DBN that also chooses 3 or 4 beats a bar; Böck, Krebs & Widmer, ISM
 (Korzeniowski & Widmer, ISMIR 2018), both trained on annotated music, with madmom's own pre-processing and weights.
 
 madmom steps its networks one frame and one network at a time in Python: 25 s for a 3-minute song on 2 cores.
-Here the same networks run batched (the 16 LSTMs step together in numpy, the CNN's convolutions in torch), about
-10x faster; tests check that both give madmom's own activations. madmom's code is BSD, its model weights are
+Here the same networks run batched (the 16 LSTMs step together in numpy, and so do the songs tracked together;
+the CNN's convolutions run in torch), about 10x faster; tests check that both give madmom's own activations. madmom's code is BSD, its model weights are
 CC BY-NC-SA 4.0 (non-commercial): see the README.
 """
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,19 +92,29 @@ class BLSTMEnsemble:
             prev = out[:, t, None]
         return out
 
-    def __call__(self, features: np.ndarray) -> np.ndarray:
-        """Features [T, F] (madmom's multi-resolution spectrogram) -> the ensemble's mean [T, 3] softmax."""
-        x = np.broadcast_to(features.astype(np.float32), (len(self.out_w),) + features.shape)  # [nets, T, F]
+    def __call__(self, songs: list[np.ndarray]) -> list[np.ndarray]:
+        """Features [T, F] of each song (madmom's multi-resolution spectrogram) -> the ensemble's mean [T, 3]
+        softmax of each. The songs step together: each row runs from its own first frame in its own direction, and
+        a shorter song's rows are padded after their end, where nothing is read back."""
+        nets, frames = len(self.out_w), max(len(f) for f in songs)
+        x = [np.broadcast_to(f.astype(np.float32), (nets,) + f.shape) for f in songs]  # each [nets, T, F]
         for layer in self.layers:
-            both = np.repeat(x, 2, axis=0)  # rows: net 0 forward, net 0 backward, net 1 forward, ...
-            both[1::2] = both[1::2, ::-1]
-            gates = np.matmul(both, layer["w"]) + layer["b"]
-            out = self._steps(np.ascontiguousarray(gates), layer)
-            out[1::2] = out[1::2, ::-1]
-            x = np.concatenate([out[0::2], out[1::2]], axis=2)  # [nets, T, 2H]: forward then backward
-        logits = np.matmul(x, self.out_w) + self.out_b
-        probs = np.exp(logits - logits.max(axis=2, keepdims=True))
-        return (probs / probs.sum(axis=2, keepdims=True)).mean(axis=0)
+            w = layer["w"].reshape(nets, 2, -1, layer["w"].shape[-1])  # [nets, direction, in, 4H]
+            gates = np.empty((len(songs), nets, 2, frames, w.shape[-1]), np.float32)
+            for s, xs in enumerate(x):
+                g = np.matmul(xs[:, None], w)  # [nets, 2, T, 4H]
+                gates[s, :, 0, : len(xs[0])], gates[s, :, 1, : len(xs[0])] = g[:, 0], g[:, 1, ::-1]
+            gates += layer["b"].reshape(1, nets, 2, 1, -1)
+            rows = {k: np.concatenate([v] * len(songs)) for k, v in layer.items()}
+            out = self._steps(gates.reshape(-1, frames, w.shape[-1]), rows).reshape(len(songs), nets, 2, frames, -1)
+            x = [np.concatenate([out[s, :, 0, : len(xs[0])], out[s, :, 1, : len(xs[0])][:, ::-1]], axis=2)
+                 for s, xs in enumerate(x)]  # each [nets, T, 2H]: forward then backward
+        result = []
+        for xs in x:
+            logits = np.matmul(xs, self.out_w) + self.out_b
+            probs = np.exp(logits - logits.max(axis=2, keepdims=True))
+            result.append((probs / probs.sum(axis=2, keepdims=True)).mean(axis=0))
+        return result
 
 
 @functools.cache
@@ -116,10 +127,11 @@ def _downbeat_parts():
     return features, BLSTMEnsemble(ensemble.processors[0].processors), decoder
 
 
-def downbeat_activations(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """[T, 2] at FPS frames a second: how likely each frame is a beat (not a downbeat), and a downbeat."""
+def downbeat_activations(songs: list[np.ndarray], sample_rate: int) -> list[np.ndarray]:
+    """[T, 2] of each song at FPS frames a second: how likely each frame is a beat (not a downbeat), and a
+    downbeat."""
     features, networks, _ = _downbeat_parts()
-    return networks(features(to_model_rate(audio, sample_rate)))[:, 1:]  # column 0: no beat
+    return [a[:, 1:] for a in networks([features(to_model_rate(s, sample_rate)) for s in songs])]  # 0: no beat
 
 
 @dataclass
@@ -137,10 +149,17 @@ class Bars:
         return self.beats[self.positions == 1]
 
 
-def track_bars(audio: np.ndarray, sample_rate: int) -> Bars:
-    """Beats, bar lines and meter of a song by madmom's networks and bar-pointer DBN (3 or 4 beats a bar)."""
-    activations = downbeat_activations(audio, sample_rate)
+def track_bars(songs: list[np.ndarray], sample_rate: int) -> list[Bars]:
+    """Beats, bar lines and meter of each song by madmom's networks and bar-pointer DBN (3 or 4 beats a bar).
+    Songs tracked together share the networks' steps, and their DBNs run in two threads."""
+    if not songs:
+        return []
     _, _, decoder = _downbeat_parts()
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(functools.partial(_bars, decoder), downbeat_activations(songs, sample_rate)))
+
+
+def _bars(decoder, activations: np.ndarray) -> Bars:
     with np.errstate(divide="ignore", invalid="ignore"):  # the DBN takes the log of activations that are exactly 0
         found = decoder(np.clip(activations, 1e-7, 1 - 1e-7))
     if len(found) < 2:
