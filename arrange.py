@@ -98,7 +98,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for note in result.notes():
-        print(f"note: {note}; the songs switch in fixed blocks of frames there")
+        print(f"note: {note}")
+    if not result.grid.has_pulse:
+        print("note: without the input's beat grid, the songs switch in fixed blocks of frames")
     out = result.output
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_wave(args.output, out, sr)

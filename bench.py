@@ -24,7 +24,8 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
+from unittest.mock import patch
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -327,6 +328,70 @@ def scan(args) -> list[dict]:
     return rows
 
 
+ARRANGE_SECONDS = 136.0  # the synthetic pair's length when --arrange names no songs
+
+
+@contextmanager
+def clocked(parts: dict, name: str, owner, attribute: str):
+    """Adds the wall time of every call of owner.attribute (a module's function or a class's method) to
+    parts[name] while the block runs."""
+    original = getattr(owner, attribute)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            parts[name] = parts.get(name, 0.0) + time.perf_counter() - start
+
+    with patch.object(owner, attribute, timed):
+        yield
+
+
+def arrange_parts(songs: list[str], checkpoint: str | None, folder: str) -> dict[str, float]:
+    """arrange.py run as a user runs it (a mask picture too) on songs [input, target], seconds per part. With no
+    songs, two synthetic ones of ARRANGE_SECONDS at different tempos; with no checkpoint, the temporal rule."""
+    import soundfile as sf
+
+    import arrange
+    import audio_codec
+    import fixed_masks
+    import inference
+    import model_simple_transformer
+    from pairs_folder import make_song
+
+    if not songs:
+        songs = [os.path.join(folder, f"song_{seed}.wav") for seed in (1, 4)]
+        for seed, path in zip((1, 4), songs, strict=True):
+            sf.write(path, make_song(seed, ARRANGE_SECONDS, 24000).audio, 24000)
+    parts: dict[str, float] = {}
+    hooks = [("read the songs", arrange, "load_audio"), ("analysis", inference, "prepare_songs"),
+             ("beats and bars (both songs at once)", inference, "track_pulses"),
+             ("alignment (stretch, key, loudness)", inference, "align"), ("windows", inference, "arrange_song"),
+             ("model", model_simple_transformer.SimpleTransformer, "forward"),
+             ("model", fixed_masks.RuleMix, "forward"), ("write the files", arrange, "save_wave"),
+             ("mask picture", inference, "plot_masks"), ("summary figures", arrange, "summary_line"),
+             ("bars tracked afresh (output, aligned target)", arrange, "bars_heard")]
+    hooks += [("codec", codec, method) for codec in (audio_codec.MDCTCodec, audio_codec.EncodecCodec)
+              for method in ("encode", "decode")]
+    source = ["--checkpoint", checkpoint] if checkpoint else ["--rule", "temporal"]
+    argv = source + ["--input", songs[0], "--target", songs[1], "--output", os.path.join(folder, "out.wav"),
+                     "--mask_plot", os.path.join(folder, "masks.png")]
+    with ExitStack() as stack:
+        for name, owner, attribute in hooks:
+            stack.enter_context(clocked(parts, name, owner, attribute))
+        start = time.perf_counter()
+        if arrange.main(argv) != 0:
+            raise SystemExit("bench: arrange.py failed (its error is above)")
+        parts["total"] = time.perf_counter() - start
+    parts["key and loudness (two threads)"] = (parts.pop("analysis") - parts["beats and bars (both songs at once)"]
+                                               - parts["alignment (stretch, key, loudness)"])
+    parts["windows: the rest (cutting, cross-fades, fader)"] = (parts.pop("windows") - parts.get("model", 0.0)
+                                                                 - parts.get("codec", 0.0))
+    parts["start-up (checkpoint, models) and the rest"] = 2 * parts["total"] - sum(parts.values())
+    return parts
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
@@ -355,8 +420,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only time self-attention (forward + backward) per stage width, head count and backend")
     p.add_argument("--profile", action="store_true",
                    help="print the kernels that take the most time in the model and end-to-end steps (to stderr)")
+    p.add_argument("--arrange", nargs="*", metavar="SONG",
+                   help="only time arrange.py part by part on INPUT TARGET (no songs: two synthetic ones of "
+                        f"{ARRANGE_SECONDS:g} s; the temporal rule unless --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="with --arrange: arrange with this checkpoint")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if args.arrange is not None and len(args.arrange) not in (0, 2):
+        p.error(f"--arrange takes no songs or two (input and target), got {len(args.arrange)}")
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -371,6 +442,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     keep_freed_memory()  # as every training process does
+    if args.arrange is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            parts = arrange_parts(args.arrange, args.checkpoint, folder)
+        print(json.dumps(parts) if args.json else "arrange.py, part by part:\n" + "\n".join(
+            f"  {name:<48} {seconds:7.2f} s {seconds / parts['total']:5.0%}" for name, seconds in parts.items()))
+        return 0
     if args.attention:
         rows = attention_backends(args)
         for row in rows:

@@ -232,6 +232,18 @@ def test_bench_json_report():
     assert 0 < report["decoder_loss_ms"] < report["e2e_step_ms"]
 
 
+
+def test_bench_times_arrange_part_by_part(tmp_path, monkeypatch):
+    import bench
+
+    monkeypatch.setattr(bench, "ARRANGE_SECONDS", 6.0)
+    parts = bench.arrange_parts([], None, str(tmp_path))
+    for part in ("read the songs", "beats and bars (both songs at once)", "alignment (stretch, key, loudness)",
+                 "model", "codec", "mask picture", "summary figures", "bars tracked afresh (output, aligned target)"):
+        assert parts[part] > 0, part
+    assert sum(parts.values()) == pytest.approx(2 * parts["total"])  # the parts add up to the whole
+    assert os.path.getsize(tmp_path / "out.wav") > 6 * 24000 and (tmp_path / "masks.png").exists()
+
 FAULTS_PER_STEP = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
