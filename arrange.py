@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from audio_codec import CodecUnavailable
 from beats import AlignmentError
@@ -105,14 +106,16 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_wave(args.output, out, sr)
     save_wave(aligned_path(args.output), result.target, sr)
-    if args.mask_plot:
-        arranger.picture(args.mask_plot, song, result, title=os.path.basename(args.output))
-    if result.alignment is not None:
-        print(f"aligned target ({aligned_path(args.output)}): {result.alignment.line()}")
-    heard = (bars_heard(out.numpy(), song.numpy(), result.target.numpy(), sr, result.grid.downbeats)
-             if args.track_afresh else None)
-    print(summary_line(args.output, out, song, result.target, result.masks, result.grid, sr, args.balance,
-                       heard["output_tempo"] if heard else None))
+    with ThreadPoolExecutor(1) as pool:  # the files are tracked afresh while the picture and the figures are made
+        heard = (pool.submit(bars_heard, out.numpy(), song.numpy(), result.target.numpy(), sr, result.grid.downbeats)
+                 if args.track_afresh else None)
+        if args.mask_plot:
+            arranger.picture(args.mask_plot, song, result, title=os.path.basename(args.output))
+        if result.alignment is not None:
+            print(f"aligned target ({aligned_path(args.output)}): {result.alignment.line()}")
+        print(summary_line(args.output, out, song, result.target, result.masks, result.grid, sr, args.balance,
+                           heard))
+        heard = heard.result() if heard else None
     if heard:
         print(f"bars, every file tracked afresh: {heard['on_bar_afresh']:.0%} of switches on the input's bar lines "
               f"(chance {heard['on_bar_afresh_chance']:.0%}), the aligned target's bar lines on the input's "

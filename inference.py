@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -377,14 +377,14 @@ def prepare_songs(song: torch.Tensor, other: torch.Tensor, sample_rate: int, mat
 
 
 def summary_line(path: str, out: torch.Tensor, song: torch.Tensor, other: torch.Tensor, masks, grid: Grid,
-                 sample_rate: int, balance: float, output_tempo: float | None = None) -> str:
-    """What a listener hears, from the audio: input share, the sections in time, and the mask figures
-    (`output_tempo`: the output's, where it was tracked already; see in_time)."""
+                 sample_rate: int, balance: float, heard: Future | None = None) -> str:
+    """What a listener hears, from the audio: input share, the sections in time, and the mask figures. `heard`:
+    the files' bars_heard, being tracked meanwhile, whose output tempo in_time takes instead of tracking it."""
     metrics = mask_metrics(*masks)
     share = input_share(out[None, None], song[None, None], other[None, None]).item()
-    t = in_time(out.numpy(), song.numpy(), other.numpy(), grid.beats if grid.has_pulse else None, sample_rate,
-                grid.bar, output_tempo)
     layered = layering(out.numpy(), song.numpy(), other.numpy(), sample_rate)
+    t = in_time(out.numpy(), song.numpy(), other.numpy(), grid.beats if grid.has_pulse else None, sample_rate,
+                grid.bar, heard.result()["output_tempo"] if heard else None)
     asked = f" (asked {balance:g})" if balance != 0.5 else ""
     both = (", both songs sound at once most of the time, so which one is heard, and so its switches, are "
             "ambiguous" if layered["both_heard"] > 0.5 else "")
