@@ -23,7 +23,16 @@ from beats import AlignmentError
 from checkpoints import CheckpointError
 from config import SILENCE_DB, str2bool
 from fixed_masks import MASK_TYPES
-from inference import Arranger, AudioInputError, aligned_path, load_audio, save_wave, stem_layers, summary_line
+from inference import (
+    Arrangement,
+    Arranger,
+    AudioInputError,
+    aligned_path,
+    load_audio,
+    save_wave,
+    stem_layers,
+    summary_line,
+)
 from listening import bars_heard, tone_distance_db
 
 
@@ -75,6 +84,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def report(args: argparse.Namespace, arranger: Arranger, song, result: Arrangement, reference) -> None:
+    """The mask picture and the figures of a written arrangement; its files are tracked afresh meanwhile."""
+    sr, out = arranger.sample_rate, result.output
+    with ThreadPoolExecutor(1) as pool:  # the files are tracked afresh while the picture and the figures are made
+        heard = (pool.submit(bars_heard, out.numpy(), song.numpy(), result.target.numpy(), sr, result.grid.downbeats)
+                 if args.track_afresh else None)
+        if args.mask_plot:
+            arranger.picture(args.mask_plot, song, result, title=os.path.basename(args.output))
+        if result.alignment is not None:
+            print(f"aligned target ({aligned_path(args.output)}): {result.alignment.line()}")
+        print(summary_line(args.output, out, song, result.target, result.masks, result.grid, sr, args.balance, heard))
+        heard = heard.result() if heard else None
+    if heard:
+        print(f"bars, every file tracked afresh: {heard['on_bar_afresh']:.0%} of switches on the input's bar lines "
+              f"(chance {heard['on_bar_afresh_chance']:.0%}), the aligned target's bar lines on the input's "
+              f"F={heard['target_bars_f']:.2f}, the input's bars heard in the arrangement "
+              f"F={heard['output_bars_f']:.2f}")
+    if reference is not None:
+        tone = [tone_distance_db(w[None, None], reference[None, None], sr).item() for w in (out, song, result.target)]
+        print(f"tone distance to the style reference: arrangement {tone[0]:.1f} dB (input {tone[1]:.1f} dB, "
+              f"target {tone[2]:.1f} dB)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -106,25 +138,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_wave(args.output, out, sr)
     save_wave(aligned_path(args.output), result.target, sr)
-    with ThreadPoolExecutor(1) as pool:  # the files are tracked afresh while the picture and the figures are made
-        heard = (pool.submit(bars_heard, out.numpy(), song.numpy(), result.target.numpy(), sr, result.grid.downbeats)
-                 if args.track_afresh else None)
-        if args.mask_plot:
-            arranger.picture(args.mask_plot, song, result, title=os.path.basename(args.output))
-        if result.alignment is not None:
-            print(f"aligned target ({aligned_path(args.output)}): {result.alignment.line()}")
-        print(summary_line(args.output, out, song, result.target, result.masks, result.grid, sr, args.balance,
-                           heard))
-        heard = heard.result() if heard else None
-    if heard:
-        print(f"bars, every file tracked afresh: {heard['on_bar_afresh']:.0%} of switches on the input's bar lines "
-              f"(chance {heard['on_bar_afresh_chance']:.0%}), the aligned target's bar lines on the input's "
-              f"F={heard['target_bars_f']:.2f}, the input's bars heard in the arrangement "
-              f"F={heard['output_bars_f']:.2f}")
-    if reference is not None:
-        tone = [tone_distance_db(w[None, None], reference[None, None], sr).item() for w in (out, song, result.target)]
-        print(f"tone distance to the style reference: arrangement {tone[0]:.1f} dB (input {tone[1]:.1f} dB, "
-              f"target {tone[2]:.1f} dB)")
+    report(args, arranger, song, result, reference)
     return 0
 
 

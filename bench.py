@@ -67,30 +67,41 @@ def gpu_peak(name: str) -> tuple[float, str]:
     return float("nan"), f"unknown GPU {name!r}: no datasheet peak"
 
 
-def cpu_peak(n: int = 2048, seconds: float = 0.3) -> float:
-    """Measured fp32 matmul throughput of this CPU in TFLOP/s (best of repeated n x n products)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best, end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
+def matmul_shapes(model: SimpleTransformer, rows: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the model's own matrix products at `rows` = batch x frames (each stage's attention input,
+    MLP up and down), and a 2048 cube, which a CPU's BLAS runs near its best."""
+    widths = sorted({stage.proj_in.out_features for stage in model.stages})
+    return [(2048, 2048, 2048)] + [(rows, k, n) for w in widths for k, n in ((w, 3 * w), (w, 4 * w), (4 * w, w))]
+
+
+def cpu_peak(shapes: list[tuple[int, int, int]], seconds: float = 0.3) -> tuple[float, tuple[int, int, int]]:
+    """Measured fp32 matmul throughput of this CPU in TFLOP/s, the best of repeated products of each shape
+    (`seconds` shared among them), and the shape that gave it."""
+    best = (0.0, shapes[0])
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
         a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e12
+        fastest, end = float("inf"), time.perf_counter() + seconds / len(shapes)
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            a @ b
+            fastest = min(fastest, time.perf_counter() - start)
+        best = max(best, (2 * m * k * n / fastest / 1e12, (m, k, n)))
+    return best
 
 
-def time_cpu_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float]]:
-    """Seconds of each timed `step()` on CPU, and `steps` + 1 samples of the CPU's matmul peak (TFLOP/s, 0.3 s each):
+def time_cpu_steps(step, peak, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds of each timed `step()` on CPU, and `steps` + 1 samples of `peak()`, the CPU's matmul peak (TFLOP/s):
     one before the first step and one after each, so that each step can be compared with what the CPU offered
     meanwhile."""
     for _ in range(warmup):
         step()
-    samples, times = [cpu_peak()], []
+    samples, times = [peak()], []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-        samples.append(cpu_peak())
+        samples.append(peak())
     return times, samples
 
 
@@ -279,11 +290,20 @@ def run(args) -> dict:
         step_s = time_steps(lambda: bench.step(bench.model_loss), device, args.warmup, args.steps)
         mfu, best_peak = flops / step_s / 1e12 / peak, peak
     else:
-        times, samples = time_cpu_steps(lambda: bench.step(bench.model_loss), args.warmup, args.steps)
+        shapes, winners = matmul_shapes(bench.model, args.batch_size * bench.frames), []
+
+        def peak() -> float:
+            tflops, shape = cpu_peak(shapes)
+            winners.append(shape)
+            return tflops
+
+        times, samples = time_cpu_steps(lambda: bench.step(bench.model_loss), peak, args.warmup, args.steps)
         around = [(before + after) / 2 for before, after in itertools.pairwise(samples)]
         step_s, peak, best_peak = statistics.median(times), statistics.median(around), max(samples)
         mfu = statistics.median(flops / t / 1e12 / p for t, p in zip(times, around, strict=True))
-        peak_source = "measured fp32 matmul 2048x2048 around each step, median"
+        won = max(set(winners), key=winners.count)
+        peak_source = (f"measured fp32 matmul around each step, median; each sample the best of {len(shapes)} "
+                       f"shapes, the model's own and a 2048 cube; most often best: {'x'.join(map(str, won))}")
     e2e_s = time_steps(lambda: bench.step(bench.e2e_loss), device, args.warmup, args.steps)
     loss_s = time_steps(bench.decoder_and_loss, device, args.warmup, args.steps)
     achieved = flops / step_s / 1e12
@@ -329,6 +349,7 @@ def scan(args) -> list[dict]:
 
 
 ARRANGE_SECONDS = 136.0  # the synthetic pair's length when --arrange names no songs
+WITHIN = "  in two threads: "  # a part of arrange.py's report, whose parts run at once
 
 
 @contextmanager
@@ -349,8 +370,9 @@ def clocked(parts: dict, name: str, owner, attribute: str):
 
 
 def arrange_parts(songs: list[str], checkpoint: str | None, folder: str) -> dict[str, float]:
-    """arrange.py run as a user runs it (a mask picture too) on songs [input, target], seconds per part. With no
-    songs, two synthetic ones of ARRANGE_SECONDS at different tempos; with no checkpoint, the temporal rule."""
+    """arrange.py run as a user runs it (a mask picture too) on songs [input, target], seconds per part (the parts
+    named WITHIN run at once, within the report, so they add up to more than it). With no songs, two synthetic ones
+    of ARRANGE_SECONDS at different tempos; with no checkpoint, the temporal rule."""
     import soundfile as sf
 
     import arrange
@@ -370,8 +392,9 @@ def arrange_parts(songs: list[str], checkpoint: str | None, folder: str) -> dict
              ("alignment (stretch, key, loudness)", inference, "align"), ("windows", inference, "arrange_song"),
              ("model", model_simple_transformer.SimpleTransformer, "forward"),
              ("model", fixed_masks.RuleMix, "forward"), ("write the files", arrange, "save_wave"),
-             ("mask picture", inference, "plot_masks"), ("summary figures", arrange, "summary_line"),
-             ("bars tracked afresh (output, aligned target)", arrange, "bars_heard")]
+             ("picture and figures, the files tracked afresh meanwhile", arrange, "report"),
+             (f"{WITHIN}mask picture", inference, "plot_masks"), (f"{WITHIN}summary figures", arrange, "summary_line"),
+             (f"{WITHIN}bars tracked afresh (output, aligned target)", arrange, "bars_heard")]
     hooks += [("codec", codec, method) for codec in (audio_codec.MDCTCodec, audio_codec.EncodecCodec)
               for method in ("encode", "decode")]
     source = ["--checkpoint", checkpoint] if checkpoint else ["--rule", "temporal"]
@@ -388,8 +411,13 @@ def arrange_parts(songs: list[str], checkpoint: str | None, folder: str) -> dict
                                                - parts["alignment (stretch, key, loudness)"])
     parts["windows: the rest (cutting, cross-fades, fader)"] = (parts.pop("windows") - parts.get("model", 0.0)
                                                                  - parts.get("codec", 0.0))
-    parts["start-up (checkpoint, models) and the rest"] = 2 * parts["total"] - sum(parts.values())
-    return parts
+    whole = {name: seconds for name, seconds in parts.items() if not name.startswith(WITHIN)}
+    parts["start-up (checkpoint, models) and the rest"] = 2 * parts["total"] - sum(whole.values())
+    first = ("read the songs", "beats and bars (both songs at once)", "key and loudness (two threads)",
+             "alignment (stretch, key, loudness)", "model", "codec", "windows: the rest (cutting, cross-fades, fader)")
+    last = ("start-up (checkpoint, models) and the rest", "total")
+    middle = sorted((name for name in parts if name not in first + last), key=lambda name: name.startswith(WITHIN))
+    return {name: parts[name] for name in [*(name for name in first if name in parts), *middle, *last]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -446,7 +474,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as folder:
             parts = arrange_parts(args.arrange, args.checkpoint, folder)
         print(json.dumps(parts) if args.json else "arrange.py, part by part:\n" + "\n".join(
-            f"  {name:<48} {seconds:7.2f} s {seconds / parts['total']:5.0%}" for name, seconds in parts.items()))
+            f"  {name:<64} {seconds:7.2f} s {seconds / parts['total']:5.0%}" for name, seconds in parts.items()))
         return 0
     if args.attention:
         rows = attention_backends(args)
