@@ -191,6 +191,11 @@ class SectionUnit:
     bars: int = 0
     block_frames: int = 32
 
+    @classmethod
+    def of(cls, beats: int, bars: int, block_frames: int) -> SectionUnit:
+        """A model's unit: `block_frames` 0 (a model or rule that sets no blocks) takes the default."""
+        return cls(beats, bars, block_frames or cls.block_frames)
+
 
 def section_ids(beats: np.ndarray | None, frames: int, frame_rate: float, unit: SectionUnit,
                 bar: tuple[int, float] = (0, math.nan)) -> torch.Tensor:
@@ -330,7 +335,7 @@ def stretch(audio: np.ndarray, sample_rate: int, ratio, semitones: int) -> np.nd
 
 
 def level_db(audio: np.ndarray) -> float:
-    """RMS level (dB) of some samples; -100 for none or silence."""
+    """RMS level (dBFS, full scale = 1.0) of some samples; -100 for none or silence."""
     return 10 * math.log10(float(np.mean(np.square(audio, dtype=np.float64))) + 1e-10) if len(audio) else -100.0
 
 
@@ -367,9 +372,10 @@ def level_switches(audio: np.ndarray, sections: list[tuple[int, int]], sample_ra
     return (audio * 10 ** (gain_db / 20)).astype(np.float32)
 
 
-def loop_to(audio: np.ndarray, length: int) -> np.ndarray:
-    """`audio` repeated as often as needed and cut to `length` samples."""
-    return np.tile(audio, -(-length // max(1, len(audio))))[:length]
+def loop_to(audio: np.ndarray | torch.Tensor, length: int) -> np.ndarray | torch.Tensor:
+    """`audio` (an array or a tensor of samples) repeated as often as needed and cut to `length` samples."""
+    times = -(-length // max(1, len(audio)))
+    return (audio.repeat(times) if isinstance(audio, torch.Tensor) else np.tile(audio, times))[:length]
 
 
 def bar_offset(input_grid: Grid, target_grid: Grid, ratio: float, notes: list) -> tuple[float, float, str]:

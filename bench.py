@@ -350,6 +350,7 @@ def scan(args) -> list[dict]:
 
 ARRANGE_SECONDS = 136.0  # the synthetic pair's length when --arrange names no songs
 WITHIN = "  in two threads: "  # a part of arrange.py's report, whose parts run at once
+REPORT = "picture and figures, the files tracked afresh meanwhile (and the rest)"
 
 
 @contextmanager
@@ -370,15 +371,17 @@ def clocked(parts: dict, name: str, owner, attribute: str):
 
 
 def arrange_parts(songs: list[str], checkpoint: str | None, folder: str) -> dict[str, float]:
-    """arrange.py run as a user runs it (a mask picture too) on songs [input, target], seconds per part (the parts
-    named WITHIN run at once, within the report, so they add up to more than it). With no songs, two synthetic ones
-    of ARRANGE_SECONDS at different tempos; with no checkpoint, the temporal rule."""
+    """arrange.py run as a user runs it (a mask picture too) on songs [input, target], seconds per part, in the
+    order they run (the parts named WITHIN run at once, within the report, so they add up to more than it). With no
+    songs, two synthetic ones of ARRANGE_SECONDS at different tempos; with no checkpoint, the temporal rule."""
+    import runpy
+
     import soundfile as sf
 
-    import arrange
     import audio_codec
     import fixed_masks
     import inference
+    import listening
     import model_simple_transformer
     from pairs_folder import make_song
 
@@ -387,37 +390,46 @@ def arrange_parts(songs: list[str], checkpoint: str | None, folder: str) -> dict
         for seed, path in zip((1, 4), songs, strict=True):
             sf.write(path, make_song(seed, ARRANGE_SECONDS, 24000).audio, 24000)
     parts: dict[str, float] = {}
-    hooks = [("read the songs", arrange, "load_audio"), ("analysis", inference, "prepare_songs"),
+    # arrange.py takes these names from the modules when it runs, so it calls them through the clocks
+    hooks = [("start-up (checkpoint or rule)", inference.Arranger, "load"),
+             ("start-up (checkpoint or rule)", inference.Arranger, "rule"),
+             ("read the songs", inference, "load_audio"),
+             ("analysis", inference, "prepare_songs"),
              ("beats and bars (both songs at once)", inference, "track_pulses"),
-             ("alignment (stretch, key, loudness)", inference, "align"), ("windows", inference, "arrange_song"),
+             ("alignment (stretch, key, loudness)", inference, "align"),
+             ("windows", inference, "arrange_song"),
              ("model", model_simple_transformer.SimpleTransformer, "forward"),
-             ("model", fixed_masks.RuleMix, "forward"), ("write the files", arrange, "save_wave"),
-             ("picture and figures, the files tracked afresh meanwhile", arrange, "report"),
-             (f"{WITHIN}mask picture", inference, "plot_masks"), (f"{WITHIN}summary figures", arrange, "summary_line"),
-             (f"{WITHIN}bars tracked afresh (output, aligned target)", arrange, "bars_heard")]
+             ("model", fixed_masks.RuleMix, "forward"),
+             ("write the files", inference, "save_wave"),
+             (f"{WITHIN}mask picture", inference.Arranger, "picture"),
+             (f"{WITHIN}summary figures", inference, "summary_line"),
+             (f"{WITHIN}bars tracked afresh (output, aligned target)", listening, "bars_heard")]
     hooks += [("codec", codec, method) for codec in (audio_codec.MDCTCodec, audio_codec.EncodecCodec)
               for method in ("encode", "decode")]
     source = ["--checkpoint", checkpoint] if checkpoint else ["--rule", "temporal"]
-    argv = source + ["--input", songs[0], "--target", songs[1], "--output", os.path.join(folder, "out.wav"),
-                     "--mask_plot", os.path.join(folder, "masks.png")]
+    argv = ["arrange.py", *source, "--input", songs[0], "--target", songs[1], "--output",
+            os.path.join(folder, "out.wav"), "--mask_plot", os.path.join(folder, "masks.png")]
     with ExitStack() as stack:
         for name, owner, attribute in hooks:
             stack.enter_context(clocked(parts, name, owner, attribute))
+        stack.enter_context(patch.object(sys, "argv", argv))
         start = time.perf_counter()
-        if arrange.main(argv) != 0:
-            raise SystemExit("bench: arrange.py failed (its error is above)")
-        parts["total"] = time.perf_counter() - start
+        try:  # a script, run as one (scripts import no scripts)
+            runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "arrange.py"), run_name="__main__")
+        except SystemExit as end:
+            if end.code:
+                raise SystemExit("bench: arrange.py failed (its error is above)") from None
+        total = time.perf_counter() - start
     parts["key and loudness (two threads)"] = (parts.pop("analysis") - parts["beats and bars (both songs at once)"]
                                                - parts["alignment (stretch, key, loudness)"])
     parts["windows: the rest (cutting, cross-fades, fader)"] = (parts.pop("windows") - parts.get("model", 0.0)
                                                                  - parts.get("codec", 0.0))
-    whole = {name: seconds for name, seconds in parts.items() if not name.startswith(WITHIN)}
-    parts["start-up (checkpoint, models) and the rest"] = 2 * parts["total"] - sum(whole.values())
-    first = ("read the songs", "beats and bars (both songs at once)", "key and loudness (two threads)",
-             "alignment (stretch, key, loudness)", "model", "codec", "windows: the rest (cutting, cross-fades, fader)")
-    last = ("start-up (checkpoint, models) and the rest", "total")
-    middle = sorted((name for name in parts if name not in first + last), key=lambda name: name.startswith(WITHIN))
-    return {name: parts[name] for name in [*(name for name in first if name in parts), *middle, *last]}
+    parts[REPORT] = total - sum(seconds for name, seconds in parts.items() if not name.startswith(WITHIN))
+    parts["total"] = total
+    order = ["start-up (checkpoint or rule)", "read the songs", "beats and bars (both songs at once)",
+             "key and loudness (two threads)", "alignment (stretch, key, loudness)", "model", "codec",
+             "windows: the rest (cutting, cross-fades, fader)", "write the files", REPORT]
+    return {name: parts[name] for name in order + [name for name in parts if name not in order]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,6 +15,7 @@ from layers import bass_rows
 from model_simple_transformer import SimpleTransformer
 from objective import agent_term_weights
 from pairs_dataset import path_problem
+from run_log import atomic_write
 
 PROJECT = "creative_agent"
 STYLE_DIM = 64  # the style vector of models trained with --style_weight > 0
@@ -54,20 +55,6 @@ def balance_problem(config: Config, balance: float) -> str | None:
     if not lo <= balance <= hi:
         return f"--balance {balance:g} is outside the range this checkpoint was trained for ({lo:g}..{hi:g})"
     return None
-
-
-def atomic_write(path: str, write) -> None:
-    """Write through `write(file)` into a temporary file beside `path`, flush, fsync, then rename over `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_checkpoint(path: str, state: dict) -> None:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from audio_codec import CODECS
 from fixed_masks import MASK_TYPES
 from layers import BASS_HZ
+from losses import DEFAULT_LOSS_WEIGHTS
 
 COMPILE_CHOICES = ("auto", "graphs", "default", "none")  # --compile: what auto means depends on the device
 SILENCE_DB = -60.0  # RMS level (dBFS) below which a song or segment is silent: the usual silence-detection level
@@ -66,6 +67,12 @@ def head_counts(counts: list[int]) -> int | list[int]:
 def flag(default, group: str, help: str = "", **argparse_options):
     """A field that is also a command-line flag of the same name, in `group` of --help."""
     return field(default=default, metadata=dict(group=group, help=help, **argparse_options))
+
+
+def loss_weight(name: str, help: str):
+    """The flag of a loss weight, with its default from losses.DEFAULT_LOSS_WEIGHTS, their one home."""
+    default = DEFAULT_LOSS_WEIGHTS[name]
+    return flag(default, "loss", f"{help} (default {default:g})", type=float)
 
 
 def derived(default=None):
@@ -159,17 +166,15 @@ class Config:
     anti_cheating: float = flag(0.0, "model", "relative noise on the target that later stages see (default 0)",
                                 type=float)
     # ---- loss weights: against the input and the target
-    wave_input_weight: float = flag(1.0, "loss", "RMS waveform distance to the input (default 1)", type=float)
-    wave_target_weight: float = flag(1.0, "loss", "RMS waveform distance to the target (default 1)", type=float)
-    stft_input_weight: float = flag(1.0, "loss", "multi-resolution STFT distance to the input (default 1)",
-                                    type=float)
-    stft_target_weight: float = flag(1.0, "loss", "multi-resolution STFT distance to the target (default 1)",
-                                     type=float)
-    mel_input_weight: float = flag(0.0, "loss", "log-mel distance to the input (default 0)", type=float)
-    mel_target_weight: float = flag(0.0, "loss", "log-mel distance to the target (default 0)", type=float)
-    far_lsd_weight: float = flag(1.0, "loss", "weight of the log-spectral distance to the farther of the two songs "
-                                 "(default 1): an arrangement must stay close to both, which copying one song "
-                                 "cannot do", type=float)
+    wave_input_weight: float = loss_weight("wave_input", "RMS waveform distance to the input")
+    wave_target_weight: float = loss_weight("wave_target", "RMS waveform distance to the target")
+    stft_input_weight: float = loss_weight("stft_input", "multi-resolution STFT distance to the input")
+    stft_target_weight: float = loss_weight("stft_target", "multi-resolution STFT distance to the target")
+    mel_input_weight: float = loss_weight("mel_input", "log-mel distance to the input")
+    mel_target_weight: float = loss_weight("mel_target", "log-mel distance to the target")
+    far_lsd_weight: float = loss_weight("far_lsd", "weight of the log-spectral distance to the farther of the two "
+                                        "songs: an arrangement must stay close to both, which copying one song "
+                                        "cannot do")
     # ---- optimisation
     num_epochs: int = flag(10, "optimisation", "epochs (default 10; also spelt --epochs)", type=int,
                            aliases=("--epochs",))

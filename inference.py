@@ -26,6 +26,7 @@ from beats import (
     analyse,
     lay_on_grid,
     level_switches,
+    loop_to,
     section_ids,
     switch_fade_frames,
     track_pulses,
@@ -39,6 +40,7 @@ from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
 from pairs_folder import read_rhythm
+from run_log import replaced
 
 
 class AudioInputError(ValueError):
@@ -85,13 +87,8 @@ def stem_layers(folder: str, song: torch.Tensor, sample_rate: int) -> torch.Tens
 def save_wave(path: str, wave: torch.Tensor, sample_rate: int) -> None:
     """Write a mono WAV atomically (temporary file, then rename): a crash never leaves a partial file."""
     audio = np.nan_to_num(wave.detach().float().cpu().numpy())
-    tmp = f"{path}.tmp{os.getpid()}.wav"
-    try:
+    with replaced(path) as tmp:
         sf.write(tmp, np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_24")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def peak_limit(wave: torch.Tensor, ceiling: float = 0.99) -> torch.Tensor:
@@ -132,11 +129,6 @@ def arrange_latents(model, codec, norm, inp: torch.Tensor, tgt: torch.Tensor, ha
     return out, model.last_masks, attention
 
 
-def loop_to_length(song: torch.Tensor, length: int) -> torch.Tensor:
-    """`song` repeated as often as needed and cut to `length` samples."""
-    return song.repeat(-(-length // song.shape[0]))[:length]
-
-
 GUIDE_SECONDS = 30.0  # the layering agent's guide is taken over stretches of this long (its median: what is usual)
 
 
@@ -162,10 +154,10 @@ def song_sections(model, song_grid: Grid | None, num_samples: int, codec) -> tor
     `section_beats` beats) of the input's grid, or fixed blocks of frames (a model that decides in blocks, or a song
     without a pulse)."""
     generator = model.creative_agent.mask_generator if model.use_creative_agent else None
-    block = (generator.block_frames if generator is not None else model.temporal_segment_frames) or 32
+    block = generator.block_frames if generator is not None else model.temporal_segment_frames
     beats = song_grid.beats if song_grid is not None and has_sections(model) else None
     bar = song_grid.bar if song_grid is not None else (0, math.nan)
-    unit = SectionUnit(model.section_beats, model.section_bars, block)
+    unit = SectionUnit.of(model.section_beats, model.section_bars, block)
     return section_ids(beats, codec.num_frames(num_samples), codec.sample_rate / codec.hop_length, unit, bar)
 
 
@@ -242,13 +234,13 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
     fader is ridden (ride_fader), so the level does not step.
     """
     length, hop = song.shape[0], codec.hop_length
-    other = loop_to_length(other, length)
+    other = loop_to(other, length)
     sections = song_sections(model, song_grid, length, codec)
     fade = max(hop, int(SWITCH_FADE_SECONDS * codec.sample_rate))
     plan = plan_windows(sections, hop, length, window, margin=max(2 * fade, window // 8) // hop * hop)
     pad = lambda x: torch.nn.functional.pad(x, (0, window + 2 * fade))  # noqa: E731  windows past the end: silence
     song_p, other_p = pad(song), pad(other)
-    rhythm_p = [None if r is None else pad(loop_to_length(r, length)) for r in rhythm or (None, None)]
+    rhythm_p = [None if r is None else pad(loop_to(r, length)) for r in rhythm or (None, None)]
     out, weight = torch.zeros(length + window + 2 * fade), torch.zeros(length + window + 2 * fade)
     frames = codec.num_frames(window)
     guide = song_guide(model, song, other, codec, sections.shape[0]) if guide is None else guide
@@ -335,10 +327,9 @@ def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torc
     axes[-1].set_xlabel("time (s)")
     if title:
         fig.suptitle(title)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=90)
+    with replaced(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_guide(ax, guide: torch.Tensor, sections: torch.Tensor | None, rows: int, frame_seconds: float) -> None:
@@ -371,7 +362,7 @@ def prepare_songs(song: torch.Tensor, other: torch.Tensor, sample_rate: int, mat
         grid = analyse(song_np, sample_rate, song_pulse)
         target_grid = target_grid.result() if target_grid is not None else None
     if not align_songs:
-        return grid, loop_to_length(other, len(song)), None
+        return grid, loop_to(other, len(song)), None
     aligned, info = align(other_np, song_np, sample_rate, target_grid, grid, match_key=match_key)
     return grid, torch.from_numpy(aligned), info
 
@@ -488,7 +479,7 @@ class Arranger:
         if rhythm is not None and rhythm[1] is not None and alignment is not None:  # laid like the target
             laid = lay_on_grid(rhythm[1].numpy(), alignment, len(song), self.sample_rate)
             rhythm = (rhythm[0], torch.from_numpy(laid))
-        guide = song_guide(self.model, song, loop_to_length(other, len(song)), self.codec,
+        guide = song_guide(self.model, song, loop_to(other, len(song)), self.codec,
                            self.codec.num_frames(len(song)))
         out, masks, attention, sections = arrange_song(
             self.model, self.codec, self.norm, song, other, self.config.segment_samples, hard,

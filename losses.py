@@ -40,12 +40,6 @@ def stft_loss(output: torch.Tensor, reference: torch.Tensor, n_fft: int, hop: in
     return spectral_distance(magnitude(output, n_fft, hop), magnitude(reference, n_fft, hop))
 
 
-def multi_resolution_stft_loss(output: torch.Tensor, reference: torch.Tensor,
-                               resolutions=STFT_RESOLUTIONS) -> torch.Tensor:
-    """Mean of `stft_loss` over several (n_fft, hop) resolutions."""
-    return sum(stft_loss(output, reference, n, h) for n, h in resolutions) / len(resolutions)
-
-
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, device=None) -> torch.Tensor:
     """Triangular HTK-mel filters [n_mels, n_fft // 2 + 1] from 0 Hz to Nyquist."""
     def to_mel(hz):
@@ -58,13 +52,6 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, device=None) -> to
     rising = (bins - lower) / (centre - lower)
     falling = (upper - bins) / (upper - centre)
     return torch.clamp(torch.minimum(rising, falling), min=0.0)
-
-
-def log_mel_loss(output: torch.Tensor, reference: torch.Tensor, sample_rate: int,
-                 n_fft: int = 1024, hop: int = 256, n_mels: int = 64) -> torch.Tensor:
-    """Mean absolute difference of log-mel spectrograms."""
-    _check_pair(output, reference)
-    return mel_distance(magnitude(output, n_fft, hop), magnitude(reference, n_fft, hop), sample_rate, n_mels)
 
 
 def mel_distance(mag_out: torch.Tensor, mag_ref: torch.Tensor, sample_rate: int, n_mels: int = 64) -> torch.Tensor:

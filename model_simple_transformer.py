@@ -217,7 +217,7 @@ class SimpleTransformer(nn.Module):
             return (torch.arange(frames) // generator.block_frames).expand(len(beats), -1)
         block = generator.block_frames if generator is not None else self.temporal_segment_frames
         return batch_section_ids(beats, bars, frames, frame_rate,
-                                 SectionUnit(self.section_beats, self.section_bars, block or 32))
+                                 SectionUnit.of(self.section_beats, self.section_bars, block))
 
     def guide(self, input_wave: torch.Tensor, target_wave: torch.Tensor, sample_rate: int,
               frames: int) -> torch.Tensor | None:

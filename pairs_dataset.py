@@ -13,10 +13,22 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from beats import Grid, Pulse, align, bar_anchor, estimate_key, lay_on_grid, loudness_lufs, padded_beats, track_beats
+from beats import (
+    Grid,
+    Pulse,
+    align,
+    bar_anchor,
+    estimate_key,
+    lay_on_grid,
+    level_db,
+    loudness_lufs,
+    padded_beats,
+    track_beats,
+)
 from config import SILENCE_DB
 from distributed import cpus_per_rank
 from listening import layer_guide
+from run_log import atomic_write, replaced
 
 BEATS_FILE = "beats.json"  # in each split folder: pair name -> its grid (see pair_grid)
 RHYTHM_SUFFIX = "_rhythm"  # pair_0007_input_rhythm.wav: the rhythm layer of pair_0007_input.wav (separator's stems)
@@ -27,16 +39,10 @@ def rhythm_path(path: str) -> str:
     return path[: -len(".wav")] + RHYTHM_SUFFIX + ".wav"
 
 
-def rms_dbfs(audio: np.ndarray) -> float:
-    """RMS level of samples in dBFS (full scale = 1.0); -inf for digital silence."""
-    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if audio.size else 0.0
-    return 20.0 * np.log10(rms) if rms > 0 else -np.inf
-
-
 def silence_problem(audio: np.ndarray, silence_db: float = SILENCE_DB) -> str | None:
     """'silent (...)' when the RMS level of `audio` is below `silence_db`, else None: the one definition of
     silence for make_pairs.py, the pairs check, arrange.py and evaluate.py."""
-    level = rms_dbfs(audio)
+    level = level_db(audio)
     return f"silent (RMS {level:.1f} dBFS, below {silence_db:g} dBFS)" if level < silence_db else None
 
 
@@ -155,10 +161,7 @@ def load_beat_grids(folder: str, pairs: list[tuple[str, str]], sample_rate: int,
         grids[pair_name(inp)] = pair_grid(track_beats(audio, sample_rate), 0.0, seconds / 2, seconds, (key, minor))
     if missing:
         try:
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(grids, f)
-            os.replace(tmp, path)
+            atomic_write(path, lambda f: f.write(json.dumps(grids).encode()))
         except OSError:  # a read-only folder: the grids serve this run from memory
             pass
     return grids
@@ -338,14 +341,9 @@ class CachedLatents(Dataset):
         """Encode every pair into `path` in this process unless it is there already; True when it had to encode."""
         if os.path.isfile(path):
             return False
-        partial = f"{path}.tmp{os.getpid()}.npy"
-        try:
+        with replaced(path) as partial:
             CachedLatents.allocate(partial, len(dataset), codec.dim, codec.num_frames(dataset.segment_samples))
             CachedLatents.fill(dataset, codec, partial, device, progress=progress)
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
         return True
 
     def __len__(self) -> int:

@@ -1,11 +1,34 @@
 """A run's logs: metrics.jsonl (one JSON record per epoch, rewritten atomically), TensorBoard events beside it and
-a picture of the training curves; plot_training.py draws the same curves for several runs."""
+a picture of the training curves; plot_training.py draws the same curves for several runs. And how every file of
+the project is written: atomically (`replaced`, `atomic_write`), so a crash never leaves a partial one."""
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 
-from checkpoints import atomic_write
+
+@contextmanager
+def replaced(path: str):
+    """A temporary path beside `path`, with its extension (writers that go by it still can), to write to: when the
+    block ends without an error it replaces `path`; otherwise it is removed."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write(path: str, write) -> None:
+    """Write through `write(file)` into a temporary file beside `path`, flush, fsync, then rename over `path`."""
+    with replaced(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
 
 PANELS = (("train_loss", "val_loss"), ("train_mask_reg_loss", "mask_reg_loss"), ("input_share",), ("both_heard",),
           ("temporal_variation",), ("complementarity",), ("coverage",), ("balance",))
@@ -41,10 +64,9 @@ def plot_runs(run_dirs: list[str], out: str) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    tmp = f"{out}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=90)
+    with replaced(out) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 class RunLog:

@@ -8,15 +8,26 @@ from audio_codec import CodecUnavailable, LatentNorm, MDCTCodec, build_codec, la
 from creative_agent import AttentionMaskGenerator, CreativeAgent, StyleDiscriminator, count_parameters
 from fixed_masks import make_fixed_masks
 from losses import (
+    STFT_RESOLUTIONS,
     farther_song_loss,
-    log_mel_loss,
+    magnitude,
     mask_metrics,
-    multi_resolution_stft_loss,
+    mel_distance,
     reconstruction_loss,
     rms_loss,
     stft_loss,
 )
 from model_simple_transformer import SimpleTransformer
+
+
+def multi_resolution_stft_loss(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The mean of stft_loss over the loss's resolutions, one term at a time, to check the combined loss against."""
+    return sum(stft_loss(output, reference, n, h) for n, h in STFT_RESOLUTIONS) / len(STFT_RESOLUTIONS)
+
+
+def log_mel_loss(output: torch.Tensor, reference: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """The log-mel term alone (n_fft 1024, hop 256), likewise."""
+    return mel_distance(magnitude(output, 1024, 256), magnitude(reference, 1024, 256), sample_rate)
 
 D, T = 32, 40
 
