@@ -1,4 +1,4 @@
-"""Issue 27: the web page. Arranging without training (the rules), the page's checks of what it is given, and the
+"""The web page. Arranging without training (the rules), the page's checks of what it is given, and the
 real server in a subprocess: uploads through gradio_client, then the page in a headless Chromium."""
 import os
 import re
@@ -119,7 +119,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoints):
-    """python app.py --checkpoint (a tiny agent) on a free port, from an empty folder; yields (url, process,
+    """`python app.py --checkpoint` (a tiny agent) on a free port, from an empty folder; yields (url, process,
     its working folder, the folder it runs in)."""
     pytest.importorskip("gradio_client", reason="the web page's tests need pip install -r requirements-app.txt")
     cwd = tmp_path_factory.mktemp("app_cwd")

@@ -1,4 +1,4 @@
-"""Issue 9: what a listener hears (input share, temporal variation, distance to the farther song) and an agent
+"""What a listener hears (input share, temporal variation, distance to the farther song) and an agent
 that arranges both songs over time instead of copying one."""
 import json
 import math

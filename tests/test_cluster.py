@@ -1,4 +1,4 @@
-"""Issue 12: several nodes (torchrun on 127.0.0.1, Gloo), self-requeue under SLURM, CPU allocation, pre-encoding."""
+"""Several nodes (torchrun on 127.0.0.1, Gloo), self-requeue under SLURM, CPU allocation, pre-encoding."""
 import multiprocessing
 import os
 import shutil

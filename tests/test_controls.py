@@ -1,4 +1,4 @@
-"""Issue 11: agent controls: the balance knob, Gumbel hard masks, multi-scale attention, the compositional agent,
+"""Agent controls: the balance knob, Gumbel hard masks, multi-scale attention, the compositional agent,
 the style reference, and checkpoints that say which controls they honour."""
 import csv
 import json

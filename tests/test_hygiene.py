@@ -1,4 +1,4 @@
-"""Issue 10: one definition of silence by level, clear words for path mistakes, no import circle. Issue 25: one
+"""One definition of silence by level, clear words for path mistakes, no import circle. One
 home for each concept (sizes, scripts not imported, every flag read, one configuration)."""
 import ast
 import os
@@ -154,7 +154,7 @@ def project_files() -> list[str]:
 
 
 def test_no_class_over_250_lines_and_no_function_over_60():
-    """Issue 25: small pieces, each with one job (argument parsing included)."""
+    """Small pieces, each with one job (argument parsing included)."""
     too_long = []
     for path in [os.path.join(ROOT, f) for f in project_files()] + [
             os.path.join(ROOT, "tests", f) for f in os.listdir(os.path.join(ROOT, "tests")) if f.endswith(".py")]:

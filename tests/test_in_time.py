@@ -1,4 +1,4 @@
-"""Issue 24: arrangements in time with the music: the beat grid, tempo, key and loudness alignment, decisions per
+"""Arrangements in time with the music: the beat grid, tempo, key and loudness alignment, decisions per
 section of beats, seamless switches, and the figures of what is heard in time."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""Issue 26: layered arrangements. The rhythm and harmony layers of the MDCT latent, the `layers` rule, the layering
+"""Layered arrangements. The rhythm and harmony layers of the MDCT latent, the `layers` rule, the layering
 agent, and what is heard in layers, measured from the audio."""
 import os
 
@@ -205,7 +205,7 @@ def test_layering_needs_the_mdct_codec(capsys):
 
 
 def stems_pairs(tmp_path, capsys) -> str:
-    """make_pairs.py --stems on four songs with their stems (drums, bass, other) and one without: a pairs folder whose
+    """`make_pairs.py --stems` on four songs with their stems (drums, bass, other) and one without: a pairs folder whose
     segments carry their rhythm layers, the drums and the bass."""
     music, separated, pairs = tmp_path / "music", tmp_path / "separated", str(tmp_path / "pairs")
     music.mkdir()

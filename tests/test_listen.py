@@ -1,4 +1,4 @@
-"""Issue 4: arrange.py, evaluate.py, training curves and pictures."""
+"""`arrange.py`, `evaluate.py`, training curves and pictures."""
 import csv
 import os
 import re

@@ -1,4 +1,4 @@
-"""Issue 2: the creative agent, fixed masks, the cascade transformer, the codecs and the losses."""
+"""The creative agent, fixed masks, the cascade transformer, the codecs and the losses."""
 import math
 
 import pytest

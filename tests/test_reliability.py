@@ -1,4 +1,4 @@
-"""Issue 6: bad data, crash-safe checkpoints, exact resume, signals, non-finite steps, failing ranks."""
+"""Bad data, crash-safe checkpoints, exact resume, signals, non-finite steps, failing ranks."""
 import json
 import os
 import re

@@ -1,4 +1,4 @@
-"""Issue 5: the fast path changes no result, the latent cache, and bench.py's report."""
+"""The fast path changes no result, the latent cache, and bench.py's report."""
 import json
 import os
 import subprocess
@@ -273,7 +273,7 @@ print(keep_freed_memory(), default, faults_per_step(), faults_per_step())
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_a_cpu_step_reuses_freed_memory_instead_of_faulting_it_in_again():
-    """keep_freed_memory (called by every training process and by bench.py): the memory a step frees serves the
+    """`keep_freed_memory` (called by every training process and by bench.py): the memory a step frees serves the
     next step, where glibc would hand it back to the kernel and fault it in again (minor page faults)."""
     result = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP.format(root=ROOT)], capture_output=True,
                             text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Issue 3: pairs data, the trainer end to end, DDP on CPU, resume, the SLURM script."""
+"""Pairs data, the trainer end to end, DDP on CPU, resume, the SLURM script."""
 import csv
 import json
 import os
