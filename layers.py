@@ -20,9 +20,8 @@ import torch.nn.functional as F
 LAYERS = ("rhythm", "harmony")
 TIME_FRAMES = 17  # median over time: 0.09 s at the MDCT's 187.5 frames/s keeps what is sustained (harmony)
 BINS = 9  # median over frequency: 0.85 kHz at 94 Hz a bin keeps what is broadband (rhythm)
-# the bass joins the drums in the rhythm layer (the rhythm section). Without it the drums alone were 8-13 % of real
-# songs' energy, too little to be heard under the other song's harmony: both songs were heard in 15-36 % of the
-# frames of the exact layers rule on three pairs of real songs, 49-76 % with the bass (docs/results.md)
+# the bass joins the drums in the rhythm layer (the rhythm section): the drums alone are too little of a song to be
+# heard under the other song's harmony (docs/results.md, "Layered arrangements: the bass in the rhythm")
 BASS_HZ = 200.0
 RHYTHM_STEMS = ("drums", "bass")  # of a separator's stems (Demucs: drums, bass, other, vocals), the rhythm layer
 STEMS_ONLY_LAYERED = "rhythm stems are the layers of the layering agent (--agent layered) only"
