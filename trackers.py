@@ -105,7 +105,7 @@ class BLSTMEnsemble:
                 g = np.matmul(xs[:, None], w)  # [nets, 2, T, 4H]
                 gates[s, :, 0, : len(xs[0])], gates[s, :, 1, : len(xs[0])] = g[:, 0], g[:, 1, ::-1]
             gates += layer["b"].reshape(1, nets, 2, 1, -1)
-            rows = {k: np.concatenate([v] * len(songs)) for k, v in layer.items()}
+            rows = {k: np.concatenate([layer[k]] * len(songs)) for k in ("r", "p")}  # what the steps read
             out = self._steps(gates.reshape(-1, frames, w.shape[-1]), rows).reshape(len(songs), nets, 2, frames, -1)
             x = [np.concatenate([out[s, :, 0, : len(xs[0])], out[s, :, 1, : len(xs[0])][:, ::-1]], axis=2)
                  for s, xs in enumerate(x)]  # each [nets, T, 2H]: forward then backward
