@@ -5,8 +5,8 @@
   python app.py --checkpoints_dir checkpoints                    # choose among the runs in the page
 
 then open http://127.0.0.1:7860. Without a trained checkpoint the page offers two rules that need no training: the
-songs switch every few beats of the input, or the input's rhythm plays under the target's harmony. Either way the
-target is first laid on the input's grid (tempo, beats, key, loudness; beats.py), as arrange.py does. One job runs
+songs switch every few bars of the input, or the input's rhythm plays under the target's harmony. Either way the
+target is first laid on the input's grid (tempo, bars, key, loudness; beats.py), as arrange.py does. One job runs
 at a time; the others wait in a queue. Everything the page writes stays in one temporary folder, removed at exit.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from checkpoints import CheckpointError
 from config import str2bool
 from inference import Arranger, AudioInputError, load_audio, save_wave, summary_line
 
-RULES = {"Rule: switch songs every few beats (no training)": "temporal",
+RULES = {"Rule: switch songs every few bars (no training)": "temporal",
          "Rule: the input's rhythm under the target's harmony (no training)": "layers"}
 MIN_SECONDS = 1.0  # shorter excerpts hold too few beats to arrange
 EXPECTED = (AudioInputError, CheckpointError, CodecUnavailable, AlignmentError, ValueError)
@@ -108,7 +108,7 @@ class Job:
     song: Song
     other: Song
     approach: str
-    section_beats: int = 4
+    section_bars: int = 1  # the rules' sections (4 beats a bar where a song's bars are not known)
     balance: float = 0.5
     match_key: bool = True
     style_upload: str | None = None
@@ -128,10 +128,10 @@ class Studio:
     def approaches(self) -> list[str]:
         return self.checkpoints + list(RULES)
 
-    def arranger(self, approach: str, section_beats: int) -> Arranger:
+    def arranger(self, approach: str, section_bars: int) -> Arranger:
         """The rule or checkpoint `approach`, loaded once (a checkpoint again when its file changes)."""
         if approach in RULES:
-            key = (RULES[approach], int(section_beats))
+            key = (RULES[approach], int(section_bars))
         else:
             if approach not in self.checkpoints and not self.server_paths:
                 raise CheckpointError(f"{approach}: not one of the offered checkpoints (app.py --server_paths true "
@@ -141,7 +141,8 @@ class Studio:
             key = (approach, os.path.getmtime(approach))
         if key not in self.loaded:
             self.loaded = {k: v for k, v in self.loaded.items() if k[0] != key[0]}  # a changed file: drop the old
-            self.loaded[key] = (Arranger.rule(key[0], section_beats=key[1]) if approach in RULES
+            rule = approach in RULES
+            self.loaded[key] = (Arranger.rule(key[0], section_beats=4 * key[1], section_bars=key[1]) if rule
                                 else Arranger.load(approach))
         return self.loaded[key]
 
@@ -158,7 +159,7 @@ class Studio:
         """(arrangement WAV, mask picture PNG, summary, input excerpt WAV, aligned target WAV), written into a new
         job folder. Raises one of EXPECTED with a message for the page where the input cannot be used."""
         progress(0.05, desc="loading")
-        arranger = self.arranger(job.approach, job.section_beats)
+        arranger = self.arranger(job.approach, job.section_bars)
         arranger.check_balance(job.balance)
         sr = arranger.sample_rate
         song = job.song.load("input", sr, self.max_seconds, self.server_paths)
@@ -212,10 +213,10 @@ def build_page(studio: Studio):
     """The gradio Blocks of the page; its one event, `arrange`, is also the API that gradio_client calls."""
     import gradio as gr
 
-    def arrange(up_a, path_a, start_a, len_a, up_b, path_b, start_b, len_b, approach, section_beats, balance,
+    def arrange(up_a, path_a, start_a, len_a, up_b, path_b, start_b, len_b, approach, section_bars, balance,
                 match_key, style_upload, style_strength, progress=gr.Progress()):  # noqa: B008  gradio's convention
         job = Job(Song(up_a, path_a, start_a or 0, len_a or 30), Song(up_b, path_b, start_b or 0, len_b or 30),
-                  approach, int(section_beats), float(balance), bool(match_key), style_upload, float(style_strength))
+                  approach, int(section_bars), float(balance), bool(match_key), style_upload, float(style_strength))
         try:
             return studio.arrange(job, progress)
         except EXPECTED as err:
@@ -226,7 +227,7 @@ def build_page(studio: Studio):
 
     with gr.Blocks(title="Creative Agent", analytics_enabled=False) as page:
         gr.Markdown("# Creative Agent: arrange two songs\nThe input song sets the grid: the target is laid on its "
-                    "tempo, beats, key and loudness, then the two are arranged section by section.")
+                    "tempo, bars, key and loudness, then the two are arranged section by section.")
         with gr.Row():
             inputs = song_inputs(gr, "Input", studio.server_paths) + song_inputs(gr, "Target", studio.server_paths)
         with gr.Row():
@@ -234,7 +235,7 @@ def build_page(studio: Studio):
                                    allow_custom_value=studio.server_paths, scale=3,
                                    info="a trained checkpoint" + (" (or its path on the server)" * studio.server_paths)
                                    + ", or a rule that needs no training")
-            beats = gr.Slider(1, 16, value=4, step=1, label="beats per section (rules)")
+            bars = gr.Slider(1, 8, value=1, step=1, label="bars per section (rules)")
             balance = gr.Slider(0, 1, value=0.5, step=0.05, label="input share (agent checkpoints trained with "
                                 "--balance_range)")
             match_key = gr.Checkbox(value=True, label="shift the target to the input's key")
@@ -249,7 +250,7 @@ def build_page(studio: Studio):
         with gr.Row():
             heard = [gr.Audio(label=label, type="filepath", buttons=["download"], interactive=False)
                      for label in ("input excerpt", "target, aligned to the input")]
-        button.click(arrange, inputs + [approach, beats, balance, match_key, style, strength],
+        button.click(arrange, inputs + [approach, bars, balance, match_key, style, strength],
                      [output, picture, summary, *heard], api_name="arrange")
     return page
 

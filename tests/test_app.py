@@ -147,7 +147,7 @@ def server(tmp_path_factory, checkpoints):
 def ask(client, a, b, approach, seconds=4.0):
     from gradio_client import handle_file
 
-    return client.predict(handle_file(a), "", 0, seconds, None, b, 0.5, seconds, approach, 4, 0.5, True, None, 0.5,
+    return client.predict(handle_file(a), "", 0, seconds, None, b, 0.5, seconds, approach, 1, 0.5, True, None, 0.5,
                           api_name="/arrange")
 
 
