@@ -4,13 +4,14 @@ and whether the data loader keeps up.
   python bench.py --device cpu --json
   python bench.py --device cuda --batch_size 8 --seconds 16 --codec encodec --compile none   # eager, to compare
   python bench.py --scan                     # step time and peak memory for 2, 4, 8, 16 and 32 s segments
+  python bench.py --arrange A.wav B.wav [--checkpoint C]   # arrange.py's time part by part (no songs: synthetic)
 
 Model step: forward + backward + AdamW step of SimpleTransformer at the default configuration on random latents at
 the codec's frame rate, median over timed steps after warm-up; FLOPs counted by torch's FlopCounterMode.
-Peak: on CPU the fp32 throughput of a large matmul, sampled for 0.3 s between the timed steps, since a shared VM's or a
-hot laptop's speed drifts from second to second: MFU is the median over steps of each step's FLOP/s against the mean
-of the samples on either side of it, and `mfu_vs_best_peak` the conservative figure against the best sample of the
-run; on GPU the datasheet's dense bf16 figure.
+Peak: on CPU the fp32 throughput of the best of the model's own matmul shapes and a 2048 cube, sampled for 0.3 s
+between the timed steps, since a shared VM's or a hot laptop's speed drifts from second to second: MFU is the median
+over steps of each step's FLOP/s against the mean of the samples on either side of it, and `mfu_vs_best_peak` the
+conservative figure against the best sample of the run; on GPU the datasheet's dense bf16 figure.
 End-to-end: the trainer's step from waveforms (codec, model, decoder, losses); decoder + loss: that part alone.
 """
 from __future__ import annotations
