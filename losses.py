@@ -34,12 +34,6 @@ def spectral_distance(mag_out: torch.Tensor, mag_ref: torch.Tensor) -> torch.Ten
     return convergence + (torch.log(mag_out + 1e-7) - torch.log(mag_ref + 1e-7)).abs().mean()
 
 
-def stft_loss(output: torch.Tensor, reference: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
-    """Spectral convergence + mean absolute log-magnitude difference at one resolution."""
-    _check_pair(output, reference)
-    return spectral_distance(magnitude(output, n_fft, hop), magnitude(reference, n_fft, hop))
-
-
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, device=None) -> torch.Tensor:
     """Triangular HTK-mel filters [n_mels, n_fft // 2 + 1] from 0 Hz to Nyquist."""
     def to_mel(hz):

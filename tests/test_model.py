@@ -15,9 +15,14 @@ from losses import (
     mel_distance,
     reconstruction_loss,
     rms_loss,
-    stft_loss,
+    spectral_distance,
 )
 from model_simple_transformer import SimpleTransformer
+
+
+def stft_loss(output: torch.Tensor, reference: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """Spectral convergence + mean absolute log-magnitude difference at one resolution, a term at a time."""
+    return spectral_distance(magnitude(output, n_fft, hop), magnitude(reference, n_fft, hop))
 
 
 def multi_resolution_stft_loss(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
