@@ -43,8 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--rule", choices=MASK_TYPES, help="arrange by a rule, nothing learned (the MDCT codec): "
                         "temporal switches songs every --section_bars bars, layers lays the input's rhythm under "
                         "the target's harmony, ...")
-    p.add_argument("--section_bars", type=int, default=1, metavar="N",
-                   help="with --rule: sections of N bars of the input (default 1; 0: of --section_beats beats)")
+    p.add_argument("--section_bars", type=int, default=None, metavar="N",
+                   help="sections of N bars of the input where its bars are known (0: of --section_beats beats); "
+                        "default 1 with --rule, and with --checkpoint what it was trained with (its agent then "
+                        "decides once per N bars)")
     p.add_argument("--section_beats", type=int, default=2, metavar="N",
                    help="with --rule: sections of N beats where the input's bars are not known (default 2)")
     p.add_argument("--sample_rate", type=int, default=24000, help="with --rule: the rate to arrange at (24000)")
@@ -110,8 +112,13 @@ def report(args: argparse.Namespace, arranger: Arranger, song, result: Arrangeme
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        arranger = (Arranger.load(args.checkpoint) if args.checkpoint else
-                    Arranger.rule(args.rule, args.sample_rate, args.section_beats, section_bars=args.section_bars))
+        if args.checkpoint:
+            arranger = Arranger.load(args.checkpoint)
+            if args.section_bars is not None:
+                arranger.use_bars(args.section_bars)
+        else:
+            bars = 1 if args.section_bars is None else args.section_bars
+            arranger = Arranger.rule(args.rule, args.sample_rate, args.section_beats, section_bars=bars)
         arranger.check_balance(args.balance)
         sr = arranger.sample_rate
         song, other = load_audio(args.input, sr, args.silence_db), load_audio(args.target, sr, args.silence_db)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import soundfile as sf
@@ -448,6 +448,12 @@ class Arranger:
     @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
+
+    def use_bars(self, bars: int) -> None:
+        """Sections of `bars` bars of the input (where its bars are known; 0: of the model's beats) instead of the
+        sections the checkpoint was trained with: its agent or rule then decides once per section of that size."""
+        self.model.section_bars = bars
+        self.config = replace(self.config, section_bars=bars)
 
     def check_stems(self) -> None:
         """CheckpointError unless this model's agent takes its layers from stems (the layering agent)."""

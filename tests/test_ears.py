@@ -106,3 +106,26 @@ def test_arrange_with_a_rule_and_no_checkpoint(tmp_path, capsys):
     assert rate == SR and len(audio) == 10 * SR and np.abs(audio).max() > 0.05
     grid = analyse(audio.astype(np.float32), SR)
     assert grid.has_bars
+
+
+def test_a_checkpoint_asked_for_bars_decides_once_a_bar(checkpoints):
+    """arrange.py --checkpoint C --section_bars 1: the agent trained in sections of 2 beats then decides per bar."""
+    from beats import known_pulse
+    from inference import Arranger, song_sections
+
+    arranger = Arranger.load(checkpoints["agent"])
+    rate, hop = arranger.sample_rate, arranger.codec.hop_length
+    song = make_song(3, 8.0, rate)
+    grid = analyse(song.audio, rate, known_pulse(song.beats, song.downbeats, 4))
+
+    def starts() -> np.ndarray:  # the times (s) where a new section starts
+        ids = song_sections(arranger.model, grid, len(song.audio), arranger.codec)
+        return (np.flatnonzero(np.diff(ids.numpy())) + 1) * hop / rate
+
+    def on_bar_lines(times: np.ndarray) -> bool:
+        return bool(np.all(np.abs(times[:, None] - song.downbeats[None]).min(axis=1) <= 1.5 * hop / rate))
+
+    assert not on_bar_lines(starts())  # as trained: every 2 beats, so half the starts fall mid-bar
+    arranger.use_bars(1)
+    assert on_bar_lines(starts()) and len(starts()) >= len(song.downbeats) - 2
+    assert arranger.config.section_bars == 1
