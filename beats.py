@@ -76,7 +76,12 @@ class Grid:
 
     @property
     def key_name(self) -> str:
-        return KEY_NAMES[self.key] + (" minor" if self.minor else " major")
+        return key_name(self.key, self.minor)
+
+
+def key_name(tonic: int, minor: bool) -> str:
+    """'A minor', 'Eb major', ... of a tonic pitch class (0 = C)."""
+    return KEY_NAMES[tonic % 12] + (" minor" if minor else " major")
 
 
 # ---------------------------------------------------------------- analysis
@@ -306,8 +311,8 @@ def major_of(key: int, minor: bool) -> int:
 def key_shift(input_grid: Grid, target_grid: Grid) -> int:
     """Semitones (-6..+5) that move the target only as far as the music needs: none where the keys already fit (the
     same, the relative, a neighbour on the circle of fifths), else the smallest shift that makes them fit, the
-    same key before a neighbour at an equal shift. Every semitone costs Rubber Band's sound (docs/results.md)."""
-    def cost(shift: int) -> tuple[int, int]:
+    same key before a neighbour at an equal shift (every semitone of Rubber Band's shift changes the sound)."""
+    def cost(shift: int) -> tuple[int, int, int]:
         apart = fifths_apart(major_of(input_grid.key, input_grid.minor),
                              (major_of(target_grid.key, target_grid.minor) + shift) % 12)
         return (0 if apart <= 1 else 1, abs(shift) if apart <= 1 else 0, apart)
@@ -406,7 +411,8 @@ def time_map(input_grid: Grid, target_grid: Grid, ratio: float, offset: float) -
     first = np.abs(landed[:, None] - mine[None]).min(axis=1) < period / 2
     if first.sum() < 2:
         return None
-    k, j = int(first.argmax()), int(np.abs(mine - landed[first.argmax()]).argmin())
+    k = int(first.argmax())
+    j = int(np.abs(mine - landed[k]).argmin())
     theirs, mine = theirs[k :: 2 if fold > 1.5 else 1], mine[j :: 2 if fold < 0.75 else 1]
     n = min(len(theirs), len(mine))
     if n < MAP_MARKS:
@@ -454,8 +460,7 @@ def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_g
     used = math.ceil((len(input_song) / sample_rate + period + 0.1) * ratio * sample_rate)
     info = Alignment(input_grid.tempo, target_grid.tempo, ratio, input_grid.key_name, target_grid.key_name, semitones,
                      input_grid.loudness, target_grid.loudness, notes, used, int(round(offset * sample_rate)),
-                     on=on, time_map=anchors, key_out=KEY_NAMES[(target_grid.key + semitones) % 12]
-                     + (" minor" if target_grid.minor else " major"))
+                     on=on, time_map=anchors, key_out=key_name(target_grid.key + semitones, target_grid.minor))
     out = lay_on_grid(target, info, len(input_song), sample_rate)
     lufs_tgt = loudness_lufs(out, sample_rate)
     if math.isfinite(lufs_tgt) and math.isfinite(info.lufs_in):

@@ -31,7 +31,6 @@ JUMP_SECONDS = 0.2  # the level before and after a switch is measured over this 
 LABEL_SMOOTH_SECONDS = 0.09  # which song is heard is smoothed over this long (a majority of frames) before counting
 IN_TIME_KEYS = ("switches_per_s", "section_s", "section_in_beats", "on_beat", "on_beat_chance", "on_bar",
                 "on_bar_chance", "loudness_jump_db", "input_jump_db", "tempo_ratio")
-BAR_KEYS = ("on_bar_afresh", "on_bar_afresh_chance", "target_bars_f", "output_bars_f")  # bars_heard
 
 
 @torch.no_grad()
@@ -197,6 +196,12 @@ def source_labels(output: np.ndarray, input_wave: np.ndarray, target_wave: np.nd
     return smoothed > 0.5, hop / sample_rate
 
 
+def switch_times(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, sample_rate: int) -> np.ndarray:
+    """The times (s) at which the song heard in the output changes (source_labels), midway between the frames."""
+    labels, hop_s = source_labels(output, input_wave, target_wave, sample_rate)
+    return (np.flatnonzero(labels[1:] != labels[:-1]) + 0.5) * hop_s
+
+
 def near_grid(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Whether each of `times` lies within ON_BEAT_SECONDS of a time of the sorted `grid` (its neighbours on either
     side found by bisection, not a times x grid table)."""
@@ -213,9 +218,8 @@ def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray,
     times `beats` (s; None or empty: no grid, so the beat figures are NaN) and bars `bar` = (meter, one bar line's
     time; unknown: the bar figures are NaN): see the module's docstring. The output's tempo is tracked afresh,
     unless `output_tempo` (BPM, 0 for no pulse) says what it was tracked at already (bars_heard)."""
-    labels, hop_s = source_labels(output, input_wave, target_wave, sample_rate)
     seconds = len(output) / sample_rate
-    switches = (np.flatnonzero(labels[1:] != labels[:-1]) + 0.5) * hop_s
+    switches = switch_times(output, input_wave, target_wave, sample_rate)
     edges = np.concatenate([[0.0], switches, [seconds]])
     runs = np.diff(edges)
     inner = runs[1:-1] if len(runs) > 2 else runs
@@ -271,8 +275,7 @@ def bars_heard(output: np.ndarray, input_wave: np.ndarray, aligned_target: np.nd
     heard = trackers.track_bars([np.asarray(a, dtype=np.float32) for _, a in waves], sample_rate)
     bars = {name: b.downbeats for (name, _), b in zip(waves, heard, strict=True)}
     bars.setdefault("input", input_bars)
-    labels, hop_s = source_labels(output, input_wave, aligned_target, sample_rate)
-    switches = (np.flatnonzero(labels[1:] != labels[:-1]) + 0.5) * hop_s
+    switches = switch_times(output, input_wave, aligned_target, sample_rate)
     lines = bars["input"]
     on_bar = on_chance = math.nan
     if len(lines) >= 2:
