@@ -20,7 +20,7 @@ import sys
 
 from config import SILENCE_DB
 from pairs_dataset import path_problem
-from pairs_folder import find_songs, make_demo, make_pairs, read_song
+from pairs_folder import Cutting, find_songs, make_demo, make_pairs, read_song
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,8 +64,9 @@ def main(argv=None) -> int:
             print(f"error: no audio files found in {args.from_folder}", file=sys.stderr)
             return 2
         songs = [(p, lambda p=p: read_song(p, args.sample_rate)) for p in paths]
-        summary = make_pairs(songs, args.out, args.segment_seconds, args.sample_rate, args.val_fraction, args.seed,
-                             silence_db=args.silence_db, stems=args.stems)
+        cutting = Cutting(args.segment_seconds, args.sample_rate, args.val_fraction, args.seed, args.silence_db,
+                          args.stems)
+        summary = make_pairs(songs, args.out, cutting)
     print(summary.report())
     if summary.pairs["train"] == 0:
         print("error: no training pairs were written (songs too short or silent?)", file=sys.stderr)

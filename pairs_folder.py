@@ -159,38 +159,62 @@ def split_songs(names: list[str], val_fraction: float, seed: int) -> dict[str, s
     return {names[i]: ("val" if rank < n_val else "train") for rank, i in enumerate(order)}
 
 
-def write_song_pairs(audio: np.ndarray, song: str, split: str, out: str, segment: int, sample_rate: int,
-                     summary: Summary, rows: list, silence_db: float = SILENCE_DB,
-                     rhythm: np.ndarray | None = None) -> None:
-    """Cut one song into consecutive segments and write each (k, k+1) pair that is not silent, with the beat
-    times of both its segments, tracked on the whole song, and the song's tempo and key; `rhythm`: the song's
-    rhythm layer from a separator's stems, cut the same way (pair_XXXX_input_rhythm.wav, ..._output_rhythm.wav)."""
-    n_segments = len(audio) // segment
-    if n_segments < 2:
-        summary.skipped["songs too short for one pair"] += 1
-        return
-    pulse = track_beats(audio, sample_rate)
-    key = estimate_key(audio, sample_rate)[:2]
-    if pulse.note:
-        summary.no_pulse.append((song, pulse.note))
-    pieces = [audio[k * segment : (k + 1) * segment] for k in range(n_segments)]
-    loud = [silence_problem(p, silence_db) is None for p in pieces]
-    for k in range(n_segments - 1):
-        if not (loud[k] and loud[k + 1]):
-            summary.skipped["silent pairs"] += 1
-            continue
-        index = summary.pairs[split]
-        for role, piece in (("input", pieces[k]), ("output", pieces[k + 1])):
-            sf.write(os.path.join(out, split, f"pair_{index:04d}_{role}.wav"), np.clip(piece, -1, 1), sample_rate,
-                     subtype="PCM_16")
-        for role, j in (("input", k), ("output", k + 1)) if rhythm is not None else ():
-            sf.write(os.path.join(out, split, f"pair_{index:04d}_{role}{RHYTHM_SUFFIX}.wav"),
-                     np.clip(rhythm[j * segment : (j + 1) * segment], -1, 1), sample_rate, subtype="PCM_16")
-        start, end = k * segment / sample_rate, (k + 1) * segment / sample_rate
-        summary.beats[split][f"pair_{index:04d}"] = pair_grid(pulse, start, end, 2 * end - start, key)
-        rows.append(dict(split=split, pair=f"pair_{index:04d}", song=song, input_offset_s=start,
-                         output_offset_s=end, tempo_bpm=round(pulse.tempo, 2)))
-        summary.pairs[split] += 1
+@dataclass(frozen=True)
+class Cutting:
+    """How make_pairs cuts songs into pairs: segments of `segment_seconds` at `sample_rate`, `val_fraction` of the
+    songs (drawn by `seed`, a song in one split only) for validation, a pair with a segment below `silence_db`
+    skipped; `stems`: a folder holding a separator's output folder for each song, named as the song's file without
+    its extension (Demucs: separated/htdemucs/NAME/drums.wav ...), so that every pair carries its rhythm layer."""
+    segment_seconds: float
+    sample_rate: int
+    val_fraction: float = 0.0
+    seed: int = 0
+    silence_db: float = SILENCE_DB
+    stems: str | None = None
+
+
+@dataclass
+class PairsWriter:
+    """Writes the pairs of one folder `out` cut as `cutting` says, song by song, and tallies them (`summary`,
+    and one manifest row per pair)."""
+    out: str
+    cutting: Cutting
+    summary: Summary = field(default_factory=Summary)
+    rows: list = field(default_factory=list)
+
+    def song(self, audio: np.ndarray, song: str, split: str, rhythm: np.ndarray | None = None) -> None:
+        """Cut one song into consecutive segments and write each (k, k+1) pair that is not silent, with the beat
+        times of both its segments, tracked on the whole song, and the song's tempo and key; `rhythm`: the song's
+        rhythm layer from a separator's stems, cut the same way (pair_XXXX_input_rhythm.wav, ...output_rhythm.wav)."""
+        out, summary, rows = self.out, self.summary, self.rows
+        sample_rate, silence_db = self.cutting.sample_rate, self.cutting.silence_db
+        segment = int(round(self.cutting.segment_seconds * sample_rate))
+        n_segments = len(audio) // segment
+        if n_segments < 2:
+            summary.skipped["songs too short for one pair"] += 1
+            return
+        pulse = track_beats(audio, sample_rate)
+        key = estimate_key(audio, sample_rate)[:2]
+        if pulse.note:
+            summary.no_pulse.append((song, pulse.note))
+        pieces = [audio[k * segment : (k + 1) * segment] for k in range(n_segments)]
+        loud = [silence_problem(p, silence_db) is None for p in pieces]
+        for k in range(n_segments - 1):
+            if not (loud[k] and loud[k + 1]):
+                summary.skipped["silent pairs"] += 1
+                continue
+            index = summary.pairs[split]
+            for role, piece in (("input", pieces[k]), ("output", pieces[k + 1])):
+                sf.write(os.path.join(out, split, f"pair_{index:04d}_{role}.wav"), np.clip(piece, -1, 1), sample_rate,
+                         subtype="PCM_16")
+            for role, j in (("input", k), ("output", k + 1)) if rhythm is not None else ():
+                sf.write(os.path.join(out, split, f"pair_{index:04d}_{role}{RHYTHM_SUFFIX}.wav"),
+                         np.clip(rhythm[j * segment : (j + 1) * segment], -1, 1), sample_rate, subtype="PCM_16")
+            start, end = k * segment / sample_rate, (k + 1) * segment / sample_rate
+            summary.beats[split][f"pair_{index:04d}"] = pair_grid(pulse, start, end, 2 * end - start, key)
+            rows.append(dict(split=split, pair=f"pair_{index:04d}", song=song, input_offset_s=start,
+                             output_offset_s=end, tempo_bpm=round(pulse.tempo, 2)))
+            summary.pairs[split] += 1
 
 
 def read_rhythm(folder: str, length: int, sample_rate: int) -> np.ndarray:
@@ -213,17 +237,16 @@ def stem_folder(stems: str, song: str) -> str:
     return os.path.join(stems, os.path.splitext(os.path.basename(song))[0])
 
 
-def make_pairs(songs, out: str, segment_seconds: float, sample_rate: int, val_fraction: float, seed: int,
-               progress: bool = True, silence_db: float = SILENCE_DB, stems: str | None = None) -> Summary:
-    """`songs`: list of (name, loader) where loader() returns mono audio at `sample_rate` or raises. `stems`: a
-    folder holding a separator's output folder for each song, named as the song's file without its extension
-    (Demucs: separated/htdemucs/NAME/drums.wav ...); every pair then carries its rhythm layer, and a song without
-    its stems is listed and skipped."""
+def make_pairs(songs, out: str, cutting: Cutting, progress: bool = True) -> Summary:
+    """The pairs folder `out` (train/, val/, manifest.csv) of `songs`, a list of (name, loader) where loader()
+    returns mono audio at the cutting's sample rate or raises; a song that cannot be read, or that has no stems
+    where the cutting asks for them, is listed and skipped."""
     for split in ("train", "val"):
         os.makedirs(os.path.join(out, split), exist_ok=True)
-    segment = int(round(segment_seconds * sample_rate))
-    splits = split_songs([name for name, _ in songs], val_fraction, seed)
-    summary, rows = Summary(), []
+    sample_rate, stems = cutting.sample_rate, cutting.stems
+    splits = split_songs([name for name, _ in songs], cutting.val_fraction, cutting.seed)
+    writer = PairsWriter(out, cutting)
+    summary, rows = writer.summary, writer.rows
     for name, load in tqdm(songs, desc="songs", unit="song", disable=not progress):
         try:
             audio = load()
@@ -233,7 +256,7 @@ def make_pairs(songs, out: str, segment_seconds: float, sample_rate: int, val_fr
             summary.bad_files.append((name, str(err).splitlines()[0] if str(err) else type(err).__name__))
             continue
         summary.songs_read += 1
-        write_song_pairs(audio, name, splits[name], out, segment, sample_rate, summary, rows, silence_db, rhythm)
+        writer.song(audio, name, splits[name], rhythm)
     for split, grids in summary.beats.items():
         with open(os.path.join(out, split, BEATS_FILE), "w") as f:
             json.dump(grids, f)
@@ -249,4 +272,4 @@ def make_demo(out: str, sample_rate: int = 24000, seed: int = 0, progress: bool 
     """The demo set: DEMO['songs'] synthetic songs, small enough to train on a laptop CPU in minutes."""
     songs = [(f"demo_song_{i:02d}", lambda i=i: synth_song(seed * 1000 + i, DEMO["seconds"], sample_rate))
              for i in range(DEMO["songs"])]
-    return make_pairs(songs, out, DEMO["segment_seconds"], sample_rate, DEMO["val_fraction"], seed, progress)
+    return make_pairs(songs, out, Cutting(DEMO["segment_seconds"], sample_rate, DEMO["val_fraction"], seed), progress)

@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 
 from beats import Pulse  # noqa: E402
 from pairs_dataset import pair_grid  # noqa: E402
-from pairs_folder import make_pairs, make_song, synth_song  # noqa: E402
+from pairs_folder import Cutting, make_pairs, make_song, synth_song  # noqa: E402
 from train_simple_ddp import parse_args  # noqa: E402
 
 SR = 8000
@@ -23,7 +23,7 @@ def tiny_pairs(folder: str, songs: int = 4, seconds: float = 2.0) -> str:
     """Synthetic songs at 8 kHz cut into 0.5 s pairs: a pairs folder that trains in seconds. Its beats.json holds
     the songs' true grids, so what the training tests measure does not hang on a tracker hearing 2 s songs."""
     loaders = [(f"song_{i}", lambda i=i: synth_song(100 + i, seconds, SR)) for i in range(songs)]
-    make_pairs(loaders, folder, SEGMENT_SECONDS, SR, val_fraction=0.25, seed=0, progress=False)
+    make_pairs(loaders, folder, Cutting(SEGMENT_SECONDS, SR, val_fraction=0.25), progress=False)
     with open(os.path.join(folder, "manifest.csv")) as f:
         rows = list(csv.DictReader(f))
     for split in ("train", "val"):

@@ -230,10 +230,10 @@ def test_encodec_training_from_a_local_folder(tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "encodec_24khz"
     transformers.EncodecModel(transformers.EncodecConfig()).save_pretrained(str(weights))
-    from pairs_folder import make_pairs, synth_song
+    from pairs_folder import Cutting, make_pairs, synth_song
 
     songs = [(f"s{i}", lambda i=i: synth_song(i, 1.5, 24000)) for i in range(3)]
-    make_pairs(songs, str(tmp_path / "pairs"), 0.5, 24000, val_fraction=0.34, seed=0, progress=False)
+    make_pairs(songs, str(tmp_path / "pairs"), Cutting(0.5, 24000, val_fraction=0.34), progress=False)
     args = train_simple_ddp.parse_args([
         "--dataset_folder", str(tmp_path / "pairs"), "--codec", "encodec", "--codec_path", str(weights),
         "--num_layers", "1", "--nhead", "2", "--num_epochs", "1", "--checkpoint_dir", str(tmp_path / "c"),
