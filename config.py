@@ -64,9 +64,11 @@ def head_counts(counts: list[int]) -> int | list[int]:
     return counts[0] if len(counts) == 1 else counts
 
 
-def flag(default, group: str, help: str = "", **argparse_options):
-    """A field that is also a command-line flag of the same name, in `group` of --help."""
-    return field(default=default, metadata=dict(group=group, help=help, **argparse_options))
+def flag(default, group: str, help: str = "", shapes_model: bool = False, **argparse_options):
+    """A field that is also a command-line flag of the same name, in `group` of --help; `shapes_model`: it shapes
+    the model (checkpoints.model_options), so a resumed run may not change it (MODEL_KEYS)."""
+    return field(default=default, metadata=dict(group=group, help=help, shapes_model=shapes_model,
+                                                **argparse_options))
 
 
 def loss_weight(name: str, help: str):
@@ -75,9 +77,9 @@ def loss_weight(name: str, help: str):
     return flag(default, "loss", f"{help} (default {default:g})", type=float)
 
 
-def derived(default=None):
+def derived(default=None, shapes_model: bool = False):
     """A field the run fills in itself (not a flag), stored in checkpoints."""
-    return field(default=default, metadata=dict(group=None))
+    return field(default=default, metadata=dict(group=None, shapes_model=shapes_model))
 
 
 @dataclass
@@ -91,7 +93,8 @@ class Config:
                                "first (tempo, beats, key, loudness), as arrange.py lays two songs (default false; "
                                "not with --cache_latents)", type=str2bool)
     segment_seconds: float | None = flag(None, "data", "segment length (default: the files' length)", type=float)
-    sample_rate: int = flag(24000, "data", "sample rate of the pairs and codec (default 24000)", type=int)
+    sample_rate: int = flag(24000, "data", "sample rate of the pairs and codec (default 24000)", type=int,
+                            shapes_model=True)
     num_workers: int | None = flag(None, "data", "data-loader workers per rank (default: the CPUs of the rank "
                                    "minus one on GPU, 0 on CPU where they would take cores from the model)", type=int)
     skip_bad_files: bool = flag(False, "data", "warn about bad files and train on the rest", action="store_true")
@@ -99,21 +102,23 @@ class Config:
                              f"skipped with --skip_bad_files (default {SILENCE_DB:g} dBFS)", type=float)
     # ---- masks: one choice, the agent (--agent KIND or --use_creative_agent true) or a rule (--mask_type)
     use_creative_agent: bool = flag(False, "masks", "learn the masks with the attention agent (default false)",
-                                    type=str2bool)
+                                    type=str2bool, shapes_model=True)
     agent: str = flag("attention", "masks", "learn the masks with this agent (implies --use_creative_agent true): "
                       "attention masks each song (one song at a time); layered decides per section which song gives "
                       "the rhythm and which the harmony (both heard at once; MDCT codec); compositional splits each "
                       "song into rhythm, harmony and timbre by learned filters",
-                      choices=("attention", "layered", "compositional"))
+                      choices=("attention", "layered", "compositional"), shapes_model=True)
     mask_type: str = flag("none", "masks", "the rule-based masks of a run without the agent (default none; layers: "
-                          "the input's rhythm under the target's harmony, MDCT codec)", choices=MASK_TYPES)
+                          "the input's rhythm under the target's harmony, MDCT codec)", choices=MASK_TYPES,
+                          shapes_model=True)
     bass_hz: float = flag(BASS_HZ, "masks", "layering (--agent layered, --mask_type layers): the rhythm layer is "
                           f"the drums and all below this frequency, the bass (default {BASS_HZ:g} Hz; 0: the drums "
-                          "alone)", type=float)
+                          "alone)", type=float, shapes_model=True)
     layer_guide: float = flag(3.0, "masks", "the layering agent (--agent layered) leans this far (in units of the "
                               "spread of its own scores; 0: not at all) to the way round that the songs' audio "
                               "prefers: where their notes agree, the one in which both are heard at once; where they "
-                              "clash, the one in which one song covers the other (default 3)", type=float)
+                              "clash, the one in which one song covers the other (default 3)", type=float,
+                              shapes_model=True)
     mask_reg_weight: float = flag(0.1, "masks", "weight of the agent's mask regularisation (default 0.1)",
                                   type=float)
     balance_loss_weight: float = flag(0.0, "masks", "extra weight on the regularisation's area-share term "
@@ -121,24 +126,27 @@ class Config:
     adversarial_weight: float = flag(0.0, "masks", "weight of a discriminator's verdict on the output (default 0: "
                                      "off)", type=float)
     agent_gates: str = flag("frame", "masks", "what the agent decides: which song each frame comes from (frame, "
-                            "default) or each channel x frame cell (cell)", choices=("frame", "cell"))
+                            "default) or each channel x frame cell (cell)", choices=("frame", "cell"),
+                            shapes_model=True)
     agent_block_frames: int = flag(32, "masks", "with frame gates and no beat grid, decide once per block of N "
                                    "frames (default 32; 0: every frame, from scores smoothed over 16 frames)",
-                                   type=count, metavar="N")
+                                   type=count, metavar="N", shapes_model=True)
     section_beats: int = flag(2, "masks", "the agent (frame gates) and the temporal rule decide once per section "
                               "of N beats of the input's beat grid, so the songs switch only on the beat (default "
                               "2; 0: fixed blocks of --agent_block_frames / --temporal_segment_frames frames); "
-                              "songs without a pulse fall back to those blocks", type=count, metavar="N")
+                              "songs without a pulse fall back to those blocks", type=count, metavar="N",
+                              shapes_model=True)
     section_bars: int = flag(0, "masks", "... or once per section of N bars of the input, so the songs switch only "
                              "on its bar lines; songs whose bars are not known fall back to --section_beats "
                              "(default 0: beats, since a 2 s training segment holds one or two bars, too few "
-                             "sections to learn from; 1 for segments of 4 s or more)", type=count, metavar="N")
+                             "sections to learn from; 1 for segments of 4 s or more)", type=count, metavar="N",
+                             shapes_model=True)
     balance_range: tuple = flag((0.2, 0.8), "masks", "train the agent for any wanted input share: each example "
                                 "draws one from LO..HI, and arrange.py/evaluate.py --balance choose it later "
                                 "(default 0.2,0.8; 0.5,0.5: always even)", type=share_range, metavar="LO,HI")
     agent_scales: tuple = flag((1,), "masks", "time scales in frames at which the agent attends, fused by "
                                "summation (default 1; for example 1,4,16 adds attention between means of 4 and of "
-                               "16 frames)", type=frame_scales, metavar="S1,S2,...")
+                               "16 frames)", type=frame_scales, metavar="S1,S2,...", shapes_model=True)
     hard_masks: bool = flag(False, "masks", "train the agent's decisions with Gumbel noise, straight-through 0/1 "
                             "(default false)", type=str2bool)
     gumbel_tau_start: float = flag(1.0, "masks", "Gumbel temperature at the first step (default 1.0)", type=float)
@@ -147,24 +155,25 @@ class Config:
     style_weight: float = flag(0.0, "masks", "W > 0: a style reference conditions the agent and the cascade "
                                "(arrange.py --style_reference); trained on the target of another pair in half of "
                                "the examples, with W x the distance between the output's and the reference's "
-                               "per-channel level and spread (default 0: off)", type=float)
+                               "per-channel level and spread (default 0: off)", type=float, shapes_model=True)
     temporal_segment_frames: int = flag(32, "masks", "frames per section of the temporal rule where there is no "
-                                        "beat grid (default 32)", type=int)
+                                        "beat grid (default 32)", type=int, shapes_model=True)
     frequency_split: float = flag(0.5, "masks", "share of channels the input keeps under the frequency rule "
-                                  "(default 0.5)", type=float)
+                                  "(default 0.5)", type=float, shapes_model=True)
     # ---- model
-    codec: str = flag("mdct", "model", "frozen codec (default mdct, weight-free)", choices=CODECS)
+    codec: str = flag("mdct", "model", "frozen codec (default mdct, weight-free)", choices=CODECS, shapes_model=True)
     codec_path: str | None = flag(None, "model", "local folder of the EnCodec weights")
-    codec_dim: int = flag(128, "model", "MDCT bins D (default 128, as EnCodec; EnCodec's is its own)", type=int)
+    codec_dim: int = flag(128, "model", "MDCT bins D (default 128, as EnCodec; EnCodec's is its own)", type=int,
+                          shapes_model=True)
     num_stages: int = flag(2, "model", "cascade stages (default 2; also spelt --num_transformer_layers)", type=int,
-                           aliases=("--num_transformer_layers",))
-    num_layers: int = flag(6, "model", "transformer layers per stage (default 6)", type=int)
+                           aliases=("--num_transformer_layers",), shapes_model=True)
+    num_layers: int = flag(6, "model", "transformer layers per stage (default 6)", type=int, shapes_model=True)
     nhead: int | list = flag(0, "model", "attention heads, for every stage or one count per stage (default 0: heads "
                              "of dimension 128, 2 and 3 at the default widths 256 and 384, the fastest on GPUs; the "
-                             "seed's model had 8)", type=int, nargs="+", metavar="N")
-    dropout: float = flag(0.1, "model", "dropout on the residual paths (default 0.1)", type=float)
+                             "seed's model had 8)", type=int, nargs="+", metavar="N", shapes_model=True)
+    dropout: float = flag(0.1, "model", "dropout on the residual paths (default 0.1)", type=float, shapes_model=True)
     anti_cheating: float = flag(0.0, "model", "relative noise on the target that later stages see (default 0)",
-                                type=float)
+                                type=float, shapes_model=True)
     # ---- loss weights: against the input and the target
     wave_input_weight: float = loss_weight("wave_input", "RMS waveform distance to the input")
     wave_target_weight: float = loss_weight("wave_target", "RMS waveform distance to the target")
@@ -220,7 +229,7 @@ class Config:
     # ---- filled in by the run
     run_name_given: str | None = derived()  # --run_name as typed (--resume auto looks for it)
     segment_samples: int | None = derived()  # the pairs' length in samples
-    fade_frames: int = derived(0)  # frames over which a switch between the songs ramps
+    fade_frames: int = derived(0, shapes_model=True)  # frames over which a switch between the songs ramps
 
     @property
     def masks(self) -> str:
@@ -248,11 +257,8 @@ def upgrade(saved: dict) -> Config:
     return Config(**{k: v for k, v in values.items() if k in known})
 
 
-# the settings that shape the model: a resumed run must have the same
-MODEL_KEYS = ("codec", "codec_dim", "sample_rate", "num_stages", "num_layers", "nhead", "dropout", "anti_cheating",
-              "use_creative_agent", "mask_type", "temporal_segment_frames", "frequency_split", "agent_gates",
-              "agent_scales", "agent", "style_weight", "agent_block_frames", "section_beats", "section_bars",
-              "fade_frames", "bass_hz", "layer_guide")
+# the settings that shape the model, as their fields declare it: a resumed run must have the same
+MODEL_KEYS = tuple(f.name for f in fields(Config) if f.metadata["shapes_model"])
 
 
 GROUP_TITLES = dict(masks="masks: the agent (--agent KIND or --use_creative_agent true) or a rule (--mask_type)",
@@ -266,6 +272,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     for f in fields(Config):
         options = dict(f.metadata)
         group = options.pop("group")
+        del options["shapes_model"]
         if group is None:
             continue
         if group not in groups:
