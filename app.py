@@ -28,7 +28,7 @@ from audio_codec import CodecUnavailable
 from beats import AlignmentError
 from checkpoints import CheckpointError
 from config import str2bool
-from inference import Arranger, AudioInputError, load_audio, save_wave, summary_line
+from inference import Arranger, AudioInputError, Request, load_audio, save_wave, summary_line
 
 RULES = {"Rule: switch songs every few bars (no training)": "temporal",
          "Rule: the input's rhythm under the target's harmony (no training)": "layers"}
@@ -114,6 +114,15 @@ class Job:
     style_upload: str | None = None
     style_strength: float = 0.5
 
+    @classmethod
+    def from_page(cls, values: tuple) -> Job:
+        """The job of the page's values, one per input component in the order build_page lists them: each song's
+        upload, path, start and length, then the approach, bars per section, input share, key switch, style
+        reference and style strength."""
+        songs, (approach, bars, balance, key, style, strength) = (values[:4], values[4:8]), values[8:]
+        song, other = (Song(upload, path, start or 0, seconds or 30) for upload, path, start, seconds in songs)
+        return cls(song, other, approach, int(bars), float(balance), bool(key), style, float(strength))
+
 
 class Studio:
     """What the page arranges with: the approaches on offer, the arrangers loaded so far, its working folder."""
@@ -170,8 +179,9 @@ class Studio:
                 raise CheckpointError("a style reference needs a checkpoint trained with --style_weight > 0")
             style = arranger.style_latent(Song(job.style_upload, "").load("style reference", sr, self.max_seconds))
         progress(0.2, desc="aligning the target to the input and arranging")
-        result = arranger.arrange(song, other, job.balance, match_key=job.match_key, style=style,
-                                  style_strength=job.style_strength, keep_attention=arranger.model.use_creative_agent)
+        result = arranger.arrange(Request(song, other, job.balance, match_key=job.match_key, style=style,
+                                          style_strength=job.style_strength,
+                                          attention=arranger.model.use_creative_agent))
         progress(0.8, desc="writing the audio and the picture")
         folder = self.new_job_folder()
         waves = dict(arrangement=result.output, input=song, target_aligned=result.target)
@@ -179,12 +189,11 @@ class Studio:
         for name, wave in waves.items():
             save_wave(wav[name], wave, sr)
         picture = os.path.join(folder, "masks.png")
-        arranger.picture(picture, song, result, title=job.approach if job.approach in RULES else
+        arranger.picture(picture, result, title=job.approach if job.approach in RULES else
                          os.path.basename(os.path.dirname(job.approach)))
         lines = [f"note: {note}" for note in result.notes()]
         lines += [f"aligned target: {result.alignment.line()}"] if result.alignment is not None else []
-        lines.append(summary_line("arrangement", result.output, song, result.target, result.masks, result.grid, sr,
-                                  job.balance))
+        lines.append(summary_line("arrangement", result, sr, job.balance))
         return wav["arrangement"], picture, "\n".join(lines), wav["input"], wav["target_aligned"]
 
     def warm_up(self) -> None:
@@ -193,7 +202,7 @@ class Studio:
 
         arranger = self.arranger(next(iter(RULES)), 4)
         song, other = (torch.from_numpy(synth_song(seed, 4.0, arranger.sample_rate)) for seed in (1, 2))
-        arranger.arrange(song, other)
+        arranger.arrange(Request(song, other))
 
 
 def song_inputs(gr, name: str, server_paths: bool):
@@ -213,12 +222,9 @@ def build_page(studio: Studio):
     """The gradio Blocks of the page; its one event, `arrange`, is also the API that gradio_client calls."""
     import gradio as gr
 
-    def arrange(up_a, path_a, start_a, len_a, up_b, path_b, start_b, len_b, approach, section_bars, balance,
-                match_key, style_upload, style_strength, progress=gr.Progress()):  # noqa: B008  gradio's convention
-        job = Job(Song(up_a, path_a, start_a or 0, len_a or 30), Song(up_b, path_b, start_b or 0, len_b or 30),
-                  approach, int(section_bars), float(balance), bool(match_key), style_upload, float(style_strength))
+    def arrange(*page, progress=gr.Progress()):  # noqa: B008  gradio's convention
         try:
-            return studio.arrange(job, progress)
+            return studio.arrange(Job.from_page(page), progress)
         except EXPECTED as err:
             raise gr.Error(str(err), print_exception=False) from None
         except Exception as err:  # the server keeps serving; the page says what went wrong

@@ -27,6 +27,7 @@ from inference import (
     Arrangement,
     Arranger,
     AudioInputError,
+    Request,
     aligned_path,
     load_audio,
     save_wave,
@@ -86,17 +87,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def report(args: argparse.Namespace, arranger: Arranger, song, result: Arrangement, reference) -> None:
+def report(args: argparse.Namespace, arranger: Arranger, result: Arrangement, reference) -> None:
     """The mask picture and the figures of a written arrangement; its files are tracked afresh meanwhile."""
-    sr, out = arranger.sample_rate, result.output
+    sr, out, song = arranger.sample_rate, result.output, result.input
     with ThreadPoolExecutor(1) as pool:  # the files are tracked afresh while the picture and the figures are made
         heard = (pool.submit(bars_heard, out.numpy(), song.numpy(), result.target.numpy(), sr, result.grid.downbeats)
                  if args.track_afresh else None)
         if args.mask_plot:
-            arranger.picture(args.mask_plot, song, result, title=os.path.basename(args.output))
+            arranger.picture(args.mask_plot, result, title=os.path.basename(args.output))
         if result.alignment is not None:
             print(f"aligned target ({aligned_path(args.output)}): {result.alignment.line()}")
-        print(summary_line(args.output, out, song, result.target, result.masks, result.grid, sr, args.balance, heard))
+        print(summary_line(args.output, result, sr, args.balance, heard))
         heard = heard.result() if heard else None
     if heard:
         print(f"bars, every file tracked afresh: {heard['on_bar_afresh']:.0%} of switches on the input's bar lines "
@@ -131,9 +132,9 @@ def main(argv=None) -> int:
         style = arranger.style_latent(reference) if reference is not None else None
         if os.path.isdir(args.output):
             raise AudioInputError(f"{args.output}: is a folder, but the output is a file to write")
-        result = arranger.arrange(song, other, args.balance, args.hard, args.match_key, args.align, style,
-                                  args.style_strength, args.batch_size, keep_attention=bool(args.mask_plot),
-                                  rhythm=rhythm)
+        result = arranger.arrange(Request(song, other, args.balance, args.hard, args.match_key, args.align, style,
+                                          args.style_strength, rhythm, attention=bool(args.mask_plot),
+                                          batch_size=args.batch_size))
     except (CheckpointError, AudioInputError, CodecUnavailable, AlignmentError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_wave(args.output, out, sr)
     save_wave(aligned_path(args.output), result.target, sr)
-    report(args, arranger, song, result, reference)
+    report(args, arranger, result, reference)
     return 0
 
 

@@ -431,15 +431,15 @@ def map_factors(anchors: np.ndarray, samples: int, sample_rate: int, ratio: floa
     return np.where(piece < len(speed), speed[np.minimum(piece, len(speed) - 1)], ratio)
 
 
-def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, target_grid: Grid | None = None,
-          input_grid: Grid | None = None, match_key: bool = True,
-          tolerant: bool = False) -> tuple[np.ndarray, Alignment]:
+def align(target: np.ndarray, input_song: np.ndarray, sample_rate: int, grids: tuple | None = None,
+          match_key: bool = True, tolerant: bool = False) -> tuple[np.ndarray, Alignment]:
     """The target laid on the input's grid, as it enters the arrangement: stretched to the input's tempo with its
     bar lines on the input's (beats where the meters differ; bar by bar where a tempo drifts), shifted only as far
     as the keys need (`match_key`), brought to the input's loudness (BS.1770) and looped or cut to the input's
     length (levels at the switches: level_switches). Where either song has no beat grid the tempo is left alone,
     with a note. AlignmentError for tempos too far apart, unless `tolerant` (training pairs): then the tempo is
-    left alone, with a note."""
+    left alone, with a note. `grids`: the (target's, input's) Grid where they are known (analysed here if not)."""
+    target_grid, input_grid = grids or (None, None)
     input_grid = input_grid or analyse(input_song, sample_rate)
     target_grid = target_grid or analyse(target, sample_rate)
     notes = [f"{name}: {g.note}" for name, g in (("input", input_grid), ("target", target_grid)) if g.note]

@@ -214,16 +214,16 @@ def loader_pairs_per_s(batch_size: int, seconds: float, num_workers: int, sample
     """Pairs per second that the training data loader delivers from WAV files of `seconds` length; None where the
     data's packages (soundfile, librosa, ...: requirements.txt) are missing, as on a bare GPU image."""
     try:
-        from pairs_dataset import WavPairsDataset, build_loader
-        from pairs_folder import make_pairs, synth_song
+        from pairs_dataset import Loading, WavPairsDataset, build_loader
+        from pairs_folder import Cutting, make_pairs, synth_song
     except ImportError:
         return None
 
     with tempfile.TemporaryDirectory() as folder:
         songs = [(f"s{i}", lambda i=i: synth_song(i, seconds * 9, sample_rate)) for i in range(2)]
-        make_pairs(songs, folder, seconds, sample_rate, 0.0, 0, progress=False)
+        make_pairs(songs, folder, Cutting(seconds, sample_rate), progress=False)
         dataset = WavPairsDataset(os.path.join(folder, "train"), sample_rate, int(seconds * sample_rate))
-        loader, _ = build_loader(dataset, batch_size, 1, 0, True, 0, num_workers)
+        loader, _ = build_loader(dataset, Loading(batch_size, workers=num_workers), True)
         for _ in loader:  # one untimed epoch starts the workers
             pass
         start = time.perf_counter()

@@ -11,8 +11,10 @@ import torch
 
 from audio_codec import LatentNorm, build_codec
 from config import MODEL_KEYS, Config, upgrade
+from creative_agent import AgentOptions
+from fixed_masks import Rule
 from layers import bass_rows
-from model_simple_transformer import SimpleTransformer
+from model_simple_transformer import ModelOptions, SimpleTransformer
 from objective import agent_term_weights
 from pairs_dataset import path_problem
 from run_log import atomic_write
@@ -25,19 +27,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, truncated, from another project or another configuration."""
 
 
+def model_options(config: Config, codec_dim: int) -> ModelOptions:
+    """The model that a run's configuration describes, over a codec of `codec_dim` channels (the flags that shape
+    it are declared so in config.py: MODEL_KEYS)."""
+    c = config
+    bass = bass_rows(c.sample_rate / 2 / codec_dim, c.bass_hz)
+    agent = AgentOptions(c.agent_gates, scales=tuple(c.agent_scales), hard_masks=c.hard_masks,
+                         block_frames=c.agent_block_frames, fade_frames=c.fade_frames, bass=bass, guide=c.layer_guide,
+                         weights=agent_term_weights(c))
+    return ModelOptions(codec_dim, c.nhead if isinstance(c.nhead, int) else tuple(c.nhead), c.num_layers,
+                        c.num_stages, dropout=c.dropout, anti_cheating=c.anti_cheating, use_sdpa=c.sdpa,
+                        style_dim=STYLE_DIM if c.style_weight > 0 else 0,
+                        rule=Rule(c.mask_type, c.temporal_segment_frames, c.frequency_split, c.fade_frames, bass),
+                        agent=c.agent if c.use_creative_agent else None, agent_options=agent,
+                        section_beats=c.section_beats, section_bars=c.section_bars)
+
+
 def build_model(config: Config, codec_dim: int) -> SimpleTransformer:
     """The SimpleTransformer that a run's configuration describes."""
-    model = SimpleTransformer(
-        encoding_dim=codec_dim, nhead=config.nhead, num_layers=config.num_layers, num_stages=config.num_stages,
-        dropout=config.dropout, anti_cheating=config.anti_cheating, use_creative_agent=config.use_creative_agent,
-        mask_type=config.mask_type, temporal_segment_frames=config.temporal_segment_frames,
-        frequency_split=config.frequency_split, gates=config.agent_gates, scales=tuple(config.agent_scales),
-        hard_masks=config.hard_masks, agent=config.agent, block_frames=config.agent_block_frames,
-        style_dim=STYLE_DIM if config.style_weight > 0 else 0, fade_frames=config.fade_frames, use_sdpa=config.sdpa,
-        bass=bass_rows(config.sample_rate / 2 / codec_dim, config.bass_hz), guide=config.layer_guide,
-        **agent_term_weights(config))
-    model.section_beats, model.section_bars = config.section_beats, config.section_bars
-    return model
+    return SimpleTransformer(options=model_options(config, codec_dim))
 
 
 def balance_problem(config: Config, balance: float) -> str | None:

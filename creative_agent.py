@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from fixed_masks import fade_switches
 from layers import LAYERS, STEMS_ONLY_LAYERED, split_layers
+from records import Conditions, Masks
 
 # Weights of the agent's regularisation terms. The masks are pushed to be decided (complementarity), to give each
 # song its wanted share of every example (area by mask area, share by energy), to keep the loud parts rather than
@@ -38,17 +40,27 @@ def default_term_weights(gates: str) -> dict[str, float]:
     return {name: 0.0 if gates == "frame" and name in SPLIT_MEETS else w for name, w in TERM_WEIGHTS.items()}
 
 
-def mask_regularization(input_mask: torch.Tensor, target_mask: torch.Tensor, change: torch.Tensor | None = None,
-                        energy: tuple | None = None, share: torch.Tensor | None = None,
-                        weights: dict[str, float] | None = None,
-                        undecided: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(weighted sum, unweighted terms) of: overlap -> 0 (decided cells; `undecided`, where the masks are decided
-    in the forward pass: the overlap p (1 - p) of the soft decisions that the straight-through estimator trains),
-    the wanted input share `share` [B, 1, 1] (default 0.5) of the mask area in every example (area), masks that vary
-    over time (diversity), few switches except where the music changes (`change` [B, T] in [0, 1], novelty:
-    switching) and, given the sources' energies [B, D, T], as much of the music kept as possible (presence: no gaps
-    where one song is quiet) with the wanted share of what is kept for the input (share); with components as rows,
-    their coming from different songs (layering)."""
+@dataclass
+class Evidence:
+    """What the mask regularisation judges the masks by, each optional: `change` [B, T] in [0, 1], how much the
+    music changes at each frame (novelty); `energy`, the two sources' energies [B, D, T]; `share` [B, 1, 1], the
+    wanted input share (default 0.5); `undecided`, where the masks are decided in the forward pass, the overlap
+    p (1 - p) of the soft decisions that the straight-through estimator trains."""
+    change: torch.Tensor | None = None
+    energy: tuple | None = None
+    share: torch.Tensor | None = None
+    undecided: torch.Tensor | None = None
+
+
+def mask_regularization(input_mask: torch.Tensor, target_mask: torch.Tensor, evidence: Evidence | None = None,
+                        weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(weighted sum, unweighted terms) of: overlap -> 0 (decided cells, or the soft decisions' overlap where
+    they are `undecided`), the wanted input share of the mask area in every example (area), masks that vary over
+    time (diversity), few switches except where the music changes (switching) and, given the sources' energies,
+    as much of the music kept as possible (presence: no gaps where one song is quiet) with the wanted share of what
+    is kept for the input (share); with components as rows, their coming from different songs (layering)."""
+    evidence = evidence or Evidence()
+    change, energy, share, undecided = evidence.change, evidence.energy, evidence.share, evidence.undecided
     weights = {**TERM_WEIGHTS, **(weights or {})}
     b = (share if share is not None else torch.full((1, 1, 1), 0.5, device=input_mask.device)).view(-1)
     step = (input_mask[..., 1:] - input_mask[..., :-1]).abs().mean(dim=1)  # [B, T-1]
@@ -79,12 +91,6 @@ def check_latent_pair(encoded_input: torch.Tensor, encoded_target: torch.Tensor,
     if encoded_input.shape != encoded_target.shape:
         raise ValueError(f"encoded_input and encoded_target must match in B, D and T, got "
                          f"{tuple(encoded_input.shape)} and {tuple(encoded_target.shape)}")
-
-
-def keeps_state() -> bool:
-    """Whether a forward may keep its masks, terms and attention on the module for metrics and pictures: in eager
-    runs, yes; inside torch.compile, no, so that no graph output outlives its step (CUDA graphs reuse that memory)."""
-    return not torch.compiler.is_compiling()
 
 
 class CrossAttention(nn.Module):
@@ -199,6 +205,50 @@ GATES = ("frame", "cell")
 # Frame gates decide once per block of this many frames (0.17 s with the MDCT codec at 24 kHz). Every switch
 # between the songs costs the decoded audio a transition, so fewer, longer sections sound cleaner.
 BLOCK_FRAMES = 32
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """How an agent decides, one record for every agent (AttentionMaskGenerator says what each option does):
+    `gates`, `gate_frames`, `scales`, `hard_masks`, `block_frames`, `fade_frames`; the layering agent's `bass` rows
+    and `guide` weight; `weights`, the regularisation terms' weights that differ from the defaults (TERM_WEIGHTS),
+    by term name. Agents ignore the options they have no use for. `AgentOptions.of(**keywords)` builds one from
+    the seed's keywords, the term weights spelt NAME_weight."""
+    gates: str = "frame"
+    gate_frames: int = 16
+    scales: tuple[int, ...] = (1,)
+    hard_masks: bool = False
+    block_frames: int = BLOCK_FRAMES
+    fade_frames: int = 0
+    bass: int = 0
+    guide: float = 0.0
+    weights: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, **keywords) -> AgentOptions:
+        """From keywords: the fields by name and NAME_weight for NAME in TERM_WEIGHTS; ValueError for any other."""
+        if unknown := unknown_options(keywords, GENERATOR_OPTIONS):
+            raise ValueError(f"unknown agent option(s) {', '.join(unknown)}: expected {', '.join(GENERATOR_OPTIONS)} "
+                             f"or NAME_weight for NAME in {', '.join(TERM_WEIGHTS)}")
+        weights = {name: keywords.pop(f"{name}_weight") for name in TERM_WEIGHTS if f"{name}_weight" in keywords}
+        if "scales" in keywords:
+            keywords["scales"] = tuple(keywords["scales"])
+        return cls(**keywords, weights=weights)
+
+    def check(self) -> None:
+        """ValueError for options no agent can take."""
+        if self.gates not in GATES:
+            raise ValueError(f"unknown gates {self.gates!r}: expected one of {', '.join(GATES)}")
+        if self.block_frames < 0:
+            raise ValueError(f"block_frames must be >= 0, got {self.block_frames}")
+        if not self.scales or len(set(self.scales)) != len(self.scales) or min(self.scales) < 1:
+            raise ValueError(f"scales must be distinct positive frame counts, got {self.scales}")
+
+
+# what an agent takes besides NAME_weight for NAME in TERM_WEIGHTS
+GENERATOR_OPTIONS = tuple(f.name for f in fields(AgentOptions) if f.name != "weights")
+
+
 class AttentionMaskGenerator(nn.Module):
     """Two complementary soft masks [B, D, T] in [0, 1], one per source, from cross-attention between the latents.
 
@@ -215,25 +265,17 @@ class AttentionMaskGenerator(nn.Module):
 
     LEAN: tuple[float, ...] = (1.0,)  # which way each row of frame scores leans with a `lean` (decisions)
 
-    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gates: str = "frame",
-                 gate_frames: int = 16, scales: tuple[int, ...] = (1,), hard_masks: bool = False,
-                 block_frames: int = BLOCK_FRAMES, fade_frames: int = 0, **term_weights: float):
+    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4,
+                 options: AgentOptions | None = None, **keywords):
+        """`options` (AgentOptions), or the same as the seed's keywords."""
         super().__init__()
-        if gates not in GATES:
-            raise ValueError(f"unknown gates {gates!r}: expected one of {', '.join(GATES)}")
-        if block_frames < 0:
-            raise ValueError(f"block_frames must be >= 0, got {block_frames}")
-        if not scales or len(set(scales)) != len(scales) or min(scales) < 1:
-            raise ValueError(f"scales must be distinct positive frame counts, got {scales}")
-        if unknown := unknown_options(term_weights, ()):
-            raise ValueError(f"unknown term weights {sorted(unknown)}: expected NAME_weight for NAME in "
-                             f"{', '.join(TERM_WEIGHTS)}")
-        self.encoding_dim, self.gates, self.gate_frames = encoding_dim, gates, gate_frames
-        self.scales, self.hard_masks, self.block_frames = tuple(scales), hard_masks, block_frames
-        self.fade_frames = fade_frames
+        options = options or AgentOptions.of(**keywords)
+        options.check()
+        self.encoding_dim, self.gates, self.gate_frames = encoding_dim, options.gates, options.gate_frames
+        self.scales, self.hard_masks, self.block_frames = options.scales, options.hard_masks, options.block_frames
+        self.fade_frames = options.fade_frames
         self.lean_weight = 0.0  # how far a `lean` given to `decisions` moves the scores (the layering agent's guide)
-        self.weights = {name: term_weights.get(f"{name}_weight", w) for name, w in
-                        default_term_weights(gates).items()}
+        self.weights = {name: options.weights.get(name, w) for name, w in default_term_weights(options.gates).items()}
         self.input_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         self.target_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         # one attention per time scale; the frame-level one keeps its name, so single-scale checkpoints still load
@@ -245,9 +287,6 @@ class AttentionMaskGenerator(nn.Module):
         self.target_head = nn.Conv1d(hidden_dim, encoding_dim, kernel_size=1)
         # Gumbel temperature of --hard_masks training; the trainer anneals it in place (no recompilation)
         self.register_buffer("tau", torch.ones(()), persistent=False)
-        self.keep_attention = False  # set True to keep the input->target attention map for pictures
-        self.last_attention: torch.Tensor | None = None
-        self.last_terms: dict[str, torch.Tensor] = {}  # the terms of the last reg_loss, unweighted
 
     def _score(self, head: nn.Conv1d, norm: nn.LayerNorm, features: torch.Tensor, attended: torch.Tensor):
         return head(norm(features + attended).transpose(1, 2))
@@ -261,43 +300,46 @@ class AttentionMaskGenerator(nn.Module):
             attended = attended + unpool_frames(coarse, int(s), query.shape[1])
         return attended, weights
 
-    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None,
-                shift: torch.Tensor | None = None, sections: torch.Tensor | None = None):
-        """(input mask, target mask, regularisation loss); `balance`: the wanted input share, a number or one per
-        example [B] (default 0.5); `shift` [B, hidden]: added to both songs' features (a style reference);
-        `sections` [B, T]: the section of the beat grid each frame belongs to (frame gates decide per section)."""
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, conditions: Conditions | None = None,
+                shift: torch.Tensor | None = None, **asked) -> Masks:
+        """The masks and their regularisation (Masks: `input_mask, target_mask, reg_loss = generator(x, y)`). Of the
+        `conditions` (or the same as keywords, `asked`): `balance`, the wanted input share; `sections` [B, T], the
+        section of the beat grid each frame belongs to (frame gates decide per section); `attention`, return the
+        attention map. `shift` [B, hidden]: added to both songs' features (a style reference)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
-        share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
+        conditions = conditions or Conditions(**asked)
+        share = as_balance(conditions.balance, encoded_input.shape[0], encoded_input.device)
         d = encoded_input.shape[1]
         # with frame gates one decision per frame [B, 1, T] serves every channel
-        input_mask, undecided = self.decisions(encoded_input, encoded_target, share, shift, sections)
+        input_mask, undecided, attention = self.decisions(encoded_input, encoded_target, share, conditions, shift)
         input_mask = input_mask.expand(-1, d, -1)
         target_mask = 1.0 - input_mask
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         energy = (encoded_input.detach().float().square(), encoded_target.detach().float().square())
-        return input_mask, target_mask, self.regularization(input_mask, target_mask, change, energy, share, undecided)
+        reg, terms = self.regularization(input_mask, target_mask, Evidence(change, energy, share, undecided))
+        return Masks(input_mask, target_mask, reg, terms, attention)
 
     def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
         """Frame gates: the channels' scores [B, D, T] as one score per frame [B, 1, T]."""
         return score.sum(dim=1, keepdim=True) / math.sqrt(score.shape[1])  # unit scale for independent channels
 
     def decisions(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, share: torch.Tensor,
-                  shift: torch.Tensor | None = None, sections: torch.Tensor | None = None,
-                  lean: torch.Tensor | None = None):
-        """The input's gates [B, rows, T] in [0, 1] (the target's are 1 minus them): rows are the channels for
-        cell gates, one for frame gates. `sections` [B, T] (frame gates): which section of the music each frame
-        belongs to (0, 1, ... in time order, from the beat grid); one decision per section, else per block.
-        `lean` [B, T] in [-1, 1] (frame gates; the layering agent's guide, listening.layer_guide): see `leaned`."""
+                  conditions: Conditions, shift: torch.Tensor | None = None):
+        """(the input's gates [B, rows, T] in [0, 1] (the target's are 1 minus them), how undecided they are, the
+        attention map or None): rows are the channels for cell gates, one for frame gates. Of the `conditions`:
+        `sections` [B, T] (frame gates), which section of the music each frame belongs to (0, 1, ... in time order,
+        from the beat grid), one decision per section, else per block; `guide` [B, T] in [-1, 1] (frame gates; the
+        layering agent's, listening.layer_guide), where the decisions lean (`leaned`); `attention`, whether to
+        return the attention map."""
+        sections, lean = conditions.sections, conditions.guide
         f_in = F.gelu(self.input_features(encoded_input)).transpose(1, 2)  # [B, T, H]
         f_tgt = F.gelu(self.target_features(encoded_target)).transpose(1, 2)
         if shift is not None:
             f_in, f_tgt = f_in + shift[:, None].to(f_in.dtype), f_tgt + shift[:, None].to(f_tgt.dtype)
         # no position codes: a decision can only come from the music, never from where in the segment it is
         # (with positions the agent learns one fixed pattern, "first half input, then target", for every pair)
-        a_in, weights = self.attend(f_in, f_tgt, keep=self.keep_attention)
+        a_in, weights = self.attend(f_in, f_tgt, keep=conditions.attention)
         a_tgt, _ = self.attend(f_tgt, f_in)
-        if keeps_state():
-            self.last_attention = weights.detach() if weights is not None else None
         score = (self._score(self.input_head, self.norm_input, f_in, a_in)
                  - self._score(self.target_head, self.norm_target, f_tgt, a_tgt)).float()
         frames = score.shape[-1]
@@ -335,7 +377,7 @@ class AttentionMaskGenerator(nn.Module):
         if sectioned:  # every frame takes its section's decision, and a switch fades over a few frames
             input_mask = input_mask.gather(-1, sections[:, None].expand(-1, input_mask.shape[1], -1))
             input_mask = fade_switches(input_mask, self.fade_frames)
-        return input_mask, undecided
+        return input_mask, undecided, None if weights is None else weights.detach()
 
     def leaned(self, score: torch.Tensor, lean: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Scores [B, rows, n] of sections (or frames) moved by a `lean` [B, 1, n] pooled alike, each row its LEAN
@@ -345,14 +387,10 @@ class AttentionMaskGenerator(nn.Module):
         lean = lean / spread(lean, present).clamp_min(LEAN_SPREAD_FLOOR)
         return score + self.lean_weight * spread(score.detach(), present) * signs * lean
 
-    def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor,
-                       change: torch.Tensor | None = None, energy: tuple | None = None,
-                       share: torch.Tensor | None = None, undecided: torch.Tensor | None = None) -> torch.Tensor:
-        """The weighted mask regularisation (mask_regularization); its terms stay in `last_terms`."""
-        total, terms = mask_regularization(input_mask, target_mask, change, energy, share, self.weights, undecided)
-        if keeps_state():
-            self.last_terms = terms  # scalar tensors of the last forward, with their graph
-        return total
+    def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor, evidence: Evidence | None = None):
+        """(weighted sum, unweighted terms) of the mask regularisation with this agent's weights
+        (mask_regularization)."""
+        return mask_regularization(input_mask, target_mask, evidence, self.weights)
 
 
 def smoothing_analyser(channels: int, frames: int) -> nn.Conv1d:
@@ -369,11 +407,10 @@ class ComponentMaskGenerator(AttentionMaskGenerator):
 
     COMPONENTS: tuple[str, ...] = ()
 
-    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gate_frames: int = 16,
-                 scales: tuple[int, ...] = (1,), hard_masks: bool = False, block_frames: int = BLOCK_FRAMES,
-                 fade_frames: int = 0, **term_weights: float):
-        super().__init__(encoding_dim, hidden_dim, num_heads, "frame", gate_frames, scales, hard_masks, block_frames,
-                         fade_frames, **term_weights)
+    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4,
+                 options: AgentOptions | None = None, **keywords):
+        options = replace(options or AgentOptions.of(**keywords), gates="frame")  # per component and frame
+        super().__init__(encoding_dim, hidden_dim, num_heads, options)
         rows = len(self.COMPONENTS)
         self.input_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)
         self.target_head = nn.Conv1d(hidden_dim, rows, kernel_size=1)
@@ -391,20 +428,21 @@ class ComponentMaskGenerator(AttentionMaskGenerator):
     def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
         return score  # the heads give one score per component already
 
-    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance=None,
-                shift: torch.Tensor | None = None, sections: torch.Tensor | None = None, parts: tuple | None = None,
-                lean: torch.Tensor | None = None):
-        """(input gates, target gates) [B, components, T] and the regularisation loss; `parts`: both songs'
-        components where the caller has them already (they are not cheap: the layers' median filters); `lean`
-        [B, T]: where the decisions should lean, each component its LEAN way (decisions, `leaned`)."""
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, conditions: Conditions | None = None,
+                shift: torch.Tensor | None = None, parts: tuple | None = None, **asked) -> Masks:
+        """(input gates, target gates) [B, components, T] with their regularisation (Masks), from the same
+        `conditions` as AttentionMaskGenerator's, the `guide` leaning each component its LEAN way (`leaned`);
+        `parts`: both songs' components where the caller has them already (they are not cheap: the layers'
+        median filters)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
-        share = as_balance(balance, encoded_input.shape[0], encoded_input.device)
-        input_gates, undecided = self.decisions(encoded_input, encoded_target, share, shift, sections, lean)
+        conditions = conditions or Conditions(**asked)
+        share = as_balance(conditions.balance, encoded_input.shape[0], encoded_input.device)
+        input_gates, undecided, attention = self.decisions(encoded_input, encoded_target, share, conditions, shift)
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         parts = parts or (self.components(encoded_input), self.components(encoded_target))
         energy = tuple(p.detach().float().square().sum(dim=2) for p in parts)
-        return input_gates, 1.0 - input_gates, self.regularization(input_gates, 1.0 - input_gates, change, energy,
-                                                                  share, undecided)
+        reg, terms = self.regularization(input_gates, 1.0 - input_gates, Evidence(change, energy, share, undecided))
+        return Masks(input_gates, 1.0 - input_gates, reg, terms, attention)
 
 
 class LayeredMaskGenerator(ComponentMaskGenerator):
@@ -416,11 +454,13 @@ class LayeredMaskGenerator(ComponentMaskGenerator):
     LEAN = (1.0, -1.0)  # the guide's way round: the rhythm leans with it, the harmony against it
     LAYERING_WEIGHT = 30.0  # the reward for layers from different songs (why: docs/results.md, "Layered arrangements")
 
-    def __init__(self, *args, bass: int = 0, guide: float = 0.0, **options):
-        options.setdefault("layering_weight", self.LAYERING_WEIGHT)
-        super().__init__(*args, **options)
-        self.bass = bass  # the latent's lowest rows, which belong to the rhythm layer
-        self.lean_weight = guide  # the lean to the way round that the audio prefers, in units of the scores' spread
+    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4,
+                 options: AgentOptions | None = None, **keywords):
+        options = options or AgentOptions.of(**keywords)
+        options = replace(options, weights={"layering": self.LAYERING_WEIGHT, **options.weights})
+        super().__init__(encoding_dim, hidden_dim, num_heads, options)
+        self.bass = options.bass  # the latent's lowest rows, which belong to the rhythm layer
+        self.lean_weight = options.guide  # the lean to the way round the audio prefers, in units of the scores' spread
 
     def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
         """The harmony's score is its own minus the rhythm's: a section whose rhythm the input gives leans to the
@@ -445,11 +485,9 @@ class CompositionalMaskGenerator(ComponentMaskGenerator):
 
     COMPONENTS = ("rhythm", "harmony", "timbre")
 
-    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, gate_frames: int = 16,
-                 scales: tuple[int, ...] = (1,), hard_masks: bool = False, block_frames: int = BLOCK_FRAMES,
-                 fade_frames: int = 0, **term_weights: float):
-        super().__init__(encoding_dim, hidden_dim, num_heads, gate_frames, scales, hard_masks, block_frames,
-                         fade_frames, **term_weights)
+    def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4,
+                 options: AgentOptions | None = None, **keywords):
+        super().__init__(encoding_dim, hidden_dim, num_heads, options, **keywords)
         self.harmony_analyser = smoothing_analyser(encoding_dim, 9)
         self.timbre_analyser = smoothing_analyser(encoding_dim, 27)
 
@@ -488,10 +526,6 @@ class StyleDiscriminator(nn.Module):
         return self.real_fake(mean), self.style(torch.cat([mean, std], dim=-1))
 
 
-# what a CreativeAgent passes on to its mask generator, besides NAME_weight for NAME in TERM_WEIGHTS
-GENERATOR_OPTIONS = ("gates", "gate_frames", "scales", "hard_masks", "block_frames", "fade_frames", "bass", "guide")
-
-
 def unknown_options(options, known: tuple[str, ...]) -> list[str]:
     """The keywords of `options` that are neither in `known` nor a term weight (NAME_weight), sorted."""
     return sorted(set(options) - set(known) - {f"{name}_weight" for name in TERM_WEIGHTS})
@@ -505,57 +539,53 @@ class CreativeAgent(nn.Module):
 
     def __init__(self, encoding_dim: int, hidden_dim: int = 256, num_heads: int = 4, agent: str = "attention",
                  style_dim: int = 0, discriminator: bool = True, **generator_options):
+        """`generator_options`: `options=AgentOptions(...)`, or its fields as keywords (AgentOptions.of)."""
         super().__init__()
         if agent not in AGENTS:
             raise ValueError(f"unknown agent {agent!r}: expected one of {', '.join(AGENTS)}")
         self.discriminator = StyleDiscriminator(encoding_dim, hidden_dim) if discriminator else None
-        if agent != "attention":
-            generator_options.pop("gates", None)  # it always decides per component and frame
-        if agent != "layered":  # only the layers have a bass and a way round
-            generator_options.pop("bass", None)
-            generator_options.pop("guide", None)
+        # `options` (AgentOptions) or the seed's keywords, which each agent reads as far as it has use for them
         self.mask_generator = AGENTS[agent](encoding_dim, hidden_dim, num_heads, **generator_options)
         # a style reference's vector shifts the features that both songs are judged by (bias-free: none, no shift)
         self.style = nn.Linear(style_dim, hidden_dim, bias=False) if style_dim else None
-        self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def generate_creative_masks(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
-                                balance=None, style: torch.Tensor | None = None,
-                                sections: torch.Tensor | None = None, rhythm: tuple | None = None,
-                                guide: torch.Tensor | None = None):
-        """Masked input, masked target and the mask regularisation loss; `hard`: 0/1 complementary masks;
-        `balance`: the wanted input share (a number or [B], default 0.5); `style`: a reference's style vector;
-        `sections` [B, T]: each frame's section of the beat grid; `rhythm` (the layering agent): the latents of
-        the input's and the target's rhythm from a stem separator (drums and bass), either one None where the
-        layers come from harmonic-percussive separation; `guide` [B, T] (the layering agent): which way round the
-        audio would layer the songs (listening.layer_guide)."""
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, conditions: Conditions,
+                style: torch.Tensor | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], Masks]:
+        """((masked input, masked target), the Masks applied, detached) under `conditions` (records.Conditions:
+        `hard` 0/1 masks, the wanted `balance`, `sections`, the layering agent's `rhythm` stems and `guide`,
+        `attention`); `style`: a reference's style vector. A component agent's masks are one band of channels per
+        component, holding its gate (component_bands), as the pictures draw them."""
         generator = self.mask_generator
         shift = self.style(style) if style is not None and self.style is not None else None
         components = isinstance(generator, ComponentMaskGenerator)
-        if rhythm is not None and not isinstance(generator, LayeredMaskGenerator):
+        if conditions.rhythm is not None and not isinstance(generator, LayeredMaskGenerator):
             raise ValueError(STEMS_ONLY_LAYERED)
         parts = None
         if components:
-            given = rhythm or (None, None)
+            given = conditions.rhythm or (None, None)
             parts = tuple(generator.components(z) if r is None else torch.stack([r, z - r], dim=1)
                           for z, r in zip((encoded_input, encoded_target), given, strict=True))
-        inputs = (encoded_input, encoded_target, balance, shift, sections)
-        input_mask, target_mask, reg_loss = (generator(*inputs, parts=parts, lean=guide) if components
-                                             else generator(*inputs))
-        if hard:
+        decided = (generator(encoded_input, encoded_target, conditions, shift, parts) if components
+                   else generator(encoded_input, encoded_target, conditions, shift))
+        input_mask, target_mask = decided.input, decided.target
+        if conditions.hard:
             input_mask = (input_mask >= target_mask).to(input_mask.dtype)
             target_mask = 1.0 - input_mask
         if components:
             masked = (generator.compose(encoded_input, input_mask, parts[0]),
                       generator.compose(encoded_target, target_mask, parts[1]))
-            # for metrics and pictures: one band of channels per component, holding its gate
             input_mask = component_bands(input_mask, encoded_input.shape[1])
             target_mask = 1.0 - input_mask
         else:
             masked = encoded_input * input_mask, encoded_target * target_mask
-        if keeps_state():
-            self.last_masks = (input_mask.detach(), target_mask.detach())
-        return *masked, reg_loss
+        return masked, replace(decided, input=input_mask.detach(), target=target_mask.detach())
+
+    def generate_creative_masks(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
+                                style: torch.Tensor | None = None, **asked):
+        """The seed's call: masked input, masked target and the mask regularisation loss; `hard`: 0/1 complementary
+        masks; `style`: a reference's style vector; `asked`: the other records.Conditions by name."""
+        (masked_in, masked_tgt), masks = self(encoded_input, encoded_target, Conditions(hard=hard, **asked), style)
+        return masked_in, masked_tgt, masks.reg
 
 
 def component_bands(gates: torch.Tensor, channels: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ import tempfile
 import time
 from urllib.parse import quote
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -29,11 +28,12 @@ from beats import align, bar_of, lay_on_grid
 from checkpoints import CheckpointError
 from config import SILENCE_DB
 from creative_agent import component_names, takes_stems
-from inference import Arranger, arrange_latents, plot_masks, ride_fader, save_wave
+from inference import Arranger, MaskPicture, arrange_latents, plot_masks, ride_fader, save_wave
 from listening import IN_TIME_KEYS, LAYER_KEYS, distances_and_share, heard_in_time_and_layers, mean_in_time
 from losses import mask_metrics, mask_variability, reconstruction_loss, rms_loss, temporal_variation
 from objective import loss_weights
 from pairs_dataset import BadDataError, WavPairsDataset, pair_name
+from records import Conditions
 
 # column, how to pick the best ("min", "max", or a value to be closest to), what it means
 METRICS = (
@@ -103,8 +103,8 @@ def validation_examples(dataset: WavPairsDataset, cross_song: bool = False, song
         others = [j for j in order if songs and songs.get(names[j]) != songs.get(names[i])] or order[:1]
         j, inp = others[0], example["input"]
         target = examples[j]["target"]
-        aligned, alignment = align(target[0].numpy(), inp[0].numpy(), dataset.sample_rate,
-                                   dataset.grid(j, "output", target), dataset.grid(i, "input", inp), tolerant=True)
+        grids = dataset.grid(j, "output", target), dataset.grid(i, "input", inp)
+        aligned, alignment = align(target[0].numpy(), inp[0].numpy(), dataset.sample_rate, grids, tolerant=True)
         crossed.append({**example, "target": torch.from_numpy(aligned)[None]})
         if "rhythm" in example:  # the other song's rhythm, laid as its song was
             laid = lay_on_grid(examples[j]["rhythm"][1, 0].numpy(), alignment, inp.shape[-1], dataset.sample_rate)
@@ -118,7 +118,7 @@ def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_si
     """Metrics of one checkpoint over the validation examples (validation_examples), and the example outputs and
     masks. A creative agent aims at the input share `balance` and, with `hard`, decides 0/1; the baselines have
     no such settings. The layering agent takes the examples' rhythm stems as its layers where they have them."""
-    model, codec, norm, config = arranger.model, arranger.codec, arranger.norm, arranger.config
+    model, codec, config = arranger.model, arranger.codec, arranger.config
     balance = balance if model.use_creative_agent else None
     hard = hard and model.use_creative_agent
     sr, segment = config.sample_rate, config.segment_samples
@@ -130,9 +130,9 @@ def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_si
         rhythm = torch.stack([b["rhythm"] for b in batch]).unbind(1) if stems else None
         sections = model.sections(beats, codec.num_frames(inp.shape[-1]), sr / codec.hop_length, bars)
         begin = time.perf_counter()
-        out, masks, attention = arrange_latents(model, codec, norm, inp, tgt, hard=hard, balance=balance,
-                                                keep_attention=model.use_creative_agent and start == 0,
-                                                sections=sections, rhythm=rhythm)
+        asked = Conditions(hard, balance, sections=sections, attention=model.use_creative_agent and start == 0)
+        out, mix = arrange_latents(arranger, inp, tgt, asked, rhythm)
+        masks, attention = mix.masks, mix.attention
         if sections is not None:  # the fader ridden at every switch, as arrange.py does
             out = torch.stack([ride_fader(model, o[0], m, s, codec.hop_length, sr)
                                for o, m, s in zip(out, masks[0], sections, strict=True)])[:, None]
@@ -151,8 +151,9 @@ def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_si
             timing.append(heard_in_time_and_layers(*waves, beats[j].numpy(), sr, bar_of(bars[j])))
             if start + j < num_examples:
                 att = attention[j] if attention is not None else None
-                shown.append((start + j, inp[j, 0], tgt[j, 0], out[j, 0], (masks[0][j], masks[1][j]), att,
-                              beats[j].numpy(), None if sections is None else sections[j]))
+                shown.append((start + j, MaskPicture((masks[0][j], masks[1][j]), inp[j, 0], tgt[j, 0], out[j, 0], att,
+                                                     beats[j][torch.isfinite(beats[j])].numpy(),
+                                                     None if sections is None else sections[j])))
     row = {key: value / count for key, value in sums.items()}
     row.update(mean_in_time(timing, IN_TIME_KEYS + LAYER_KEYS))
     row["mask_variability"] = mask_variability(torch.cat(patterns))
@@ -300,16 +301,15 @@ def write_all(work: str, results: dict, dataset_folder: str) -> None:
     os.makedirs(os.path.join(work, "audio"))
     os.makedirs(os.path.join(work, "plots"))
     for name, (_, shown, (sr, hop, components), prefix) in results.items():
-        for index, inp, tgt, out, masks, attention, beats, sections in shown:
+        for index, picture in shown:
             stem = f"{prefix}_{index:04d}"
-            for role, wave in (("input", inp), ("target", tgt)):
+            for role, wave in (("input", picture.input), ("target", picture.target)):
                 source = os.path.join(work, "audio", f"{stem}_{role}.wav")
                 if not os.path.exists(source):  # the same for every approach of this rate
                     save_wave(source, wave, sr)
-            save_wave(os.path.join(work, "audio", f"{stem}_{name}.wav"), out, sr)
-            plot_masks(os.path.join(work, "plots", f"{stem}_{name}_masks.png"), masks, inp, tgt, out, sr, hop,
-                       attention, title=f"{name}: {stem}", beats=beats[np.isfinite(beats)], sections=sections,
-                       components=components)
+            save_wave(os.path.join(work, "audio", f"{stem}_{name}.wav"), picture.output, sr)
+            plot_masks(os.path.join(work, "plots", f"{stem}_{name}_masks.png"), picture, sr, hop, f"{name}: {stem}",
+                       components)
     rows = {name: result[0] for name, result in results.items()}
     plot_comparison(os.path.join(work, "plots", "comparison.png"), rows)
     pairs = next(iter(rows.values()))["pairs"]

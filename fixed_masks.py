@@ -11,11 +11,14 @@ learned: the web page's approach for a user without a trained checkpoint.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from layers import STEMS_ONLY_LAYERED, harmony_mask
+from records import Conditions, Mix
 
 MASK_TYPES = ("none", "temporal", "frequency", "energy", "layers")
 
@@ -52,14 +55,29 @@ def energy_masks(encoded_input: torch.Tensor, encoded_target: torch.Tensor, eps:
     return input_mask, 1.0 - input_mask
 
 
-def make_fixed_masks(mask_type: str, encoded_input: torch.Tensor, encoded_target: torch.Tensor,
-                     segment_frames: int = 32, split: float = 0.5, sections: torch.Tensor | None = None,
-                     fade_frames: int = 0, bass: int = 0):
-    """The (input_mask, target_mask) of rule `mask_type` for latents [B, D, T]; `sections` [B, T]: each frame's
-    section of the beat grid (the temporal rule alternates per section); `bass`: the lowest rows, which the layers
-    rule counts as rhythm."""
-    if mask_type not in MASK_TYPES:
-        raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
+@dataclass(frozen=True)
+class Rule:
+    """A rule and its settings: `mask_type` (MASK_TYPES); the temporal rule's `segment_frames` per section where
+    there is no beat grid and the `fade_frames` its switches ramp over; the frequency rule's `split` (the share of
+    channels the input keeps); the layers rule's `bass`, the lowest rows, which it counts as rhythm (layers.py)."""
+    mask_type: str = "none"
+    segment_frames: int = 32
+    split: float = 0.5
+    fade_frames: int = 0
+    bass: int = 0
+
+    def __post_init__(self):
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"unknown mask type {self.mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
+
+
+def make_fixed_masks(rule: Rule | str, encoded_input: torch.Tensor, encoded_target: torch.Tensor,
+                     sections: torch.Tensor | None = None):
+    """The (input_mask, target_mask) of a rule (or a rule's name, with its default settings) for latents
+    [B, D, T]; `sections` [B, T]: each frame's section of the beat grid (the temporal rule alternates per
+    section)."""
+    rule = Rule(rule) if isinstance(rule, str) else rule
+    mask_type = rule.mask_type
     if encoded_input.shape != encoded_target.shape or encoded_input.dim() != 3:
         raise ValueError(f"expected two latents of the same shape [B, D, T], got {tuple(encoded_input.shape)} "
                          f"and {tuple(encoded_target.shape)}")
@@ -67,42 +85,38 @@ def make_fixed_masks(mask_type: str, encoded_input: torch.Tensor, encoded_target
         ones = torch.ones_like(encoded_input)
         return ones, ones
     if mask_type == "temporal":
-        return temporal_masks(encoded_input, segment_frames, sections, fade_frames)
+        return temporal_masks(encoded_input, rule.segment_frames, sections, rule.fade_frames)
     if mask_type == "frequency":
-        return frequency_masks(encoded_input, split)
+        return frequency_masks(encoded_input, rule.split)
     if mask_type == "layers":  # the seed system's intent: rhythm from the input, harmony from the target
-        return 1.0 - harmony_mask(encoded_input, bass=bass), harmony_mask(encoded_target, bass=bass)
+        return 1.0 - harmony_mask(encoded_input, bass=rule.bass), harmony_mask(encoded_target, bass=rule.bass)
     return energy_masks(encoded_input.detach(), encoded_target.detach())
 
 
 class RuleMix(nn.Module):
     """A rule's masks applied to both latents and summed, with nothing learned: `model(x, y, sections=...)` gives
-    (output latent, None) as SimpleTransformer does, so inference.arrange_song arranges with it. With the temporal
-    rule on the beat grid and the songs aligned (beats.py), that is a beat-synchronous arrangement that a codec
-    which reconstructs exactly (MDCT) renders without a trained model."""
+    a records.Mix as SimpleTransformer does (no regularisation), so inference.arrange_song arranges with it. With
+    the temporal rule on the beat grid and the songs aligned (beats.py), that is a beat-synchronous arrangement
+    that a codec which reconstructs exactly (MDCT) renders without a trained model."""
 
     creative_agent = style_encoder = None
     use_creative_agent = False
 
-    def __init__(self, mask_type: str, section_beats: int = 2, fade_frames: int = 0, segment_frames: int = 32,
-                 split: float = 0.5, bass: int = 0):
+    def __init__(self, rule: Rule | str, section_beats: int = 2, section_bars: int = 0):
         super().__init__()
-        if mask_type not in MASK_TYPES:
-            raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
-        self.mask_type, self.section_beats, self.fade_frames = mask_type, section_beats, fade_frames
-        self.section_bars = 0  # sections of this many bars where the input's bars are known (as SimpleTransformer)
-        self.temporal_segment_frames, self.frequency_split, self.bass = segment_frames, split, bass
-        self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rule = Rule(rule) if isinstance(rule, str) else rule
+        self.section_beats = section_beats  # the temporal rule switches every this many beats of the input
+        self.section_bars = section_bars  # ... or bars, where the input's bars are known (as SimpleTransformer)
 
-    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None,
-                style_reference=None, style_strength: float = 0.0, sections: torch.Tensor | None = None,
-                rhythm: tuple | None = None, guide=None):
-        if rhythm is not None:
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, conditions: Conditions | None = None,
+                **asked) -> Mix:
+        """The masked mix under `conditions` (records.Conditions, or the same as keywords): the rule reads its
+        `sections` only (and refuses stems: they are the layering agent's)."""
+        conditions = conditions or Conditions(**asked)
+        if conditions.rhythm is not None:
             raise ValueError(STEMS_ONLY_LAYERED)
-        m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target, self.temporal_segment_frames,
-                                       self.frequency_split, sections, self.fade_frames, self.bass)
-        self.last_masks = (m_in, m_tgt)
-        return encoded_input * m_in + encoded_target * m_tgt, None
+        m_in, m_tgt = make_fixed_masks(self.rule, encoded_input, encoded_target, conditions.sections)
+        return Mix(encoded_input * m_in + encoded_target * m_tgt, None, (m_in, m_tgt))
 
     def guide(self, *songs) -> None:
         """A rule takes no guide (SimpleTransformer.guide)."""

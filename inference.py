@@ -1,9 +1,10 @@
 """Inference: a trained model and two songs -> an arrangement, its masks and pictures. arrange.py, evaluate.py, the
 trainer's example and the web page all arrange through here.
 
-`Arranger.load(checkpoint)` rebuilds everything from a checkpoint alone; `arranger.arrange(song, other)` lays the
-target on the input's grid (tempo, beats, key, loudness; beats.py) and arranges whole songs in windows of the
-trained segment length, cut where sections of the input's beat grid start, so every section is decided once.
+`Arranger.load(checkpoint)` rebuilds everything from a checkpoint alone; `arranger.arrange(Request(song, other))`
+lays the target on the input's grid (tempo, beats, key, loudness; beats.py) and arranges whole songs in windows of
+the trained segment length, cut where sections of the input's beat grid start, so every section is decided once:
+one Request in, one Arrangement out.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from beats import (
     SWITCH_FADE_SECONDS,
     Alignment,
     Grid,
+    Pulse,
     SectionUnit,
     align,
     analyse,
@@ -34,12 +36,13 @@ from beats import (
 from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint
 from config import Config, upgrade
 from creative_agent import component_names, takes_stems
-from fixed_masks import RuleMix
+from fixed_masks import Rule, RuleMix
 from layers import bass_rows
 from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
 from pairs_folder import read_rhythm
+from records import Conditions, Mix
 from run_log import replaced
 
 
@@ -99,34 +102,26 @@ def peak_limit(wave: torch.Tensor, ceiling: float = 0.99) -> torch.Tensor:
 
 
 @torch.no_grad()
-def arrange_latents(model, codec, norm, inp: torch.Tensor, tgt: torch.Tensor, hard: bool = False,
-                    keep_attention: bool = False, balance: float | None = None, style: torch.Tensor | None = None,
-                    style_strength: float = 0.5, sections: torch.Tensor | None = None, rhythm: tuple | None = None,
-                    guide: torch.Tensor | None = None):
-    """One window: waveforms [B, 1, S] -> (output [B, 1, S], (input mask, target mask) [B, D, T], attention).
-    `balance`: the input share the agent should aim at (default 0.5); `style`: a style reference's normalised
-    latent [1, D, T'] (models trained with --style_weight), whose statistics the output takes `style_strength` of;
-    `sections` [B, T]: each frame's section of the input's beat grid (model.sections); `rhythm` (the layering
-    agent): the input's and the target's rhythm stems [B, 1, S], either one None (stem_layers); `guide` [B, T] (the
-    layering agent): its guide over a longer stretch of the songs, else it is taken from the window's audio."""
-    agent = model.creative_agent.mask_generator if model.use_creative_agent else None
-    if agent is not None:
-        agent.keep_attention = keep_attention
-    if rhythm is not None:  # on the normalised latents' scale: the layers sum to the normalised latent
-        rhythm = tuple(None if r is None else codec.encode(r) / norm.std for r in rhythm)
+def arrange_latents(arranger: Arranger, inp: torch.Tensor, tgt: torch.Tensor, asked: Conditions,
+                    stems: tuple | None = None) -> tuple[torch.Tensor, Mix]:
+    """One batch of windows: waveforms [B, 1, S] -> (output waveforms [B, 1, S], the model's Mix: masks [B, D, T],
+    attention where `asked`). `asked` (records.Conditions) as the model takes them, with `style_reference` a style
+    reference's normalised latent [1, D, T'] for the whole batch (Arranger.style_latent) and `guide` [B, T] taken
+    from the windows' audio where it is not given; `stems` (the layering agent): the input's and the target's rhythm
+    stems [B, 1, S], either one None (stem_layers)."""
+    model, codec, norm = arranger.model, arranger.codec, arranger.norm
     z_in, z_tgt = norm.normalize(codec.encode(inp)), norm.normalize(codec.encode(tgt))
-    guide = model.guide(inp, tgt, codec.sample_rate, z_in.shape[-1]) if guide is None else guide.to(inp.device)
-    try:
-        z_out, _ = model(z_in, z_tgt, hard=hard,
-                         balance=balance, style_reference=None if style is None else style.expand(len(inp), -1, -1),
-                         style_strength=style_strength,
-                         sections=None if sections is None else sections.to(inp.device), rhythm=rhythm, guide=guide)
-    finally:
-        if agent is not None:
-            agent.keep_attention = False
-    out = codec.decode(norm.denormalize(z_out))[..., : inp.shape[-1]]
-    attention = agent.last_attention if agent is not None and keep_attention else None
-    return out, model.last_masks, attention
+    reference = asked.style_reference
+    asked = replace(
+        asked,
+        # on the normalised latents' scale: the layers sum to the normalised latent
+        rhythm=None if stems is None else tuple(None if r is None else codec.encode(r) / norm.std for r in stems),
+        style_reference=None if reference is None else reference.expand(len(inp), -1, -1),
+        sections=None if asked.sections is None else asked.sections.to(inp.device),
+        guide=(model.guide(inp, tgt, codec.sample_rate, z_in.shape[-1]) if asked.guide is None
+               else asked.guide.to(inp.device)))
+    mix = model(z_in, z_tgt, asked)
+    return codec.decode(norm.denormalize(mix.output))[..., : inp.shape[-1]], mix
 
 
 GUIDE_SECONDS = 30.0  # the layering agent's guide is taken over stretches of this long (its median: what is usual)
@@ -154,7 +149,7 @@ def song_sections(model, song_grid: Grid | None, num_samples: int, codec) -> tor
     `section_beats` beats) of the input's grid, or fixed blocks of frames (a model that decides in blocks, or a song
     without a pulse)."""
     generator = model.creative_agent.mask_generator if model.use_creative_agent else None
-    block = generator.block_frames if generator is not None else model.temporal_segment_frames
+    block = generator.block_frames if generator is not None else model.rule.segment_frames
     beats = song_grid.beats if song_grid is not None and has_sections(model) else None
     bar = song_grid.bar if song_grid is not None else (0, math.nan)
     unit = SectionUnit.of(model.section_beats, model.section_bars, block)
@@ -190,7 +185,7 @@ def ride_fader(model, out: torch.Tensor, input_mask: torch.Tensor, sections: tor
     section's first frame [frames]) meet the input's level at both ends. In a layered arrangement (one band of the
     mask per layer) both songs play throughout: each section whose layers change song starts at the level before
     it and eases back to its own. Only for models that decide in time (the agents, the temporal rule)."""
-    if not (model.use_creative_agent or model.mask_type == "temporal"):
+    if not (model.use_creative_agent or model.rule.mask_type == "temporal"):
         return out
     starts = torch.nonzero(torch.diff(sections)).flatten() + 1
     frames = torch.cat([torch.zeros(1, dtype=starts.dtype), starts]).clamp(max=input_mask.shape[-1] - 1)
@@ -219,22 +214,22 @@ def window_sections(sections: torch.Tensor, begin_frame: int, frames: int) -> to
 
 
 @torch.no_grad()
-def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, window: int, hard: bool = False,
-                 batch_size: int = 4, keep_attention: bool = False, balance: float | None = None,
-                 style: torch.Tensor | None = None, style_strength: float = 0.5, song_grid: Grid | None = None,
-                 rhythm: tuple | None = None, guide: torch.Tensor | None = None):
-    """Whole songs [S_in], [S_tgt] (the target aligned to the input) -> (output [S_in], masks [D, frames] each,
-    attention of the first window, each frame's section [frames]). `rhythm`: the songs' rhythm stems, laid like
-    the songs (either one None), for the layering agent; `guide` [frames]: its guide (song_guide, which is taken
-    here when not given).
+def arrange_song(arranger: Arranger, request: Request, song_grid: Grid | None = None,
+                 guide: torch.Tensor | None = None):
+    """The whole songs of a request (its target aligned to the input, its rhythm stems laid like the songs) ->
+    (output [S_in], masks [D, frames] each, attention of the first window where asked, each frame's section
+    [frames]). `song_grid`: the input's; `guide` [frames]: the layering agent's (song_guide, which is taken here
+    when not given).
 
-    The song is cut into windows of `window` samples on the boundaries of its sections (beats.py), so every
-    section is decided once, by one window; neighbouring windows cross-fade only across a section boundary,
+    The song is cut into windows of the model's segment length on the boundaries of its sections (beats.py), so
+    every section is decided once, by one window; neighbouring windows cross-fade only across a section boundary,
     where a switch is allowed anyway. The target is looped or cut to the input's length. At every switch the
     fader is ridden (ride_fader), so the level does not step.
     """
+    model, codec, window, song, rhythm = (arranger.model, arranger.codec, arranger.config.segment_samples,
+                                          request.song, request.rhythm)
     length, hop = song.shape[0], codec.hop_length
-    other = loop_to(other, length)
+    other = loop_to(request.other, length)
     sections = song_sections(model, song_grid, length, codec)
     fade = max(hop, int(SWITCH_FADE_SECONDS * codec.sample_rate))
     plan = plan_windows(sections, hop, length, window, margin=max(2 * fade, window // 8) // hop * hop)
@@ -248,18 +243,19 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
     masks = [torch.zeros(codec.dim, sections.shape[0]), torch.zeros(codec.dim, sections.shape[0])]
     attention = None
     positions = torch.arange(window)
-    for i in range(0, len(plan), batch_size):
-        batch = plan[i : i + batch_size]
+    for i in range(0, len(plan), request.batch_size):
+        batch = plan[i : i + request.batch_size]
         inp = torch.stack([song_p[b : b + window] for b, _, _ in batch])[:, None]
         tgt = torch.stack([other_p[b : b + window] for b, _, _ in batch])[:, None]
         parts = torch.stack([window_sections(sections, b // hop, frames) for b, _, _ in batch])
         layers = None if rhythm is None else tuple(
             None if r is None else torch.stack([r[b : b + window] for b, _, _ in batch])[:, None] for r in rhythm_p)
         leans = None if guide is None else torch.stack([guide[b // hop : b // hop + frames] for b, _, _ in batch])
-        y, (m_in, m_tgt), att = arrange_latents(model, codec, norm, inp, tgt, hard, keep_attention and i == 0,
-                                                balance, style, style_strength,
-                                                parts if has_sections(model) else None, layers, leans)
-        attention = att[0].cpu() if att is not None else attention
+        asked = Conditions(request.hard, request.balance, request.style, request.style_strength,
+                           parts if has_sections(model) else None, guide=leans,
+                           attention=request.attention and i == 0)
+        y, mix = arrange_latents(arranger, inp, tgt, asked, layers)
+        (m_in, m_tgt), attention = mix.masks, mix.attention[0].cpu() if mix.attention is not None else attention
         for j, (begin, kept, end) in enumerate(batch):
             rise = ((positions + begin - kept + fade) / (2 * fade)).clamp(0, 1) if kept > 0 else 1.0
             fall = ((end + fade - positions - begin) / (2 * fade)).clamp(0, 1) if end < length else 1.0
@@ -276,20 +272,34 @@ def arrange_song(model, codec, norm, song: torch.Tensor, other: torch.Tensor, wi
     return peak_limit(out), tuple(masks), attention, sections
 
 
-def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torch.Tensor, sample_rate: int,
-               hop_length: int, attention: torch.Tensor | None = None, title: str = "", beats=None,
-               sections: torch.Tensor | None = None, components: tuple[str, ...] = (),
-               guide: torch.Tensor | None = None) -> None:
-    """PNG: input and target masks (channels x time), the attention map if given, and the three waveforms; with
-    `beats` (s) the beat grid is drawn on the waveforms (thin red lines), with `sections` [frames] the section
-    starts on the masks (white dashes), with `guide` [frames] the layering agent's guide over the input mask, its
-    mean per section (cyan; up: the input's rhythm under the target's harmony)."""
+@dataclass
+class MaskPicture:
+    """What a mask picture shows: the (input, target) masks [D, frames] each, the three waveforms [S], and where
+    known the attention map [frames, frames], the beat grid `beats` (s), each frame's section and the layering
+    agent's guide [frames]."""
+    masks: tuple
+    input: torch.Tensor
+    target: torch.Tensor
+    output: torch.Tensor
+    attention: torch.Tensor | None = None
+    beats: np.ndarray | None = None
+    sections: torch.Tensor | None = None
+    guide: torch.Tensor | None = None
+
+
+def plot_masks(path: str, shown: MaskPicture, sample_rate: int, hop_length: int, title: str = "",
+               components: tuple[str, ...] = ()) -> None:
+    """PNG: input and target masks (channels x time, or one band per component), the attention map if given, and
+    the three waveforms; with beats the beat grid is drawn on the waveforms (thin red lines), with sections their
+    starts on the masks (white dashes), with a guide the layering agent's guide over the input mask, its mean per
+    section (cyan; up: the input's rhythm under the target's harmony)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    m_in, m_tgt = (m[0] if m.dim() == 3 else m for m in masks)
+    attention, beats, sections, guide = shown.attention, shown.beats, shown.sections, shown.guide
+    m_in, m_tgt = (m[0] if m.dim() == 3 else m for m in shown.masks)
     seconds = m_in.shape[-1] * hop_length / sample_rate
     rows = 5 + (attention is not None)
     fig, axes = plt.subplots(rows, 1, figsize=(11, 2.1 * rows), constrained_layout=True,
@@ -316,7 +326,8 @@ def plot_masks(path: str, masks, inp: torch.Tensor, tgt: torch.Tensor, out: torc
         axes[row].set_title("cross-attention: which target frames (x) each input frame (y) attends to", fontsize=9)
         fig.colorbar(image, ax=axes[row], pad=0.01)
         row += 1
-    for ax, wave, name in zip(axes[row:], (inp, tgt, out), ("input", "target", "output"), strict=True):
+    for ax, wave, name in zip(axes[row:], (shown.input, shown.target, shown.output), ("input", "target", "output"),
+                              strict=True):
         wave = wave.detach().float().cpu().numpy()
         ax.plot(np.arange(len(wave)) / sample_rate, wave, linewidth=0.4)
         for b in [] if beats is None else beats:
@@ -363,18 +374,20 @@ def prepare_songs(song: torch.Tensor, other: torch.Tensor, sample_rate: int, mat
         target_grid = target_grid.result() if target_grid is not None else None
     if not align_songs:
         return grid, loop_to(other, len(song)), None
-    aligned, info = align(other_np, song_np, sample_rate, target_grid, grid, match_key=match_key)
+    aligned, info = align(other_np, song_np, sample_rate, (target_grid, grid), match_key)
     return grid, torch.from_numpy(aligned), info
 
 
-def summary_line(path: str, out: torch.Tensor, song: torch.Tensor, other: torch.Tensor, masks, grid: Grid,
-                 sample_rate: int, balance: float, heard: Future | None = None) -> str:
-    """What a listener hears, from the audio: input share, the sections in time, and the mask figures. `heard`:
-    the files' bars_heard, being tracked meanwhile, whose output tempo in_time takes instead of tracking it."""
+def summary_line(path: str, result: Arrangement, sample_rate: int, balance: float,
+                 heard: Future | None = None) -> str:
+    """What a listener hears of an arrangement written to `path`, from the audio: input share, the sections in
+    time, and the mask figures. `heard`: the files' bars_heard, being tracked meanwhile, whose output tempo in_time
+    takes instead of tracking it."""
+    out, song, other, masks, grid = result.output, result.input, result.target, result.masks, result.grid
     metrics = mask_metrics(*masks)
     share = input_share(out[None, None], song[None, None], other[None, None]).item()
     layered = layering(out.numpy(), song.numpy(), other.numpy(), sample_rate)
-    t = in_time(out.numpy(), song.numpy(), other.numpy(), grid.beats if grid.has_pulse else None, sample_rate,
+    t = in_time((out.numpy(), song.numpy(), other.numpy()), grid.beats if grid.has_pulse else None, sample_rate,
                 grid.bar, heard.result()["output_tempo"] if heard else None)
     asked = f" (asked {balance:g})" if balance != 0.5 else ""
     both = (", both songs sound at once most of the time, so which one is heard, and so its switches, are "
@@ -396,11 +409,36 @@ def summary_line(path: str, out: torch.Tensor, song: torch.Tensor, other: torch.
 
 
 @dataclass
+class Request:
+    """One arrangement asked for: the input `song` and the target `other` [S] at the model's sample rate, and how
+    to lay and mix them. `balance`: the input share the agent aims at; `hard`: 0/1 masks; `match_key`, `align`:
+    shift the target's key / lay it on the input's tempo, bars and loudness (beats.align); `style` (models trained
+    with --style_weight): a reference's normalised latent (Arranger.style_latent), whose statistics the output
+    takes `style_strength` of; `rhythm` (the layering agent): the songs' rhythm stems [S] from a separator, either
+    one None (stem_layers); `attention`: the first window's attention map in the result, for its picture;
+    `song_pulse`: the input's beats and bars where they are known already (a pair's, tracked on its whole song);
+    `batch_size`: windows arranged at once."""
+    song: torch.Tensor
+    other: torch.Tensor
+    balance: float = 0.5
+    hard: bool = False
+    match_key: bool = True
+    align: bool = True
+    style: torch.Tensor | None = None
+    style_strength: float = 0.5
+    rhythm: tuple | None = None
+    attention: bool = False
+    song_pulse: Pulse | None = None
+    batch_size: int = 4
+
+
+@dataclass
 class Arrangement:
-    """What `Arranger.arrange` gives: the output [S] (the input's length), the target as it entered (aligned and
-    looped to the input), the masks [D, frames] each, the attention map of the first window (or None), each
-    frame's section, the input's beat grid and the alignment (None when not aligned)."""
+    """What `Arranger.arrange` gives: the output [S] (the input's length), the input, the target as it entered
+    (aligned and looped to the input), the masks [D, frames] each, the attention map of the first window (or
+    None), each frame's section, the input's beat grid and the alignment (None when not aligned)."""
     output: torch.Tensor
+    input: torch.Tensor
     target: torch.Tensor
     masks: tuple
     attention: torch.Tensor | None
@@ -412,6 +450,10 @@ class Arrangement:
     def notes(self) -> list[str]:
         """What the alignment could not do (no pulse, a key left as it was)."""
         return self.alignment.notes if self.alignment else [self.grid.note] if self.grid.note else []
+
+    def picture(self) -> MaskPicture:
+        return MaskPicture(self.masks, self.input, self.target, self.output, self.attention, self.grid.beats,
+                           self.sections, self.guide)
 
 
 @dataclass
@@ -441,8 +483,8 @@ class Arranger:
         config = Config(mask_type=mask_type, sample_rate=sample_rate, section_beats=section_beats,
                         section_bars=section_bars, segment_seconds=window_seconds,
                         segment_samples=round(window_seconds * sample_rate), fade_frames=fade)
-        model = RuleMix(mask_type, section_beats, fade, bass=bass_rows(codec.sample_rate / 2 / codec.dim))
-        model.section_bars = section_bars
+        rule = Rule(mask_type, fade_frames=fade, bass=bass_rows(codec.sample_rate / 2 / codec.dim))
+        model = RuleMix(rule, section_beats, section_bars)
         return cls(model.eval(), codec.eval(), LatentNorm(codec.dim), config, f"the {mask_type} rule")
 
     @property
@@ -474,30 +516,25 @@ class Arranger:
         with torch.no_grad():
             return self.norm.normalize(self.codec.encode(reference[None, None]))
 
-    def arrange(self, song: torch.Tensor, other: torch.Tensor, balance: float = 0.5, hard: bool = False,
-                match_key: bool = True, align_songs: bool = True, style: torch.Tensor | None = None,
-                style_strength: float = 0.5, batch_size: int = 4, keep_attention: bool = False,
-                song_pulse=None, rhythm: tuple | None = None) -> Arrangement:
-        """Two whole songs [S_in], [S_tgt] at the model's sample rate -> their Arrangement (`song_pulse`: the
-        input's beats where they are known already; `rhythm`: the songs' rhythm stems [S] from a separator,
-        either one None (stem_layers), for the layering agent). AlignmentError for tempos too far apart."""
-        grid, other, alignment = prepare_songs(song, other, self.sample_rate, match_key, align_songs, song_pulse)
+    def arrange(self, request: Request) -> Arrangement:
+        """The Arrangement of a Request: the target laid on the input's grid (tempo, bars, key, loudness), then the
+        whole songs arranged. AlignmentError for tempos too far apart."""
+        song, rhythm = request.song, request.rhythm
+        grid, other, alignment = prepare_songs(song, request.other, self.sample_rate, request.match_key,
+                                               request.align, request.song_pulse)
         if rhythm is not None and rhythm[1] is not None and alignment is not None:  # laid like the target
             laid = lay_on_grid(rhythm[1].numpy(), alignment, len(song), self.sample_rate)
             rhythm = (rhythm[0], torch.from_numpy(laid))
         guide = song_guide(self.model, song, loop_to(other, len(song)), self.codec,
                            self.codec.num_frames(len(song)))
-        out, masks, attention, sections = arrange_song(
-            self.model, self.codec, self.norm, song, other, self.config.segment_samples, hard,
-            batch_size=batch_size, keep_attention=keep_attention, balance=balance, style=style,
-            style_strength=style_strength, song_grid=grid, rhythm=rhythm, guide=guide)
-        return Arrangement(out, other, masks, attention, sections, grid, alignment, guide)
+        out, masks, attention, sections = arrange_song(self, replace(request, other=other, rhythm=rhythm), grid,
+                                                       guide)
+        return Arrangement(out, song, other, masks, attention, sections, grid, alignment, guide)
 
-    def picture(self, path: str, song: torch.Tensor, result: Arrangement, title: str = "") -> None:
-        """The mask picture of an arrangement of `song`: masks, attention, the three waves with the beat grid."""
-        plot_masks(path, result.masks, song, result.target, result.output, self.sample_rate, self.codec.hop_length,
-                   result.attention, title=title, beats=result.grid.beats, sections=result.sections,
-                   components=component_names(self.model), guide=result.guide)
+    def picture(self, path: str, result: Arrangement, title: str = "") -> None:
+        """The mask picture of an arrangement: masks, attention, the three waves with the beat grid."""
+        plot_masks(path, result.picture(), self.sample_rate, self.codec.hop_length, title,
+                   component_names(self.model))
 
 
 def write_example(arranger: Arranger, song: torch.Tensor, other: torch.Tensor, folder: str, title: str = "",
@@ -505,6 +542,7 @@ def write_example(arranger: Arranger, song: torch.Tensor, other: torch.Tensor, f
     """The trainer's example: `song` arranged with `other` laid on its grid (`song_pulse`: its known beats and
     bars), written to FOLDER/arrangement_example.wav with a picture of its masks and beat grid,
     FOLDER/masks_example.png."""
-    result = arranger.arrange(song, other, keep_attention=arranger.model.use_creative_agent, song_pulse=song_pulse)
+    result = arranger.arrange(Request(song, other, attention=arranger.model.use_creative_agent,
+                                      song_pulse=song_pulse))
     save_wave(os.path.join(folder, "arrangement_example.wav"), result.output, arranger.sample_rate)
-    arranger.picture(os.path.join(folder, "masks_example.png"), song, result, title)
+    arranger.picture(os.path.join(folder, "masks_example.png"), result, title)

@@ -211,13 +211,14 @@ def near_grid(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def in_time(output: np.ndarray, input_wave: np.ndarray, target_wave: np.ndarray, beats: np.ndarray | None,
-            sample_rate: int, bar: tuple[int, float] = (0, math.nan),
-            output_tempo: float | None = None) -> dict[str, float]:
-    """What is heard in time, from the audio of one arrangement (mono arrays of one length) and the input's beat
-    times `beats` (s; None or empty: no grid, so the beat figures are NaN) and bars `bar` = (meter, one bar line's
-    time; unknown: the bar figures are NaN): see the module's docstring. The output's tempo is tracked afresh,
+def in_time(waves: tuple[np.ndarray, np.ndarray, np.ndarray], beats: np.ndarray | None, sample_rate: int,
+            bar: tuple[int, float] = (0, math.nan), output_tempo: float | None = None) -> dict[str, float]:
+    """What is heard in time, from the audio of one arrangement (`waves`: the output, the input and the target,
+    mono arrays of one length) and the input's beat times `beats` (s; None or empty: no grid, so the beat figures
+    are NaN) and bars `bar` = (meter, one bar line's time; unknown: the bar figures are NaN): see the module's
+    docstring. The output's tempo is tracked afresh,
     unless `output_tempo` (BPM, 0 for no pulse) says what it was tracked at already (bars_heard)."""
+    output, input_wave, target_wave = waves
     seconds = len(output) / sample_rate
     switches = switch_times(output, input_wave, target_wave, sample_rate)
     edges = np.concatenate([[0.0], switches, [seconds]])
@@ -299,5 +300,5 @@ def heard_in_time_and_layers(output: np.ndarray, input_wave: np.ndarray, target_
                              beats: np.ndarray | None, sample_rate: int,
                              bar: tuple[int, float] = (0, math.nan)) -> dict[str, float]:
     """in_time and layering of one arrangement, in one record (training's validation, evaluate.py)."""
-    return {**in_time(output, input_wave, target_wave, beats, sample_rate, bar),
+    return {**in_time((output, input_wave, target_wave), beats, sample_rate, bar),
             **layering(output, input_wave, target_wave, sample_rate)}

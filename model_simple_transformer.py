@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -18,15 +19,16 @@ from beats import SectionUnit, batch_section_ids
 from creative_agent import (
     GENERATOR_OPTIONS,
     TERM_WEIGHTS,
+    AgentOptions,
     CreativeAgent,
     check_latent_pair,
-    keeps_state,
     unknown_options,
 )
-from fixed_masks import MASK_TYPES, make_fixed_masks
+from fixed_masks import Rule, make_fixed_masks
 from layers import STEMS_ONLY_LAYERED
 from listening import layer_guide, on_frames
 from objective import style_statistics
+from records import Conditions, Masks, Mix
 
 
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -97,17 +99,46 @@ def restyle(latent: torch.Tensor, reference: torch.Tensor, strength: float) -> t
     return latent + (strength * present * (styled - latent.float())).to(latent.dtype)
 
 
-class Stage(nn.Module):
-    """One cascade stage: [B, T, in_channels] -> correction [B, T, out_channels] (zero at initialisation)."""
+@dataclass(frozen=True)
+class ModelOptions:
+    """What a SimpleTransformer is, one record: the cascade (`num_stages` of `num_layers` layers, `nhead` heads for
+    every stage or one count per stage, 0: heads of HEAD_DIM dimensions; `stage_widths`, default the stages' input
+    widths; `dropout`, `anti_cheating` noise on what later stages see of the target, `use_sdpa` fused attention),
+    a style vector of `style_dim` (0: none), and the masks: the creative `agent` (creative_agent.AGENTS; None: the
+    `rule`'s masks) with its attention's width and heads and its AgentOptions. The rule's fade and bass rows are the
+    agent's too. `section_beats` / `section_bars`: where the input's grid is known, the masks are decided once per
+    section of that many beats or bars (0 and 0: fixed blocks of frames). checkpoints.build_model derives it from a
+    run's Config; the seed's keyword constructor builds it from its keywords."""
+    encoding_dim: int = 128
+    nhead: int | tuple[int, ...] = 0
+    num_layers: int = 6
+    num_stages: int = 2
+    stage_widths: tuple[int, ...] | None = None
+    dropout: float = 0.1
+    anti_cheating: float = 0.0
+    use_sdpa: bool = True
+    style_dim: int = 0
+    rule: Rule = field(default_factory=Rule)
+    agent: str | None = None
+    agent_hidden_dim: int = 256
+    agent_heads: int = 4
+    agent_options: AgentOptions = field(default_factory=AgentOptions)
+    section_beats: int = 0
+    section_bars: int = 0
 
-    def __init__(self, in_channels: int, width: int, out_channels: int, num_layers: int, nhead: int,
-                 dropout: float, use_sdpa: bool = True, style_dim: int = 0):
+
+class Stage(nn.Module):
+    """One cascade stage: [B, T, in_channels] -> correction [B, T, encoding_dim] (zero at initialisation), `width`
+    wide with `nhead` heads, its depth, dropout, attention kernel and style input as the model's `options`."""
+
+    def __init__(self, in_channels: int, width: int, nhead: int, options: ModelOptions):
         super().__init__()
         self.proj_in = nn.Linear(in_channels, width)
-        self.style = nn.Linear(style_dim, width, bias=False) if style_dim else None
-        self.blocks = nn.ModuleList(Block(width, nhead, dropout, use_sdpa) for _ in range(num_layers))
+        self.style = nn.Linear(options.style_dim, width, bias=False) if options.style_dim else None
+        self.blocks = nn.ModuleList(Block(width, nhead, options.dropout, options.use_sdpa)
+                                    for _ in range(options.num_layers))
         self.norm = nn.LayerNorm(width)
-        self.proj_out = nn.Linear(width, out_channels)
+        self.proj_out = nn.Linear(width, options.encoding_dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
@@ -143,8 +174,9 @@ def stage_count(num_stages: int | None, num_transformer_layers: int | None) -> i
 class SimpleTransformer(nn.Module):
     """`encoded_output, mask_reg_loss = model(encoded_input, encoded_target)` on normalised latents [B, D, T].
 
-    `mask_reg_loss` is None without the creative agent. `last_masks` holds the (input, target) masks of the
-    last eager forward, detached, for metrics and pictures; a compiled forward keeps nothing (CUDA-graph safe).
+    The forward gives a records.Mix, which unpacks so: `mask_reg_loss` is None without the creative agent, and the
+    record also holds the (input, target) masks, detached, for metrics and pictures, the regularisation's terms
+    and the agent's attention where it was asked for. Nothing is kept on the modules.
     `nhead` is one head count for every stage or one per stage; 0 means heads of HEAD_DIM dimensions.
     """
 
@@ -154,41 +186,48 @@ class SimpleTransformer(nn.Module):
                  agent_hidden_dim: int = 256, agent_heads: int = 4,
                  temporal_segment_frames: int = 32, frequency_split: float = 0.5, use_sdpa: bool = True,
                  style_dim: int = 0, fade_frames: int = 0, bass: int = 0, num_transformer_layers: int | None = None,
-                 **agent_options):
+                 options: ModelOptions | None = None, **agent_options):
+        """The seed's keywords, or the same as one record, `options` (ModelOptions)."""
         super().__init__()
-        agent_keywords = ("agent", *(o for o in GENERATOR_OPTIONS if o not in self.keywords()))
-        if unknown := unknown_options(agent_options, agent_keywords):
-            raise ValueError(f"SimpleTransformer got unknown keyword(s) {', '.join(unknown)}. It takes "
-                             f"{', '.join(self.keywords())}; for the creative agent {', '.join(agent_keywords)}; "
-                             f"and NAME_weight for NAME in {', '.join(TERM_WEIGHTS)}")
-        num_stages = stage_count(num_stages, num_transformer_layers)
-        if mask_type not in MASK_TYPES:
-            raise ValueError(f"unknown mask type {mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
-        if num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-        d = encoding_dim
+        if options is None:
+            agent_keywords = ("agent", *(o for o in GENERATOR_OPTIONS if o not in self.keywords()))
+            if unknown := unknown_options(agent_options, agent_keywords):
+                raise ValueError(f"SimpleTransformer got unknown keyword(s) {', '.join(unknown)}. It takes "
+                                 f"{', '.join(self.keywords())}; for the creative agent {', '.join(agent_keywords)}; "
+                                 f"and NAME_weight for NAME in {', '.join(TERM_WEIGHTS)}")
+            agent = agent_options.pop("agent", "attention") if use_creative_agent else None
+            options = ModelOptions(
+                encoding_dim, nhead if isinstance(nhead, int) else tuple(nhead), num_layers,
+                stage_count(num_stages, num_transformer_layers), stage_widths and tuple(stage_widths), dropout,
+                anti_cheating, use_sdpa, style_dim, Rule(mask_type, temporal_segment_frames, frequency_split,
+                                                         fade_frames, bass),
+                agent, agent_hidden_dim, agent_heads, AgentOptions.of(fade_frames=fade_frames, bass=bass,
+                                                                      **agent_options))
+        self.build(options)
+
+    def build(self, options: ModelOptions) -> None:
+        """The stages, the agent and the style encoder that `options` describe."""
+        if options.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {options.num_stages}")
+        d, num_stages, nhead = options.encoding_dim, options.num_stages, options.nhead
         in_channels = [d] if num_stages == 1 else [2 * d] + [3 * d] * (num_stages - 1)
-        widths = stage_widths or in_channels
+        widths = options.stage_widths or in_channels
         if len(widths) != num_stages:
             raise ValueError(f"stage_widths needs {num_stages} entries, got {len(widths)}")
         heads = [nhead] * num_stages if isinstance(nhead, int) else list(nhead)
         if len(heads) != num_stages:
             raise ValueError(f"nhead needs 1 or {num_stages} entries, got {len(heads)}")
         heads = [h or heads_of_dim(w, HEAD_DIM) for h, w in zip(heads, widths, strict=True)]
-        self.encoding_dim, self.anti_cheating, self.mask_type = d, anti_cheating, mask_type
-        self.temporal_segment_frames, self.frequency_split = temporal_segment_frames, frequency_split
-        self.fade_frames = fade_frames  # a switch between the songs ramps over this many frames (0: a cut)
-        self.bass = bass  # layering: the latent's lowest rows that belong to the rhythm layer (layers.py)
-        self.section_beats = 0  # decisions per section of this many beats of the input (0: fixed blocks of frames)
-        self.section_bars = 0  # ... or of this many bars, where the input's bars are known
-        self.stages = nn.ModuleList(Stage(c, w, d, num_layers, h, dropout, use_sdpa, style_dim)
-                                    for c, w, h in zip(in_channels, widths, heads, strict=True))
-        self.creative_agent = (CreativeAgent(d, agent_hidden_dim, agent_heads, style_dim=style_dim, discriminator=False,
-                                             fade_frames=fade_frames, bass=bass, **agent_options)
-                               if use_creative_agent else None)
+        self.options, self.encoding_dim, self.anti_cheating = options, d, options.anti_cheating
+        self.rule = options.rule  # the masks without an agent
+        self.section_beats = options.section_beats  # decisions per section of this many beats of the input
+        self.section_bars = options.section_bars  # ... or of this many bars, where the input's bars are known
+        self.stages = nn.ModuleList(Stage(c, w, h, options) for c, w, h in zip(in_channels, widths, heads, strict=True))
+        self.creative_agent = (CreativeAgent(d, options.agent_hidden_dim, options.agent_heads, options.agent,
+                                             options.style_dim, discriminator=False, options=options.agent_options)
+                               if options.agent is not None else None)
         # a style reference conditions every stage and the agent (style_dim > 0)
-        self.style_encoder = StyleEncoder(d, style_dim) if style_dim else None
-        self.last_masks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.style_encoder = StyleEncoder(d, options.style_dim) if options.style_dim else None
 
     @classmethod
     def keywords(cls) -> list[str]:
@@ -215,7 +254,7 @@ class SimpleTransformer(nn.Module):
             if generator is None or generator.gates != "frame" or generator.block_frames <= 0:
                 return None
             return (torch.arange(frames) // generator.block_frames).expand(len(beats), -1)
-        block = generator.block_frames if generator is not None else self.temporal_segment_frames
+        block = generator.block_frames if generator is not None else self.rule.segment_frames
         return batch_section_ids(beats, bars, frames, frame_rate,
                                  SectionUnit.of(self.section_beats, self.section_bars, block))
 
@@ -227,47 +266,42 @@ class SimpleTransformer(nn.Module):
             return None
         return on_frames(layer_guide(input_wave, target_wave, sample_rate), frames)
 
-    def masked_sources(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False,
-                       balance=None, style: torch.Tensor | None = None, sections: torch.Tensor | None = None,
-                       rhythm: tuple | None = None, guide: torch.Tensor | None = None):
-        """(masked input, masked target, mask_reg_loss or None); sets `last_masks` (in eager runs)."""
-        if rhythm is not None and self.creative_agent is None:
+    def masked_sources(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, conditions: Conditions,
+                       style: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Masks]:
+        """(masked input, masked target, the Masks applied, detached, with the agent's regularisation)."""
+        if conditions.rhythm is not None and self.creative_agent is None:
             raise ValueError(STEMS_ONLY_LAYERED)
         if self.creative_agent is not None:
-            masked_in, masked_tgt, reg = self.creative_agent.generate_creative_masks(
-                encoded_input, encoded_target, hard, balance, style, sections, rhythm, guide)
-            if keeps_state():
-                self.last_masks = self.creative_agent.last_masks
-            return masked_in, masked_tgt, reg
-        m_in, m_tgt = make_fixed_masks(self.mask_type, encoded_input, encoded_target, self.temporal_segment_frames,
-                                       self.frequency_split, sections, self.fade_frames, self.bass)
-        if keeps_state():
-            self.last_masks = (m_in.detach(), m_tgt.detach())
-        if self.mask_type == "none":
-            return encoded_input, encoded_target, None
-        return encoded_input * m_in, encoded_target * m_tgt, None
+            (masked_in, masked_tgt), masks = self.creative_agent(encoded_input, encoded_target, conditions, style)
+            return masked_in, masked_tgt, masks
+        m_in, m_tgt = make_fixed_masks(self.rule, encoded_input, encoded_target, conditions.sections)
+        masks = Masks(m_in.detach(), m_tgt.detach())
+        if self.rule.mask_type == "none":
+            return encoded_input, encoded_target, masks
+        return encoded_input * m_in, encoded_target * m_tgt, masks
 
-    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, hard: bool = False, balance=None,
-                style_reference: torch.Tensor | None = None, style_strength: float = 0.0,
-                sections: torch.Tensor | None = None, rhythm: tuple | None = None, guide: torch.Tensor | None = None):
-        """`balance` (creative agent only): the wanted input share, a number or one per example [B] (default 0.5).
-        `style_reference` (models built with style_dim > 0): the latent [B, D, T'] of a song whose style the
-        arrangement should take, any length; all zeros, or None, means no reference. It conditions the agent and
-        every stage, and `style_strength` > 0 also moves the output that far towards its statistics (restyle).
-        `sections` [B, T] (int64): the section of the input's beat grid that each frame belongs to (beats.py); the
-        agent's frame gates and the temporal rule decide once per section (None: fixed blocks of frames).
-        `rhythm` (the layering agent): the normalised-scale latents of the input's and the target's rhythm stems
-        (drums and bass from a separator such as Demucs), the layers instead of harmonic-percussive separation;
-        either one None keeps the separation for that song. `guide` [B, T] (the layering agent): which way round
-        to layer the songs, from their audio (`guide`)."""
+    def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, conditions: Conditions | None = None,
+                **asked) -> Mix:
+        """The arrangement's latent under `conditions` (records.Conditions, or the same as keywords, `asked`):
+        `balance` (creative agent only), the wanted input share, a number or one per example [B] (default 0.5);
+        `style_reference` (models built with style_dim > 0), the latent [B, D, T'] of a song whose style the
+        arrangement should take, any length (all zeros, or None, means no reference): it conditions the agent and
+        every stage, and `style_strength` > 0 also moves the output that far towards its statistics (restyle);
+        `sections` [B, T] (int64), the section of the input's beat grid that each frame belongs to (beats.py): the
+        agent's frame gates and the temporal rule decide once per section (None: fixed blocks of frames);
+        `rhythm` (the layering agent), the normalised-scale latents of the input's and the target's rhythm stems
+        (drums and bass from a separator such as Demucs), the layers instead of harmonic-percussive separation
+        (either one None keeps the separation for that song); `guide` [B, T] (the layering agent), which way round
+        to layer the songs, from their audio (`guide`); `hard`, 0/1 masks; `attention`, the agent's attention map
+        in the result."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
-        style = None
+        conditions = conditions or Conditions(**asked)
+        style_reference, style = conditions.style_reference, None
         if style_reference is not None:
             if self.style_encoder is None:
                 raise ValueError("this model was built without style conditioning (style_dim=0)")
             style = self.style_encoder(style_reference)
-        masked_in, masked_tgt, reg_loss = self.masked_sources(encoded_input, encoded_target, hard, balance, style,
-                                                              sections, rhythm, guide)
+        masked_in, masked_tgt, masks = self.masked_sources(encoded_input, encoded_target, conditions, style)
         x, y = masked_in.transpose(1, 2), masked_tgt.transpose(1, 2)  # [B, T, D]
         if len(self.stages) == 1:
             out = x + self.stages[0](x, style)
@@ -279,6 +313,6 @@ class SimpleTransformer(nn.Module):
                 seen = y + self.anti_cheating * y.detach().std() * torch.randn_like(y)
             out = out + stage(torch.cat([x, out, seen], dim=-1), style)
         out = out.transpose(1, 2)
-        if style is not None and style_strength > 0:
-            out = restyle(out, style_reference, style_strength)
-        return out, reg_loss
+        if style is not None and conditions.style_strength > 0:
+            out = restyle(out, style_reference, conditions.style_strength)
+        return Mix(out, masks.reg, (masks.input, masks.target), masks.terms, masks.attention)

@@ -12,6 +12,7 @@ discriminator and term weights only.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from creative_agent import StyleDiscriminator, default_term_weights
 from listening import on_frames
 from losses import reconstruction_loss, rms_loss
+from records import Conditions
 
 
 def style_statistics(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +36,18 @@ def style_distance(output: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     return (m_out - m_ref).abs().mean(dim=-1) + (s_out - s_ref).abs().mean(dim=-1)
 
 
+@dataclass
+class Scored:
+    """One batch through the objective: the loss, its detached terms, the waveforms [B, 1, S] of the output, the
+    input and the target, and the (input, target) masks [B, D, T] that were applied (detached)."""
+    loss: torch.Tensor
+    terms: dict
+    output: torch.Tensor
+    input: torch.Tensor
+    target: torch.Tensor
+    masks: tuple[torch.Tensor, torch.Tensor]
+
+
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
     """`optimizer.step()` that leaves weights and moments as they are where `finite` is False, decided on the device
     with no host sync: the fused AdamW kernels take the flag as `found_inf`, the way torch.amp.GradScaler passes it."""
@@ -45,7 +59,7 @@ def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> No
 
 
 def agent_term_weights(config) -> dict[str, float]:
-    """The agent's term weights that differ from its defaults (creative_agent.default_term_weights):
+    """The agent's term weights that differ from its defaults (creative_agent.default_term_weights), by term name:
     --balance_loss_weight W adds W x the area term to the training loss, folded into the agent's own weight of it
     (loss = mask_reg_weight x regularisation), so the model needs to hand back nothing but its regularisation."""
     if not config.balance_loss_weight or not config.use_creative_agent:
@@ -53,7 +67,7 @@ def agent_term_weights(config) -> dict[str, float]:
     if config.mask_reg_weight <= 0:
         raise ValueError("--balance_loss_weight needs --mask_reg_weight > 0 (it weighs a term of the regularisation)")
     gates = config.agent_gates if config.agent == "attention" else "frame"
-    return {"area_weight": default_term_weights(gates)["area"] + config.balance_loss_weight / config.mask_reg_weight}
+    return {"area": default_term_weights(gates)["area"] + config.balance_loss_weight / config.mask_reg_weight}
 
 
 def loss_weights(config) -> dict[str, float]:
@@ -68,13 +82,15 @@ class Objective:
     """The loss of one batch: encode both songs, run the model, decode, and add up the weighted terms.
 
     `forward` is the model as training runs it (DDP-wrapped, compiled); `model` is the bare module, for
-    validation. The random draws (each example's wanted input share, whether it gets a style reference) are a
-    function of (seed, rank, step) alone, so data loading, compilation and resuming never change them.
+    validation; `compile_fn` compiles the loss. It runs on the device of the latent statistics `norm`. The random
+    draws (each example's wanted input share, whether it gets a style reference) are a function of (seed, rank,
+    step) alone, so data loading, compilation and resuming never change them.
     """
 
-    def __init__(self, config, codec, norm, model, forward, device: torch.device, rank: int = 0, compile_fn=None):
+    def __init__(self, config, codec, norm, model, forward, compile_fn=None):
         self.config, self.codec, self.norm, self.model, self.forward = config, codec, norm, model, forward
-        self.device, self.rank, self.weights = device, rank, loss_weights(config)
+        self.device, self.weights = norm.mean.device, loss_weights(config)
+        device, self.rank = self.device, torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.frame_rate = codec.sample_rate / codec.hop_length
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.amp == "bf16"
                     else nullcontext())
@@ -88,10 +104,9 @@ class Objective:
                                                     fused=True)
         self.fake_real = None
 
-    def __call__(self, batch: list[torch.Tensor], step: int, training: bool) -> tuple[torch.Tensor, dict, tuple]:
-        """(loss, its detached terms, (output, input, target) waveforms) of a batch (pairs_dataset: the waveforms,
-        the input's beats, the cached latents and the rhythm stems where there are). Training runs the compiled model
-        and loss where --compile is set."""
+    def __call__(self, batch: dict[str, torch.Tensor], step: int, training: bool) -> Scored:
+        """A batch scored (pairs_dataset: the waveforms, the input's beats, the cached latents and the rhythm stems
+        where there are). Training runs the compiled model and loss where --compile is set."""
         inp, tgt = (batch[k].to(self.device, non_blocking=True) for k in ("input", "target"))
         with torch.no_grad():
             latents = (batch["latents"].to(self.device, non_blocking=True).unbind(1) if "latents" in batch
@@ -112,10 +127,10 @@ class Objective:
         guide = batch.get("guide")  # the layering agent's, from the data (pairs_dataset)
         if guide is not None:
             guide = on_frames(guide.to(self.device, non_blocking=True), z_in.shape[-1])
+        asked = Conditions(balance=balance, style_reference=reference, sections=sections, rhythm=rhythm, guide=guide)
         with self.amp:
-            z_out, reg = (self.forward if training else self.model)(z_in, z_tgt, balance=balance,
-                                                                    style_reference=reference, sections=sections,
-                                                                    rhythm=rhythm, guide=guide)
+            mix = (self.forward if training else self.model)(z_in, z_tgt, asked)
+        z_out, reg = mix.output, mix.reg
         out, loss, terms = (self.compiled_decode_loss if training else self.decode_loss)(z_out, inp, tgt, balance)
         terms["recon_loss"] = loss.detach()
         if source is not None:  # examples without a reference add nothing
@@ -129,7 +144,7 @@ class Objective:
             loss = loss + self.config.adversarial_weight * self.generator_loss(z_out.float(), z_tgt, terms)
         with torch.no_grad():
             terms["rms_in"], terms["rms_tgt"] = rms_loss(out, inp), rms_loss(out, tgt)
-        return loss, terms, (out.detach(), inp, tgt)
+        return Scored(loss, terms, out.detach(), inp, tgt, mix.masks)
 
     def decode_loss(self, z_out: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor, balance=None):
         """Decode the output latents and score the waveform against both songs: (output, loss, terms)."""

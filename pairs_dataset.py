@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
@@ -31,6 +32,7 @@ from listening import layer_guide
 from run_log import atomic_write, replaced
 
 BEATS_FILE = "beats.json"  # in each split folder: pair name -> its grid (see pair_grid)
+FILL_BATCH = 8  # pairs encoded at once into a latent cache
 RHYTHM_SUFFIX = "_rhythm"  # pair_0007_input_rhythm.wav: the rhythm layer of pair_0007_input.wav (separator's stems)
 
 
@@ -183,6 +185,18 @@ def infer_segment_samples(folder: str, probe: int = 25) -> int:
     return max(set(lengths), key=lengths.count)
 
 
+@dataclass(frozen=True)
+class Reading:
+    """How a WavPairsDataset reads its folder (the class says what each option does)."""
+    shuffle_targets: bool = False
+    align_targets: bool = False
+    seed: int = 0
+    skip_bad_files: bool = False
+    silence_db: float = SILENCE_DB
+    stems: bool = False
+    guide: bool = False
+
+
 class WavPairsDataset(Dataset):
     """{input [1, S], target [1, S], beats [K]} from the pairs of one split folder: float32 waveforms and the beats
     (s) of the input segment padded with NaN to a fixed size (see load_beat_grids); with `stems`, in a folder whose
@@ -197,22 +211,22 @@ class WavPairsDataset(Dataset):
     beats, key, loudness: beats.align, as arrange.py does with two songs).
     """
 
-    def __init__(self, folder: str, sample_rate: int, segment_samples: int, shuffle_targets: bool = False,
-                 seed: int = 0, skip_bad_files: bool = False, progress: bool = False, scan=None,
-                 silence_db: float = SILENCE_DB, align_targets: bool = False, stems: bool = False,
-                 guide: bool = False):
+    def __init__(self, folder: str, sample_rate: int, segment_samples: int, reading: Reading | None = None,
+                 scan=None, progress: bool = False, **options):
+        """`reading` (Reading), or its fields as keywords (`options`)."""
         if problem := path_problem(folder, "folder"):
             raise FileNotFoundError(f"pairs folder {folder}: {problem}")
+        r = reading or Reading(**options)
         self.folder, self.sample_rate, self.segment_samples = folder, sample_rate, segment_samples
-        self.shuffle_targets, self.seed, self.epoch = shuffle_targets, seed, 0
-        self.align_targets, self.guide, self.guides = align_targets, guide, {}
+        self.shuffle_targets, self.seed, self.epoch = r.shuffle_targets, r.seed, 0
+        self.align_targets, self.guide, self.guides = r.align_targets, r.guide, {}
         good, problems = scan if scan is not None else scan_pairs(folder, sample_rate, segment_samples, progress,
-                                                                  silence_db)
+                                                                  r.silence_db)
         self.problems = problems
-        if problems and not skip_bad_files:
+        if problems and not r.skip_bad_files:
             raise BadDataError(problems)
         self.pairs = good
-        with_stems = [all(os.path.isfile(rhythm_path(p)) for p in pair) for pair in good] if stems else []
+        with_stems = [all(os.path.isfile(rhythm_path(p)) for p in pair) for pair in good] if r.stems else []
         if any(with_stems) and not all(with_stems):
             raise BadDataError([(rhythm_path(pair[0]), "missing: some pairs of this folder carry their rhythm "
                                  "stems, and this one does not")
@@ -264,8 +278,8 @@ class WavPairsDataset(Dataset):
         inp, tgt = self.read(self.pairs[index][0]), self.read(self.pairs[other][1])
         rhythm = [self.read(rhythm_path(p)) for p in (self.pairs[index][0], self.pairs[other][1])] if self.stems else []
         if self.align_targets and other != index:
-            aligned, alignment = align(tgt[0].numpy(), inp[0].numpy(), self.sample_rate,
-                                       self.grid(other, "output", tgt), self.grid(index, "input", inp), tolerant=True)
+            grids = self.grid(other, "output", tgt), self.grid(index, "input", inp)
+            aligned, alignment = align(tgt[0].numpy(), inp[0].numpy(), self.sample_rate, grids, tolerant=True)
             tgt = torch.from_numpy(aligned)[None]
             if rhythm:  # the target's rhythm laid as the target was
                 rhythm[1] = torch.from_numpy(lay_on_grid(rhythm[1][0].numpy(), alignment, inp.shape[-1],
@@ -276,12 +290,24 @@ class WavPairsDataset(Dataset):
         return {**item, "rhythm": torch.stack(rhythm)} if rhythm else item
 
 
-def build_loader(dataset: Dataset, batch_size: int, world_size: int, rank: int, shuffle: bool, seed: int,
-                 num_workers: int, pin_memory: bool = False, drop_last: bool = False):
-    """A DataLoader over this rank's share (DistributedSampler) with workers; returns (loader, sampler)."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=drop_last)
+@dataclass(frozen=True)
+class Loading:
+    """How a run's loaders read: `batch_size` pairs per rank and step, the samplers' `seed`, `workers` processes
+    per loader, `pin_memory` for a GPU."""
+    batch_size: int
+    seed: int = 0
+    workers: int = 0
+    pin_memory: bool = False
+
+
+def build_loader(dataset: Dataset, loading: Loading, shuffle: bool, share: tuple[int, int] = (0, 1),
+                 drop_last: bool = False):
+    """A DataLoader over this rank's share (DistributedSampler; `share`: (rank, world size)) with workers;
+    returns (loader, sampler)."""
+    rank, world_size = share
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=loading.seed)
+    loader = DataLoader(dataset, batch_size=loading.batch_size, sampler=sampler, num_workers=loading.workers,
+                        pin_memory=loading.pin_memory, persistent_workers=loading.workers > 0, drop_last=drop_last)
     return loader, sampler
 
 
@@ -323,11 +349,12 @@ class CachedLatents(Dataset):
 
     @staticmethod
     @torch.no_grad()
-    def fill(dataset: WavPairsDataset, codec, path: str, device, rank: int = 0, world_size: int = 1,
-             progress: bool = True, batch_size: int = 8) -> None:
-        """Encode this rank's share of the pairs (every world_size-th batch) into the allocated cache `path`."""
+    def fill(dataset: WavPairsDataset, codec, path: str, device, share: tuple[int, int] = (0, 1),
+             progress: bool = True) -> None:
+        """Encode this rank's `share` of the pairs, (rank, world size): every world_size-th batch, into the
+        allocated cache `path`."""
         cache = np.load(path, mmap_mode="r+")
-        frames = cache.shape[-1]
+        frames, (rank, world_size), batch_size = cache.shape[-1], share, FILL_BATCH
         starts = range(rank * batch_size, len(dataset), world_size * batch_size)
         for start in tqdm(starts, desc="caching latents", unit="batch", disable=not progress, leave=False):
             idx = range(start, min(start + batch_size, len(dataset)))
@@ -378,10 +405,9 @@ def check_splits(config, main: bool, log) -> dict[str, WavPairsDataset]:
         if dist.is_initialized():
             dist.broadcast_object_list(scan, src=0)
         try:
-            datasets[split] = WavPairsDataset(folder, c.sample_rate, c.segment_samples, shuffle_targets=shuffle,
-                                              seed=c.seed, skip_bad_files=c.skip_bad_files, scan=scan[0],
-                                              align_targets=shuffle and c.align_targets,
-                                              stems=layered, guide=layered and c.layer_guide > 0)
+            reading = Reading(shuffle, shuffle and c.align_targets, c.seed, c.skip_bad_files, c.silence_db, layered,
+                              layered and c.layer_guide > 0)
+            datasets[split] = WavPairsDataset(folder, c.sample_rate, c.segment_samples, reading, scan[0])
         except BadDataError as err:
             problems += err.problems
             continue
@@ -409,7 +435,7 @@ def cached(dataset: WavPairsDataset, codec, device, rank: int, world_size: int, 
         if main:
             CachedLatents.allocate(partial, len(dataset), codec.dim, codec.num_frames(dataset.segment_samples))
         barrier()
-        CachedLatents.fill(dataset, codec, partial, device, rank, world_size, main)
+        CachedLatents.fill(dataset, codec, partial, device, (rank, world_size), main)
         barrier()
         if main:
             os.replace(partial, path)
@@ -447,10 +473,9 @@ class TrainingData:
         self.workers = loader_workers(c.num_workers, pin, log)
         # a compiled step drops each epoch's last, smaller batch: one graph then serves every step
         drop_last = c.compile != "none" and len(self.train_data) // world_size > c.batch_size
-        self.train_loader, self.train_sampler = build_loader(self.train_data, c.batch_size, world_size, rank, True,
-                                                             c.seed, self.workers, pin, drop_last)
-        self.val_loader, _ = build_loader(self.val_data, c.batch_size, world_size, rank, False, c.seed,
-                                          self.workers, pin)
+        loading, share = Loading(c.batch_size, c.seed, self.workers, pin), (rank, world_size)
+        self.train_loader, self.train_sampler = build_loader(self.train_data, loading, True, share, drop_last)
+        self.val_loader, _ = build_loader(self.val_data, loading, False, share)
 
     def set_epoch(self, epoch: int) -> None:
         self.train_sampler.set_epoch(epoch)

@@ -77,8 +77,8 @@ class Trainer:
         self.norm = LatentNorm(self.codec.dim).to(self.device)
         self.ddp = (DDP(self.model, device_ids=[self.device.index] if use_cuda else None,
                         gradient_as_bucket_view=True, find_unused_parameters=False) if world_size > 1 else self.model)
-        self.objective = Objective(c, self.codec, self.norm, self.model, compiled(self.ddp, c, self.log), self.device,
-                                   rank, compile_fn=lambda fn: compiled(fn, c, self.log))
+        self.objective = Objective(c, self.codec, self.norm, self.model, compiled(self.ddp, c, self.log),
+                                   compile_fn=lambda fn: compiled(fn, c, self.log))
         torch.manual_seed(c.seed + rank)  # then different dropout and noise on each rank
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay, fused=True)
         self.total_steps = max(1, c.num_epochs * len(self.data.train_loader))
@@ -105,7 +105,7 @@ class Trainer:
 
     # ---------------------------------------------------- training
 
-    def train_step(self, batch: list[torch.Tensor]) -> dict:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict:
         """One optimiser step; its detached terms, with `finite`: False when the loss or the gradients were not
         finite, and then no weight changed. That is decided on the device, so the step never waits for it."""
         c = self.config
@@ -114,7 +114,8 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
         if c.hard_masks and c.use_creative_agent:
             self.objective.anneal_gumbel(self.step, self.total_steps)
-        loss, terms, _ = self.objective(batch, self.step, training=True)
+        scored = self.objective(batch, self.step, training=True)
+        loss, terms = scored.loss, scored.terms
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # a non-finite loss on any rank makes the all-reduced gradients non-finite on all ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -179,8 +180,9 @@ class Trainer:
         self.ddp.eval()
         sums, count, masks, timing = [0.0] * len(VALIDATION_KEYS), 0, [], []
         for batch in self.data.val_loader:
-            _, terms, (out, inp, tgt) = self.objective(batch, self.step, training=False)
-            m_in, m_tgt = self.model.last_masks
+            scored = self.objective(batch, self.step, training=False)
+            terms, out, inp, tgt = scored.terms, scored.output, scored.input, scored.target
+            m_in, m_tgt = scored.masks
             values = batch_values(terms, out, inp, tgt, m_in, m_tgt)
             sums = [s + v * len(out) for s, v in zip(sums, values, strict=True)]
             count += len(out)

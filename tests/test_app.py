@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, SR
 
 from app import EXPECTED, RULES, Job, Song, Studio, find_checkpoints
-from inference import Arranger
+from inference import Arranger, Request
 from pairs_folder import synth_song
 
 TEMPORAL, LAYERS = list(RULES)
@@ -31,7 +31,7 @@ def test_the_temporal_rule_switches_songs_on_the_beat_with_nothing_learned():
     arranger = Arranger.rule("temporal", sample_rate=SR, section_beats=2)
     assert sum(p.numel() for p in arranger.model.parameters()) == 0
     song, other = (torch.from_numpy(synth_song(seed, 6.0, SR)) for seed in (3, 8))
-    result = arranger.arrange(song, other)
+    result = arranger.arrange(Request(song, other))
     out, hop = result.output, arranger.codec.hop_length
     assert out.shape == song.shape and torch.isfinite(out).all() and out.abs().max() <= 1.0
     assert result.grid.has_pulse and len(result.grid.beats) >= 8
@@ -51,7 +51,7 @@ def test_the_temporal_rule_switches_songs_on_the_beat_with_nothing_learned():
 def test_the_layers_rule_plays_both_songs_at_once():
     arranger = Arranger.rule("layers", sample_rate=SR)
     song, other = (torch.from_numpy(synth_song(seed, 4.0, SR)) for seed in (3, 8))
-    result = arranger.arrange(song, other, align_songs=False)
+    result = arranger.arrange(Request(song, other, align=False))
     m_in, m_tgt = result.masks
     both = ((m_in > 0.2) & (m_tgt > 0.2)).float().mean(dim=0)  # per frame: channels where both songs sound
     assert (both > 0).float().mean() > 0.5 and torch.isfinite(result.output).all()

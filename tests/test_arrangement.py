@@ -11,8 +11,8 @@ from conftest import SR, tiny_args
 
 from checkpoints import build_model
 from config import upgrade
-from creative_agent import AttentionMaskGenerator, novelty
-from fixed_masks import make_fixed_masks
+from creative_agent import AttentionMaskGenerator, Evidence, novelty
+from fixed_masks import Rule, make_fixed_masks
 from listening import distances_and_share, input_share
 from losses import DB_PER_NEPER, farther_song_loss, lsd_per_example, mask_variability, temporal_variation
 from pairs_folder import synth_song
@@ -61,7 +61,7 @@ def test_temporal_variation_and_mask_variability():
     x = torch.randn(3, 16, 64)
     static = torch.rand(1, 16, 1).expand(3, 16, 64)
     assert temporal_variation(static).max().item() == pytest.approx(0.0, abs=1e-6)
-    m_in, _ = make_fixed_masks("temporal", x, x, segment_frames=8)
+    m_in, _ = make_fixed_masks(Rule("temporal", segment_frames=8), x, x)
     assert temporal_variation(m_in).mean().item() == pytest.approx(0.5)
     assert mask_variability(m_in) == pytest.approx(0.0)  # one pattern for every pair
     flipped = torch.stack([m_in[0], 1 - m_in[0]])
@@ -120,20 +120,17 @@ def test_regularisation_prefers_decided_balanced_loud_switches_at_changes():
     take_loud = torch.cat([torch.ones(1, 4, t // 2), torch.zeros(1, 4, t // 2)], -1)
     change = torch.zeros(1, t)
     change[0, t // 2] = 1.0  # the music changes in the middle
-    gen.regularization(take_loud, 1 - take_loud, change, energy)
-    loud = {k: v.item() for k, v in gen.last_terms.items()}
-    gen.regularization(1 - take_loud, take_loud, change, energy)
-    quiet = {k: v.item() for k, v in gen.last_terms.items()}
+    loud = {k: v.item() for k, v in gen.regularization(take_loud, 1 - take_loud, Evidence(change, energy))[1].items()}
+    quiet = {k: v.item() for k, v in gen.regularization(1 - take_loud, take_loud, Evidence(change, energy))[1].items()}
     assert loud["presence"] < quiet["presence"]
     assert loud["complementarity"] == loud["area"] == loud["share"] == loud["switching"] == 0.0
     assert loud["diversity"] == pytest.approx(0.0)
     half = torch.full_like(take_loud, 0.5)
-    gen.regularization(half, half, change, energy)
-    assert gen.last_terms["complementarity"].item() == 0.25 and gen.last_terms["diversity"].item() == 0.5
+    _, terms = gen.regularization(half, half, Evidence(change, energy))
+    assert terms["complementarity"].item() == 0.25 and terms["diversity"].item() == 0.5
     wobbly = take_loud.clone()
     wobbly[..., 5:8] = 0.0  # three extra switches where nothing changes
-    gen.regularization(wobbly, 1 - wobbly, change, energy)
-    assert gen.last_terms["switching"].item() > 0.0
+    assert gen.regularization(wobbly, 1 - wobbly, Evidence(change, energy))[1]["switching"].item() > 0.0
 
 
 def test_novelty_peaks_where_the_music_changes():

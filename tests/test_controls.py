@@ -14,12 +14,13 @@ import arrange
 import evaluate
 from checkpoints import build_model, load_checkpoint, load_model_state
 from config import upgrade
-from creative_agent import AttentionMaskGenerator, CreativeAgent, split_at
+from creative_agent import AttentionMaskGenerator, CreativeAgent, Evidence, split_at
 from listening import tone_distance_db
 from losses import lsd_per_example, reconstruction_loss
 from model_simple_transformer import SimpleTransformer, restyle
 from objective import style_distance
 from pairs_folder import synth_song
+from records import Conditions
 from train_simple_worker import Trainer, run
 
 
@@ -46,11 +47,11 @@ def test_balance_and_share_terms_vanish_at_the_wanted_share():
     gen = AttentionMaskGenerator(4, hidden_dim=8)
     quarter = torch.zeros(1, 4, 64)
     quarter[..., :16] = 1.0
-    gen.regularization(quarter, 1 - quarter, share=torch.full((1, 1, 1), 0.25))
-    assert gen.last_terms["area"].item() == pytest.approx(0.0, abs=1e-12)
-    assert gen.last_terms["share"].item() == pytest.approx(0.0, abs=1e-12)
-    gen.regularization(quarter, 1 - quarter)  # the default aims at one half
-    assert gen.last_terms["area"].item() == pytest.approx(0.25)
+    _, terms = gen.regularization(quarter, 1 - quarter, Evidence(share=torch.full((1, 1, 1), 0.25)))
+    assert terms["area"].item() == pytest.approx(0.0, abs=1e-12)
+    assert terms["share"].item() == pytest.approx(0.0, abs=1e-12)
+    _, terms = gen.regularization(quarter, 1 - quarter)  # the default aims at one half
+    assert terms["area"].item() == pytest.approx(0.25)
 
 
 def test_far_lsd_follows_the_wanted_share():
@@ -77,7 +78,7 @@ def test_gumbel_hard_masks_are_decided_and_still_learn(gates):
     again, _, _ = gen(x, y)
     assert not torch.equal(again, m_in)  # Gumbel noise: the decisions explore during training
     gen.eval()
-    assert torch.equal(gen(x, y)[0], gen(x, y)[0])  # no noise at inference
+    assert torch.equal(gen(x, y).input, gen(x, y).input)  # no noise at inference
 
 
 def test_multi_scale_attention_reaches_every_scale():
@@ -212,7 +213,8 @@ def test_compositional_components_sum_to_the_song_and_are_chosen_per_component()
     assert mixed > 0
     (masked_in + masked_tgt).square().mean().add(reg).backward()
     assert gen.harmony_analyser.weight.grad.abs().sum() > 0 and gen.input_head.weight.grad.abs().sum() > 0
-    shown, _ = agent.last_masks
+    _, masks = agent(x, y, Conditions())
+    shown = masks.input
     assert shown.shape == x.shape  # one band of channels per component in the pictures: rhythm, harmony, timbre
     assert torch.equal(shown[:, 0], gates_in[:, 0]) and torch.equal(shown[:, -1], gates_in[:, 2])
 

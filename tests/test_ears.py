@@ -85,7 +85,7 @@ def test_in_time_counts_switches_on_bar_lines():
     out, first = s.audio.copy(), int(s.downbeats[1] * SR)
     for k in range(first, len(out) - bar, 2 * bar):  # the other song in every other bar
         out[k : k + bar] = other[k : k + bar]
-    t = in_time(out, s.audio, other, s.beats, SR, (4, float(s.downbeats[0])))
+    t = in_time((out, s.audio, other), s.beats, SR, (4, float(s.downbeats[0])))
     assert t["on_bar"] >= 0.9 and t["on_bar_chance"] < 0.2
     heard = bars_heard(out, s.audio, other, SR)
     assert heard["on_bar_afresh"] >= 0.9 and math.isfinite(heard["target_bars_f"])

@@ -68,7 +68,8 @@ def test_make_pairs_skips_and_counts_silent_songs(tmp_path):
     loud = lambda: pairs_folder.synth_song(1, 2.0, SR)  # noqa: E731
     songs = [("loud_a", loud), ("loud_b", loud)]
     songs += [(name, lambda x=x: np.resize(x, 2 * SR)) for name, x in QUIET.items()]
-    summary = pairs_folder.make_pairs(songs, str(tmp_path / "pairs"), 0.5, SR, 0.5, 0, progress=False)
+    summary = pairs_folder.make_pairs(songs, str(tmp_path / "pairs"), pairs_folder.Cutting(0.5, SR, 0.5),
+                                      progress=False)
     assert summary.skipped["silent pairs"] == 3 * len(QUIET)  # every segment of a silent song is silent
     assert "skipped: 9 silent pairs" in summary.report()
     assert sum(summary.pairs.values()) == 6  # two loud songs of four segments: three pairs each
@@ -164,6 +165,45 @@ def test_no_class_over_250_lines_and_no_function_over_60():
                 too_long.append(f"{os.path.basename(path)}:{node.lineno} {node.name} "
                                 f"({node.end_lineno - node.lineno + 1} lines)")
     assert not too_long, too_long
+
+
+def test_no_forward_result_is_read_back_from_a_module():
+    """What a forward computes comes back in its record (records.py): an attribute named last_* that a module
+    sets on itself is read in that module only, never by its callers or the tests."""
+    test_files = [os.path.join("tests", f) for f in os.listdir(os.path.join(ROOT, "tests")) if f.endswith(".py")]
+    trees = {f: ast.parse(open(os.path.join(ROOT, f)).read()) for f in project_files() + test_files}
+    written = {f: {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)
+                   and n.attr.startswith("last_")} for f, tree in trees.items()}
+    read_elsewhere = sorted(f"{f}:{n.lineno} .{n.attr}" for f, tree in trees.items() for n in ast.walk(tree)
+                            if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load)
+                            and n.attr.startswith("last_") and n.attr not in written[f])
+    assert not read_elsewhere, read_elsewhere
+
+
+def parameter_count(node: ast.FunctionDef) -> int:
+    """A function's named parameters, `self` and `cls` aside (*args and **options are one door, not counted)."""
+    args = node.args
+    named = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+    return len(named) - (named[:1] in (["self"], ["cls"]))
+
+
+# the seed's keyword constructor stays as its users know it (records and their front doors may be long)
+FRONT_DOORS = {"model_simple_transformer.py SimpleTransformer.__init__"}
+
+
+def test_no_function_takes_more_than_six_parameters():
+    """Options travel as typed records (records.Conditions, inference.Request, config.Config), not as long
+    argument lists that every caller must thread through."""
+    too_many = []
+    for name in project_files():
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        owners = {id(f): c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and parameter_count(node) > 6:
+                where = f"{name} {owners[id(node)] + '.' if id(node) in owners else ''}{node.name}"
+                if where not in FRONT_DOORS:
+                    too_many.append(f"{where} ({parameter_count(node)})")
+    assert not too_many, too_many
 
 
 def test_no_command_line_script_is_imported_by_a_module():

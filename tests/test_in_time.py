@@ -23,7 +23,7 @@ from beats import (
     tempo_ratio,
 )
 from creative_agent import AttentionMaskGenerator
-from fixed_masks import make_fixed_masks
+from fixed_masks import Rule, make_fixed_masks
 from listening import in_time, source_labels
 
 RATE = 22050
@@ -81,7 +81,7 @@ def test_a_100_bpm_track_is_laid_on_the_grid_of_a_120_bpm_one():
     assert np.abs(found[:, None] - grid[None]).min(axis=1).max() < 0.02  # every beat within 20 ms of the grid
     longer = np.concatenate([other, clicks(100, 30, offset=0.4)])  # a long tail the arrangement never takes
     grids = analyse(other, RATE), analyse(song, RATE)
-    np.testing.assert_allclose(align(longer, song, RATE, *grids)[0], align(other, song, RATE, *grids)[0], atol=1e-6)
+    np.testing.assert_allclose(align(longer, song, RATE, grids)[0], align(other, song, RATE, grids)[0], atol=1e-6)
     half = lay_on_grid(other / 2, info, len(song), RATE)  # a stem of the target, laid as the target was
     laid = onsets(2 * half)  # on the same grid (Rubber Band's time map treats quieter transients otherwise)
     assert len(laid) >= 14 and np.abs(laid[:, None] - grid[None]).min(axis=1).max() < 0.02
@@ -127,8 +127,8 @@ def test_every_switch_of_the_agent_and_the_rule_lies_on_a_section_start():
     beats = np.arange(0.13, 4.0, 0.47)
     ids = section_ids(beats, 400, 100.0, SectionUnit(2, 0, 32)).expand(3, -1)
     starts = set((torch.nonzero(torch.diff(ids[0])).flatten() + 1).tolist())
-    m_agent = sectioned_agent()(x, y, sections=ids)[0][:, 0]
-    m_rule = make_fixed_masks("temporal", x, y, sections=ids, fade_frames=5)[0][:, 0]
+    m_agent = sectioned_agent()(x, y, sections=ids).input[:, 0]
+    m_rule = make_fixed_masks(Rule("temporal", fade_frames=5), x, y, sections=ids)[0][:, 0]
     for mask in (m_agent, m_rule):
         for row in mask:
             decided = (row > 0.5).float()
@@ -146,7 +146,7 @@ def test_sections_given_to_the_agent_replace_its_blocks():
     x, y = torch.randn(2, 16, 96), torch.randn(2, 16, 96)
     agent = sectioned_agent(block_frames=32)
     blocks = (torch.arange(96) // 32).expand(2, -1)
-    torch.testing.assert_close(agent(x, y)[0], agent(x, y, sections=blocks)[0])
+    torch.testing.assert_close(agent(x, y).input, agent(x, y, sections=blocks).input)
 
 
 def test_in_time_figures_of_a_switching_mix():
@@ -157,15 +157,15 @@ def test_in_time_figures_of_a_switching_mix():
     beats = np.arange(0.25, seconds, 0.5)
     take_a = ((t - 0.25) // 1.0) % 2 == 0  # switch every 2 beats, on the beat
     out = np.where(take_a, a, b).astype(np.float32)
-    figures = in_time(out, a, b, beats, sr)
+    figures = in_time((out, a, b), beats, sr)
     assert figures["switches_per_s"] == pytest.approx(1.0, abs=0.2)
     assert figures["section_s"] == pytest.approx(1.0, abs=0.1)
     assert figures["section_in_beats"] == pytest.approx(2, abs=0.2)
     assert figures["on_beat"] >= 0.9 and figures["on_beat_chance"] < 0.4
-    copy = in_time(a.copy(), a, b, beats, sr)
+    copy = in_time((a.copy(), a, b), beats, sr)
     assert copy["switches_per_s"] == 0.0
     ridden = np.where(take_a, a, b * 10 ** (np.sin(t) * 12 / 20)).astype(np.float32)  # the fader moves b by ±12 dB
-    assert in_time(ridden, a, b, beats, sr)["switches_per_s"] == figures["switches_per_s"]
+    assert in_time((ridden, a, b), beats, sr)["switches_per_s"] == figures["switches_per_s"]
     for gain in (0.25, 4.0):  # a song played softer or louder is still that song
         assert (source_labels(gain * out, a, b, sr)[0] == source_labels(out, a, b, sr)[0]).all()
 

@@ -15,7 +15,7 @@ from checkpoints import build_model
 from config import Config, parse_args, upgrade
 from creative_agent import CreativeAgent
 from fixed_masks import make_fixed_masks
-from inference import GUIDE_SECONDS, Arranger, AudioInputError, song_guide, stem_layers
+from inference import GUIDE_SECONDS, Arrangement, Arranger, AudioInputError, Request, song_guide, stem_layers
 from layers import bass_rows, harmony_mask, split_layers
 from listening import layer_guide, layering
 from model_simple_transformer import SimpleTransformer
@@ -73,7 +73,7 @@ def test_the_bass_goes_with_the_drums():
     layered = dict(agent="layered", use_creative_agent=True)
     assert build_model(Config(**layered), 128).creative_agent.mask_generator.bass == rows
     assert build_model(upgrade(layered), 128).creative_agent.mask_generator.bass == 0
-    assert Arranger.rule("layers").model.bass == rows
+    assert Arranger.rule("layers").model.rule.bass == rows
 
 
 def test_the_layers_rule_takes_the_inputs_rhythm_and_the_targets_harmony():
@@ -147,9 +147,9 @@ def test_the_guide_lays_agreeing_notes_together_and_clashing_ones_apart():
     sections, lean = (torch.arange(64) // 16).expand(2, -1), torch.where(torch.arange(64) < 32, 1.0, -1.0).expand(2, -1)
     for weight in (0.0, 100.0):
         agent = CreativeAgent(16, hidden_dim=16, agent="layered", guide=weight).mask_generator
-        gates = agent(x, y, sections=sections, lean=lean)[0]
+        gates = agent(x, y, sections=sections, guide=lean).input
         if weight == 0:  # no guide: the lean is not looked at
-            assert torch.equal(gates, agent(x, y, sections=sections)[0])
+            assert torch.equal(gates, agent(x, y, sections=sections).input)
         else:  # the guide's way round: the input's rhythm in the first half, the target's in the second
             assert (gates[:, 0, :32] == 1).all() and (gates[:, 0, 32:] == 0).all()
             assert torch.equal(gates[:, 1], 1 - gates[:, 0])  # and the harmony from the other song
@@ -193,8 +193,9 @@ def test_a_layered_arrangement_is_ridden_where_its_layers_swap_and_says_its_swit
     same = torch.ones_like(bands)  # no layer changes song: nothing to ride
     assert torch.equal(ride_fader(model, loud, same, sections, 128, RATE), loud)
     grid, masks = Grid(0.0, np.array([]), 0, False, -20.0), (bands, 1 - bands)
-    assert "ambiguous" in summary_line("mix.wav", a + b, a, b, masks, grid, RATE, 0.5)
-    assert "ambiguous" not in summary_line("mix.wav", a, a, b, masks, grid, RATE, 0.5)
+    heard = lambda out: Arrangement(out, a, b, masks, None, sections, grid, None)  # noqa: E731
+    assert "ambiguous" in summary_line("mix.wav", heard(a + b), RATE, 0.5)
+    assert "ambiguous" not in summary_line("mix.wav", heard(a), RATE, 0.5)
 
 
 def test_layering_needs_the_mdct_codec(capsys):
@@ -269,7 +270,7 @@ def test_stems_from_a_separator_are_the_layers_the_agent_composes(tmp_path):
     model = SimpleTransformer(encoding_dim=128, nhead=2, num_layers=1, use_creative_agent=True, agent="layered").eval()
     generator = model.creative_agent.mask_generator
     generator.decisions = lambda z_in, *rest: (torch.stack(  # rhythm from the input, harmony from the target
-        [torch.ones_like(z_in[:, 0]), torch.zeros_like(z_in[:, 0])], dim=1), None)
+        [torch.ones_like(z_in[:, 0]), torch.zeros_like(z_in[:, 0])], dim=1), None, None)
     arranger = Arranger(model, MDCTCodec(), LatentNorm(128), Config(agent="layered", use_creative_agent=True,
                                                                     segment_samples=2 * RATE))
     kick, snare = (torch.tensor(drums(6.0) * g, dtype=torch.float32) for g in (0.4, 0.3))
@@ -281,8 +282,8 @@ def test_stems_from_a_separator_are_the_layers_the_agent_composes(tmp_path):
         sf.write(str(tmp_path / name / "vocals.wav"), (wave - stem).numpy(), RATE)  # not read: the rest is harmony
     rhythm = tuple(stem_layers(str(tmp_path / n), w, RATE) for n, w in (("a", song), ("b", other)))
     wanted = kick + torch.tensor(chord(6.0, root=329.6), dtype=torch.float32)
-    with_stems = arranger.arrange(song, other, align_songs=False, rhythm=rhythm).output
-    separated = arranger.arrange(song, other, align_songs=False).output
+    with_stems = arranger.arrange(Request(song, other, align=False, rhythm=rhythm)).output
+    separated = arranger.arrange(Request(song, other, align=False)).output
     error = lambda out: float((out - wanted).norm() / wanted.norm())  # noqa: E731
     assert error(with_stems) < 1e-3 < 0.05 < error(separated)
     with pytest.raises(AudioInputError, match="no drums or bass stem"):

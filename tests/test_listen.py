@@ -2,6 +2,7 @@
 import csv
 import os
 import re
+from dataclasses import replace
 from urllib.parse import unquote
 
 import numpy as np
@@ -14,6 +15,7 @@ import arrange
 import evaluate
 import inference
 import plot_training
+from inference import Arranger, Request
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,24 +53,26 @@ def test_arrange_any_length_rate_and_channels(tmp_path, checkpoints, kind, in_s,
     assert 0.0 <= share <= 1.0 and "temporal variation" in line
 
 
-def test_arrange_hard_masks_are_complementary(checkpoints):
-    from checkpoints import load_checkpoint, model_from_checkpoint
+def windows_of(checkpoint: str, samples: int) -> Arranger:
+    """A checkpoint's Arranger that arranges in windows of `samples`."""
+    arranger = Arranger.load(checkpoint)
+    return replace(arranger, config=replace(arranger.config, segment_samples=samples))
 
-    model, codec, norm = model_from_checkpoint(load_checkpoint(checkpoints["agent"]))
+
+def test_arrange_hard_masks_are_complementary(checkpoints):
     x, y = torch.randn(3 * SR) * 0.1, torch.randn(SR) * 0.1
-    _, (m_in, m_tgt), _, _ = inference.arrange_song(model, codec, norm, x, y, 4000, hard=True)
+    _, (m_in, m_tgt), _, _ = inference.arrange_song(windows_of(checkpoints["agent"], 4000), Request(x, y, hard=True))
     torch.testing.assert_close(m_in + m_tgt, torch.ones_like(m_in))
 
 
 def test_no_seam_at_window_boundaries(checkpoints):
     """The output's sample-to-sample jump where two windows meet is no larger than elsewhere."""
-    from checkpoints import load_checkpoint, model_from_checkpoint
-
-    model, codec, norm = model_from_checkpoint(load_checkpoint(checkpoints["temporal"]))
+    arranger = windows_of(checkpoints["temporal"], 4000)
+    codec = arranger.codec
     t = torch.arange(6 * SR) / SR
     x = 0.3 * torch.sin(2 * torch.pi * 200 * t)
     y = 0.3 * torch.sin(2 * torch.pi * 300 * t)
-    out, _, _, sections = inference.arrange_song(model, codec, norm, x, y, 4000)
+    out, _, _, sections = inference.arrange_song(arranger, Request(x, y))
     jumps = (out[1:] - out[:-1]).abs()
     plan = inference.plan_windows(sections, codec.hop_length, len(x), 4000, 1000)
     assert len(plan) > 2 and [kept for _, kept, _ in plan[1:]] == [end for _, _, end in plan[:-1]]  # they tile

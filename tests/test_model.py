@@ -6,7 +6,7 @@ import torch
 
 from audio_codec import CodecUnavailable, LatentNorm, MDCTCodec, build_codec, latent_sums
 from creative_agent import AttentionMaskGenerator, CreativeAgent, StyleDiscriminator, count_parameters
-from fixed_masks import make_fixed_masks
+from fixed_masks import Rule, make_fixed_masks
 from losses import (
     STFT_RESOLUTIONS,
     farther_song_loss,
@@ -18,6 +18,7 @@ from losses import (
     spectral_distance,
 )
 from model_simple_transformer import SimpleTransformer
+from records import Conditions
 
 
 def stft_loss(output: torch.Tensor, reference: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
@@ -54,10 +55,11 @@ def test_reg_terms_are_logged_and_weighted():
     gen = AttentionMaskGenerator(D, hidden_dim=64, complementarity_weight=2.0, area_weight=0.0,
                                  diversity_weight=0.0, switching_weight=0.0, presence_weight=0.0, share_weight=0.0,
                                  gates="cell")
-    m_in, m_tgt, reg = gen(*latents())
-    assert set(gen.last_terms) == {"complementarity", "area", "diversity", "switching", "presence", "share", "layering"}
+    masks = gen(*latents())
+    m_in, m_tgt, reg = masks
+    assert set(masks.terms) == {"complementarity", "area", "diversity", "switching", "presence", "share", "layering"}
     assert reg.item() == pytest.approx(2.0 * (m_in * m_tgt).mean().item(), rel=1e-5)
-    assert gen.last_terms["area"].requires_grad  # the trainer's --balance_loss_weight trains through it
+    assert masks.terms["area"].requires_grad  # the trainer's --balance_loss_weight trains through it
 
 
 def test_untrained_masks_sit_near_75_and_100_percent():
@@ -81,7 +83,8 @@ def test_creative_agent_masks_hard_and_one_discriminator():
     agent = CreativeAgent(D, hidden_dim=64)
     x, y = latents()
     masked_x, masked_y, reg = agent.generate_creative_masks(x, y, hard=True)
-    m_in, m_tgt = agent.last_masks
+    _, masks = agent(x, y, Conditions(hard=True))
+    m_in, m_tgt = masks.input, masks.target
     assert set(m_in.unique().tolist()) <= {0.0, 1.0} and torch.equal(m_in + m_tgt, torch.ones_like(m_in))
     assert torch.equal(masked_x, x * m_in)
     real_fake, style = agent.discriminator(masked_x)
@@ -96,7 +99,7 @@ def test_creative_agent_masks_hard_and_one_discriminator():
 @pytest.mark.parametrize("mask_type", ["temporal", "frequency", "energy"])
 def test_fixed_masks_are_complementary(mask_type):
     x, y = latents()
-    m_in, m_tgt = make_fixed_masks(mask_type, x, y, segment_frames=8)
+    m_in, m_tgt = make_fixed_masks(Rule(mask_type, segment_frames=8), x, y)
     assert m_in.shape == m_tgt.shape == x.shape
     torch.testing.assert_close(m_in + m_tgt, torch.ones_like(x))
     assert 0.3 < m_in.mean() < 0.7
@@ -104,9 +107,9 @@ def test_fixed_masks_are_complementary(mask_type):
 
 def test_fixed_mask_rules():
     x, y = latents()
-    m_in, _ = make_fixed_masks("temporal", x, y, segment_frames=8)
+    m_in, _ = make_fixed_masks(Rule("temporal", segment_frames=8), x, y)
     assert m_in[0, 0, :8].eq(1).all() and m_in[0, 0, 8:16].eq(0).all()
-    m_in, _ = make_fixed_masks("frequency", x, y, split=0.25)
+    m_in, _ = make_fixed_masks(Rule("frequency", split=0.25), x, y)
     assert m_in[0, :8].eq(1).all() and m_in[0, 8:].eq(0).all()
     y = torch.zeros_like(x)
     m_in, _ = make_fixed_masks("energy", x, y)
@@ -150,11 +153,12 @@ def test_gradients_reach_agent_and_every_stage():
     model = tiny_model(num_stages=3, use_creative_agent=True)
     for stage in model.stages:  # zero-initialised outputs would block gradients to the rest of the stage
         torch.nn.init.normal_(stage.proj_out.weight, std=0.02)
-    out, reg = model(*latents())
+    mix = model(*latents())
+    out, reg = mix
     (out.square().mean() + reg).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing
-    assert model.last_masks[0].shape == (2, D, T)
+    assert mix.masks[0].shape == (2, D, T) and not mix.masks[0].requires_grad
 
 
 def test_bad_shapes_are_value_errors():
@@ -173,9 +177,9 @@ def test_anti_cheating_noise_only_in_training():
         torch.nn.init.normal_(stage.proj_out.weight, std=0.1)
     x, y = latents()
     model.eval()
-    torch.testing.assert_close(model(x, y)[0], model(x, y)[0])
+    torch.testing.assert_close(model(x, y).output, model(x, y).output)
     model.train()
-    assert not torch.allclose(model(x, y)[0], model(x, y)[0])
+    assert not torch.allclose(model(x, y).output, model(x, y).output)
 
 
 def test_model_overfits_one_batch():
@@ -186,7 +190,7 @@ def test_model_overfits_one_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for _ in range(300):
-        loss = (model(x, y)[0] - goal).square().mean()
+        loss = (model(x, y).output - goal).square().mean()
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()

@@ -76,16 +76,16 @@ def test_the_split_agent_is_regularised_on_what_it_decides():
     assert cell.weights["area"] == cell.weights["share"] == 30.0
     torch.manual_seed(0)
     x, y = torch.randn(2, 32, 96), torch.randn(2, 32, 96)
-    m_in, _, _ = frame(x, y)
-    undecided = frame.last_terms["complementarity"].item()
+    masks = frame(x, y)
+    m_in, undecided = masks.input, masks.terms["complementarity"].item()
     assert 0.2 < undecided <= 0.25
     with torch.no_grad():
         for head in (frame.input_head, frame.target_head):
             head.weight.mul_(200.0)
             head.bias.mul_(200.0)
-    m_sure, _, _ = frame(x, y)
-    assert torch.equal(m_sure, m_in)  # the same decisions, more decided
-    assert frame.last_terms["complementarity"].item() < 0.5 * undecided
+    sure = frame(x, y)
+    assert torch.equal(sure.input, m_in)  # the same decisions, more decided
+    assert sure.terms["complementarity"].item() < 0.5 * undecided
 
 
 def test_the_mask_regularisation_falls_as_the_agent_learns(tmp_path, pairs_dir, capsys):

@@ -15,6 +15,7 @@ from config import upgrade
 from fast_path import EagerOnFailure, compile_mode, first_step
 from model_simple_transformer import SimpleTransformer
 from pairs_dataset import CachedLatents, WavPairsDataset
+from records import Conditions
 from train_simple_ddp import parse_args
 from train_simple_worker import Trainer, run
 
@@ -145,7 +146,7 @@ def test_a_compiled_forward_matches_eager_and_keeps_no_graph_output():
     """A compiled forward (traced as inductor would be, without its slow codegen) equals the eager one, with the
     agent's blocks given as the trainer gives them (model.sections: a graph input; torch 2.13's inductor
     miscompiles the index when the agent builds it inside, as `bench.py --compile graphs --seconds 0.5` showed on a
-    CPU), and keeps no tensor on the modules: CUDA graphs reuse the memory of a step's outputs."""
+    CPU), and returns its masks and terms in its record, as the eager one does."""
     torch.manual_seed(0)
     model = SimpleTransformer(encoding_dim=16, nhead=2, num_layers=1, use_creative_agent=True, agent_hidden_dim=16,
                               dropout=0.0)
@@ -153,16 +154,17 @@ def test_a_compiled_forward_matches_eager_and_keeps_no_graph_output():
     sections = model.sections(torch.full((2, 4), float("nan")), 80, 100.0)  # a model trained in blocks of 32
     assert sections.shape == (2, 80) and sections.max().item() == 2
     try:
-        out, reg = torch.compile(model, backend="aot_eager")(x, y, sections=sections)
+        compiled = torch.compile(model, backend="aot_eager")(x, y, Conditions(sections=sections))
     except Exception as err:  # no C++ toolchain for inductor on this machine
         pytest.skip(f"torch.compile is not usable here: {str(err).splitlines()[0][:200]}")
+    out, reg = compiled
     (out.square().mean() + reg).backward()
-    generator = model.creative_agent.mask_generator
-    assert model.last_masks is None and model.creative_agent.last_masks is None and generator.last_terms == {}
-    eager, eager_reg = model(x, y, sections=sections)  # an eager forward keeps them for metrics and pictures
-    assert model.last_masks[0].shape == (2, 16, 80) and "area" in generator.last_terms
-    assert torch.allclose(out, eager, atol=1e-4) and torch.allclose(reg, eager_reg, atol=1e-4)
-    assert torch.equal(model(x, y)[0], eager)  # the agent's own blocks are the same sections
+    eager = model(x, y, sections=sections)
+    assert torch.allclose(out, eager.output, atol=1e-4) and torch.allclose(reg, eager.reg, atol=1e-4)
+    assert torch.equal(compiled.masks[0], eager.masks[0]) and set(compiled.terms) == set(eager.terms)
+    assert eager.terms["area"].requires_grad and not compiled.masks[0].requires_grad
+    eager = eager.output
+    assert torch.equal(model(x, y).output, eager)  # the agent's own blocks are the same sections
 
 
 def test_head_counts_per_stage_train_and_come_back_from_the_checkpoint(tmp_path, pairs_dir, capsys):
