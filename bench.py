@@ -145,7 +145,7 @@ class Bench:
         self.frames = self.codec.num_frames(self.samples)
         torch.manual_seed(0)
         self.model = SimpleTransformer(encoding_dim=self.codec.dim, use_creative_agent=args.use_creative_agent,
-                                       agent=args.agent, guide=1.0,
+                                       agent=args.agent, guide_weight=1.0,
                                        nhead=args.nhead, use_sdpa=args.sdpa).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.cuda_graphs = args.compile == "graphs"

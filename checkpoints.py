@@ -33,8 +33,8 @@ def model_options(config: Config, codec_dim: int) -> ModelOptions:
     c = config
     bass = bass_rows(c.sample_rate / 2 / codec_dim, c.bass_hz)
     agent = AgentOptions(c.agent_gates, scales=tuple(c.agent_scales), hard_masks=c.hard_masks,
-                         block_frames=c.agent_block_frames, fade_frames=c.fade_frames, bass=bass, guide=c.layer_guide,
-                         weights=agent_term_weights(c))
+                         block_frames=c.agent_block_frames, fade_frames=c.fade_frames, bass=bass,
+                         guide_weight=c.layer_guide, weights=agent_term_weights(c))
     return ModelOptions(codec_dim, c.nhead if isinstance(c.nhead, int) else tuple(c.nhead), c.num_layers,
                         c.num_stages, dropout=c.dropout, anti_cheating=c.anti_cheating, use_sdpa=c.sdpa,
                         style_dim=STYLE_DIM if c.style_weight > 0 else 0,

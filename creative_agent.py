@@ -25,8 +25,8 @@ from records import Conditions, Masks
 # song its wanted share of every example (area by mask area, share by energy), to keep the loud parts rather than
 # the gaps (presence), to change over time (diversity) and to switch where the music changes rather than anywhere
 # (switching). With the reconstruction's `far_lsd` term (closeness to the farther song) they decide which song is
-# heard when. (`area` was called `balance` before.) `layering` (the layered agent's: its layers from different songs,
-# so both are heard at once) is off for the others.
+# heard when. `layering` (the layered agent's: its layers from different songs, so both are heard at once) is off
+# for the others. In the code, `balance` is the wanted input share (--balance), `share` this term only.
 TERM_WEIGHTS = dict(complementarity=30.0, area=30.0, diversity=10.0, switching=10.0, presence=10.0, share=30.0,
                     layering=0.0)
 # An agent that splits its sections at the wanted share (frame gates, the component agents) meets these by
@@ -43,12 +43,12 @@ def default_term_weights(gates: str) -> dict[str, float]:
 @dataclass
 class Evidence:
     """What the mask regularisation judges the masks by, each optional: `change` [B, T] in [0, 1], how much the
-    music changes at each frame (novelty); `energy`, the two sources' energies [B, D, T]; `share` [B, 1, 1], the
+    music changes at each frame (novelty); `energy`, the two sources' energies [B, D, T]; `balance` [B, 1, 1], the
     wanted input share (default 0.5); `undecided`, where the masks are decided in the forward pass, the overlap
     p (1 - p) of the soft decisions that the straight-through estimator trains."""
     change: torch.Tensor | None = None
     energy: tuple | None = None
-    share: torch.Tensor | None = None
+    balance: torch.Tensor | None = None
     undecided: torch.Tensor | None = None
 
 
@@ -60,9 +60,9 @@ def mask_regularization(input_mask: torch.Tensor, target_mask: torch.Tensor, evi
     as much of the music kept as possible (presence: no gaps where one song is quiet) with the wanted share of what
     is kept for the input (share); with components as rows, their coming from different songs (layering)."""
     evidence = evidence or Evidence()
-    change, energy, share, undecided = evidence.change, evidence.energy, evidence.share, evidence.undecided
+    change, energy, balance, undecided = evidence.change, evidence.energy, evidence.balance, evidence.undecided
     weights = {**TERM_WEIGHTS, **(weights or {})}
-    b = (share if share is not None else torch.full((1, 1, 1), 0.5, device=input_mask.device)).view(-1)
+    b = (balance if balance is not None else torch.full((1, 1, 1), 0.5, device=input_mask.device)).view(-1)
     step = (input_mask[..., 1:] - input_mask[..., :-1]).abs().mean(dim=1)  # [B, T-1]
     calm = 1.0 - change[:, 1:] if change is not None else torch.ones_like(step)
     if energy is None:
@@ -136,24 +136,24 @@ def frame_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return diff.square().mean(dim=1).sqrt()
 
 
-def split_at(score: torch.Tensor, weight: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+def split_at(score: torch.Tensor, weight: torch.Tensor, balance: torch.Tensor) -> torch.Tensor:
     """Per example, row and frame, the threshold [B, rows, T] on `score` [B, rows, T] above which a frame is the
     input's: in order of score, each frame is the input's while the input's fraction of the total `weight` is still
-    below `share` [B, 1, 1] half-way through it, and then so is the first frame after those that still fits (a
+    below `balance` [B, 1, 1] half-way through it, and then so is the first frame after those that still fits (a
     large frame is passed over for a smaller one that keeps the split even: with three sections, the best split).
     The threshold lies midway between the last score taken and the first one left, so that how decided the agent
     is (the soft decisions' overlap, `undecided`) can be learned at the boundary too.
-    With the songs' frame distance as the weight and share 0.5, the frames taken from the target are as far from
+    With the songs' frame distance as the weight and balance 0.5, the frames taken from the target are as far from
     the input as the frames taken from the input are from the target: the arrangement is as close to one song as
     to the other (in log-spectral distance), while the score decides which frames go where."""
     score = score.detach()
     order = score.argsort(dim=-1, descending=True)
     ranked, w = score.gather(-1, order), weight.gather(-1, order)
     total = w.sum(dim=-1, keepdim=True).clamp_min(1e-8)
-    taken = (w.cumsum(dim=-1) - w / 2) / total < share  # half-way through each frame: a prefix of the order
+    taken = (w.cumsum(dim=-1) - w / 2) / total < balance  # half-way through each frame: a prefix of the order
     count = taken.sum(dim=-1, keepdim=True).clamp(max=score.shape[-1] - 1)
     held = (w * taken).sum(dim=-1, keepdim=True) / total
-    fits = ~taken & (w > 0) & (held + w / (2 * total) < share)
+    fits = ~taken & (w > 0) & (held + w / (2 * total) < balance)
     first = fits & (fits.cumsum(dim=-1) == 1)
     left, last = ranked.gather(-1, count), ranked.gather(-1, (count - 1).clamp_min(0))
     between = torch.where(count > 0, (left + last) / 2, left)  # midway: every decision has a margin either side
@@ -211,9 +211,9 @@ BLOCK_FRAMES = 32
 class AgentOptions:
     """How an agent decides, one record for every agent (AttentionMaskGenerator says what each option does):
     `gates`, `gate_frames`, `scales`, `hard_masks`, `block_frames`, `fade_frames`; the layering agent's `bass` rows
-    and `guide` weight; `weights`, the regularisation terms' weights that differ from the defaults (TERM_WEIGHTS),
-    by term name. Agents ignore the options they have no use for. `AgentOptions.of(**keywords)` builds one from
-    the seed's keywords, the term weights spelt NAME_weight."""
+    and `guide_weight` (how far the guide moves its decisions); `weights`, the regularisation terms' weights that
+    differ from the defaults (TERM_WEIGHTS), by term name. Agents ignore the options they have no use for.
+    `AgentOptions.of(**keywords)` builds one from the seed's keywords, the term weights spelt NAME_weight."""
     gates: str = "frame"
     gate_frames: int = 16
     scales: tuple[int, ...] = (1,)
@@ -221,7 +221,7 @@ class AgentOptions:
     block_frames: int = BLOCK_FRAMES
     fade_frames: int = 0
     bass: int = 0
-    guide: float = 0.0
+    guide_weight: float = 0.0
     weights: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -274,7 +274,7 @@ class AttentionMaskGenerator(nn.Module):
         self.encoding_dim, self.gates, self.gate_frames = encoding_dim, options.gates, options.gate_frames
         self.scales, self.hard_masks, self.block_frames = options.scales, options.hard_masks, options.block_frames
         self.fade_frames = options.fade_frames
-        self.lean_weight = 0.0  # how far a `lean` given to `decisions` moves the scores (the layering agent's guide)
+        self.guide_weight = 0.0  # how far the conditions' guide moves the scores (the layering agent's)
         self.weights = {name: options.weights.get(name, w) for name, w in default_term_weights(options.gates).items()}
         self.input_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
         self.target_features = nn.Conv1d(encoding_dim, hidden_dim, kernel_size=3, padding=1)
@@ -308,22 +308,22 @@ class AttentionMaskGenerator(nn.Module):
         attention map. `shift` [B, hidden]: added to both songs' features (a style reference)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         conditions = conditions or Conditions(**asked)
-        share = as_balance(conditions.balance, encoded_input.shape[0], encoded_input.device)
+        balance = as_balance(conditions.balance, encoded_input.shape[0], encoded_input.device)
         d = encoded_input.shape[1]
         # with frame gates one decision per frame [B, 1, T] serves every channel
-        input_mask, undecided, attention = self.decisions(encoded_input, encoded_target, share, conditions, shift)
+        input_mask, undecided, attention = self.decisions(encoded_input, encoded_target, balance, conditions, shift)
         input_mask = input_mask.expand(-1, d, -1)
         target_mask = 1.0 - input_mask
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         energy = (encoded_input.detach().float().square(), encoded_target.detach().float().square())
-        reg, terms = self.regularization(input_mask, target_mask, Evidence(change, energy, share, undecided))
+        reg, terms = self.regularization(input_mask, target_mask, Evidence(change, energy, balance, undecided))
         return Masks(input_mask, target_mask, reg, terms, attention)
 
     def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
         """Frame gates: the channels' scores [B, D, T] as one score per frame [B, 1, T]."""
         return score.sum(dim=1, keepdim=True) / math.sqrt(score.shape[1])  # unit scale for independent channels
 
-    def decisions(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, share: torch.Tensor,
+    def decisions(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, balance: torch.Tensor,
                   conditions: Conditions, shift: torch.Tensor | None = None):
         """(the input's gates [B, rows, T] in [0, 1] (the target's are 1 minus them), how undecided they are, the
         attention map or None): rows are the channels for cell gates, one for frame gates. Of the `conditions`:
@@ -346,7 +346,7 @@ class AttentionMaskGenerator(nn.Module):
         sectioned = self.gates == "frame" and (sections is not None or self.block_frames > 0)
         if self.gates == "frame":  # one decision per section (or smoothed frame) for all channels
             score, distance = self.frame_scores(score), frame_distance(encoded_input, encoded_target)[:, None]
-            lean = lean[:, None].float() if lean is not None and self.lean_weight else None
+            lean = lean[:, None].float() if lean is not None and self.guide_weight else None
             if sectioned:  # the section's mean score; its weight in the split is its frames' summed distance
                 if sections is None:  # fixed blocks of frames
                     sections = (torch.arange(frames, device=score.device) // self.block_frames).expand(len(score), -1)
@@ -361,9 +361,9 @@ class AttentionMaskGenerator(nn.Module):
             if lean is not None:
                 score = self.leaned(score, lean, present)
             score = score.masked_fill(~present, -1e4)  # sections that do not exist sort last in the split
-            score = score - split_at(score, distance.expand_as(score), share)  # [B, rows, T or sections]
+            score = score - split_at(score, distance.expand_as(score), balance)  # [B, rows, T or sections]
         else:  # cells: the wanted share moves every cell's odds
-            score = score + torch.logit(share.clamp(1e-3, 1 - 1e-3))
+            score = score + torch.logit(balance.clamp(1e-3, 1 - 1e-3))
         hard = self.gates == "frame"
         if self.hard_masks and self.training:  # Gumbel-softmax over the two sources, straight-through
             uniform = torch.rand_like(score).clamp(1e-6, 1 - 1e-6)
@@ -381,11 +381,11 @@ class AttentionMaskGenerator(nn.Module):
 
     def leaned(self, score: torch.Tensor, lean: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Scores [B, rows, n] of sections (or frames) moved by a `lean` [B, 1, n] pooled alike, each row its LEAN
-        way: `lean_weight` times the row's spread of scores per spread of the lean, over the `present` ones. So a
+        way: `guide_weight` times the row's spread of scores per spread of the lean, over the `present` ones. So a
         weight of 1 moves the sections' order as much as the agent's own scores do, whatever their scale."""
         signs = score.new_tensor(self.LEAN)[:, None]
         lean = lean / spread(lean, present).clamp_min(LEAN_SPREAD_FLOOR)
-        return score + self.lean_weight * spread(score.detach(), present) * signs * lean
+        return score + self.guide_weight * spread(score.detach(), present) * signs * lean
 
     def regularization(self, input_mask: torch.Tensor, target_mask: torch.Tensor, evidence: Evidence | None = None):
         """(weighted sum, unweighted terms) of the mask regularisation with this agent's weights
@@ -436,12 +436,12 @@ class ComponentMaskGenerator(AttentionMaskGenerator):
         median filters)."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         conditions = conditions or Conditions(**asked)
-        share = as_balance(conditions.balance, encoded_input.shape[0], encoded_input.device)
-        input_gates, undecided, attention = self.decisions(encoded_input, encoded_target, share, conditions, shift)
+        balance = as_balance(conditions.balance, encoded_input.shape[0], encoded_input.device)
+        input_gates, undecided, attention = self.decisions(encoded_input, encoded_target, balance, conditions, shift)
         change = torch.maximum(novelty(encoded_input), novelty(encoded_target))
         parts = parts or (self.components(encoded_input), self.components(encoded_target))
         energy = tuple(p.detach().float().square().sum(dim=2) for p in parts)
-        reg, terms = self.regularization(input_gates, 1.0 - input_gates, Evidence(change, energy, share, undecided))
+        reg, terms = self.regularization(input_gates, 1.0 - input_gates, Evidence(change, energy, balance, undecided))
         return Masks(input_gates, 1.0 - input_gates, reg, terms, attention)
 
 
@@ -460,7 +460,7 @@ class LayeredMaskGenerator(ComponentMaskGenerator):
         options = replace(options, weights={"layering": self.LAYERING_WEIGHT, **options.weights})
         super().__init__(encoding_dim, hidden_dim, num_heads, options)
         self.bass = options.bass  # the latent's lowest rows, which belong to the rhythm layer
-        self.lean_weight = options.guide  # the lean to the way round the audio prefers, in units of the scores' spread
+        self.guide_weight = options.guide_weight  # how far it leans to the way round the audio prefers (in spreads)
 
     def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
         """The harmony's score is its own minus the rhythm's: a section whose rhythm the input gives leans to the

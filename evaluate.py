@@ -29,9 +29,9 @@ from checkpoints import CheckpointError
 from config import SILENCE_DB
 from creative_agent import component_names, takes_stems
 from inference import Arranger, MaskPicture, arrange_latents, plot_masks, ride_fader, save_wave
-from listening import IN_TIME_KEYS, LAYER_KEYS, distances_and_share, heard_in_time_and_layers, mean_in_time
-from losses import mask_metrics, mask_variability, reconstruction_loss, rms_loss, temporal_variation
-from objective import loss_weights
+from listening import IN_TIME_KEYS, LAYER_KEYS, heard_in_time_and_layers, mean_in_time
+from losses import mask_variability, reconstruction_loss
+from objective import Scored, figures, loss_weights
 from pairs_dataset import BadDataError, WavPairsDataset, pair_name
 from records import Conditions
 
@@ -138,10 +138,8 @@ def evaluate_one(arranger: Arranger, examples: list, num_examples: int, batch_si
                                for o, m, s in zip(out, masks[0], sections, strict=True)])[:, None]
         seconds += time.perf_counter() - begin
         loss, _ = reconstruction_loss(out, inp, tgt, sr, loss_weights(config))
-        listened = distances_and_share(out, inp, tgt)
-        values = dict(val_loss=float(loss), rms_in=float(rms_loss(out, inp)), rms_tgt=float(rms_loss(out, tgt)),
-                      **{k: float(v.mean()) for k, v in listened.items()},
-                      temporal_variation=float(temporal_variation(masks[0]).mean()), **mask_metrics(*masks))
+        values = figures(Scored(loss, {"recon_loss": loss}, out, inp, tgt, masks))  # as training's validation
+        values["val_loss"] = values.pop("loss")
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value * len(batch)
         count += len(batch)

@@ -118,6 +118,6 @@ class RuleMix(nn.Module):
         m_in, m_tgt = make_fixed_masks(self.rule, encoded_input, encoded_target, conditions.sections)
         return Mix(encoded_input * m_in + encoded_target * m_tgt, None, (m_in, m_tgt))
 
-    def guide(self, *songs) -> None:
-        """A rule takes no guide (SimpleTransformer.guide)."""
+    def guide_from_audio(self, *songs) -> None:
+        """A rule takes no guide (SimpleTransformer.guide_from_audio)."""
         return None

@@ -118,7 +118,7 @@ def arrange_latents(arranger: Arranger, inp: torch.Tensor, tgt: torch.Tensor, as
         rhythm=None if stems is None else tuple(None if r is None else codec.encode(r) / norm.std for r in stems),
         style_reference=None if reference is None else reference.expand(len(inp), -1, -1),
         sections=None if asked.sections is None else asked.sections.to(inp.device),
-        guide=(model.guide(inp, tgt, codec.sample_rate, z_in.shape[-1]) if asked.guide is None
+        guide=(model.guide_from_audio(inp, tgt, codec.sample_rate, z_in.shape[-1]) if asked.guide is None
                else asked.guide.to(inp.device)))
     mix = model(z_in, z_tgt, asked)
     return codec.decode(norm.denormalize(mix.output))[..., : inp.shape[-1]], mix
@@ -128,8 +128,8 @@ GUIDE_SECONDS = 30.0  # the layering agent's guide is taken over stretches of th
 
 
 def song_guide(model, song: torch.Tensor, other: torch.Tensor, codec, frames: int) -> torch.Tensor | None:
-    """The layering agent's guide [frames] over whole songs [S] (SimpleTransformer.guide), GUIDE_SECONDS at a time,
-    or None for a model that takes none."""
+    """The layering agent's guide [frames] over whole songs [S] (SimpleTransformer.guide_from_audio), GUIDE_SECONDS
+    at a time, or None for a model that takes none."""
     chunk = int(GUIDE_SECONDS * codec.sample_rate) // (4 * codec.hop_length) * 4 * codec.hop_length
     starts = list(range(0, song.shape[0], chunk))
     if len(starts) > 1 and song.shape[0] - starts[-1] < chunk // 2:
@@ -137,7 +137,7 @@ def song_guide(model, song: torch.Tensor, other: torch.Tensor, codec, frames: in
     parts = []
     for begin, end in zip(starts, [*starts[1:], song.shape[0]], strict=True):
         inp, tgt = (x[begin:end][None, None] for x in (song, other))
-        part = model.guide(inp, tgt, codec.sample_rate, -(-inp.shape[-1] // codec.hop_length))
+        part = model.guide_from_audio(inp, tgt, codec.sample_rate, -(-inp.shape[-1] // codec.hop_length))
         if part is None:
             return None
         parts.append(part[0])

@@ -258,11 +258,11 @@ class SimpleTransformer(nn.Module):
         return batch_section_ids(beats, bars, frames, frame_rate,
                                  SectionUnit.of(self.section_beats, self.section_bars, block))
 
-    def guide(self, input_wave: torch.Tensor, target_wave: torch.Tensor, sample_rate: int,
+    def guide_from_audio(self, input_wave: torch.Tensor, target_wave: torch.Tensor, sample_rate: int,
               frames: int) -> torch.Tensor | None:
         """The layering agent's guide [B, frames] from the songs' audio [B, 1, S] (listening.layer_guide), None for
         a model that takes none; computed outside a compiled forward, as `sections` are."""
-        if self.creative_agent is None or not self.creative_agent.mask_generator.lean_weight:
+        if self.creative_agent is None or not self.creative_agent.mask_generator.guide_weight:
             return None
         return on_frames(layer_guide(input_wave, target_wave, sample_rate), frames)
 
@@ -292,8 +292,8 @@ class SimpleTransformer(nn.Module):
         `rhythm` (the layering agent), the normalised-scale latents of the input's and the target's rhythm stems
         (drums and bass from a separator such as Demucs), the layers instead of harmonic-percussive separation
         (either one None keeps the separation for that song); `guide` [B, T] (the layering agent), which way round
-        to layer the songs, from their audio (`guide`); `hard`, 0/1 masks; `attention`, the agent's attention map
-        in the result."""
+        to layer the songs, from their audio (`guide_from_audio`); `hard`, 0/1 masks; `attention`, the agent's
+        attention map in the result."""
         check_latent_pair(encoded_input, encoded_target, self.encoding_dim)
         conditions = conditions or Conditions(**asked)
         style_reference, style = conditions.style_reference, None

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from creative_agent import StyleDiscriminator, default_term_weights
-from listening import on_frames
-from losses import reconstruction_loss, rms_loss
+from listening import distances_and_share, on_frames
+from losses import mask_metrics, reconstruction_loss, rms_loss, temporal_variation
 from records import Conditions
 
 
@@ -46,6 +46,19 @@ class Scored:
     input: torch.Tensor
     target: torch.Tensor
     masks: tuple[torch.Tensor, torch.Tensor]
+
+
+@torch.no_grad()
+def figures(scored: Scored) -> dict[str, float]:
+    """A scored batch's means, as training's validation and evaluate.py both report them: `loss`, the
+    reconstruction loss without the mask regularisation; the RMS distance to each song; what is heard
+    (listening.distances_and_share: the log-spectral distance to each song and to the farther one, the input's
+    share); the masks' temporal variation and area figures (losses.mask_metrics)."""
+    out, inp, tgt, (m_in, m_tgt) = scored.output, scored.input, scored.target, scored.masks
+    heard = distances_and_share(out, inp, tgt)
+    return dict(loss=float(scored.terms["recon_loss"]), rms_in=float(rms_loss(out, inp)),
+                rms_tgt=float(rms_loss(out, tgt)), **{k: float(v.mean()) for k, v in heard.items()},
+                temporal_variation=float(temporal_variation(m_in).mean()), **mask_metrics(m_in, m_tgt))
 
 
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:

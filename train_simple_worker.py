@@ -42,9 +42,8 @@ from distributed import (
 )
 from fast_path import compile_mode, compiled, first_step, keep_freed_memory
 from inference import Arranger, write_example
-from listening import IN_TIME_KEYS, LAYER_KEYS, distances_and_share, heard_in_time_and_layers
-from losses import mask_metrics, temporal_variation
-from objective import Objective, step_if_finite
+from listening import IN_TIME_KEYS, LAYER_KEYS, heard_in_time_and_layers
+from objective import Objective, Scored, figures, step_if_finite
 from pairs_dataset import BadDataError, TrainingData
 from run_log import RunLog
 
@@ -181,9 +180,8 @@ class Trainer:
         sums, count, masks, timing = [0.0] * len(VALIDATION_KEYS), 0, [], []
         for batch in self.data.val_loader:
             scored = self.objective(batch, self.step, training=False)
-            terms, out, inp, tgt = scored.terms, scored.output, scored.input, scored.target
-            m_in, m_tgt = scored.masks
-            values = batch_values(terms, out, inp, tgt, m_in, m_tgt)
+            out, inp, tgt, (m_in, _) = scored.output, scored.input, scored.target, scored.masks
+            values = batch_values(scored)
             sums = [s + v * len(out) for s, v in zip(sums, values, strict=True)]
             count += len(out)
             waves = [w[:, 0].float().cpu().numpy() for w in (out, inp, tgt)]
@@ -327,14 +325,11 @@ def fit_latent_norm(norm: LatentNorm, codec, data: TrainingData, device: torch.d
     norm.fit(stats[:codec.dim], stats[codec.dim:2 * codec.dim], float(stats[-1]))
 
 
-def batch_values(terms: dict, out, inp, tgt, m_in, m_tgt) -> list[float]:
-    """One validation batch's means, in the order of VALIDATION_KEYS."""
-    heard = distances_and_share(out, inp, tgt)
-    metrics = mask_metrics(m_in, m_tgt)
-    return [float(terms["recon_loss"]), float(terms["rms_in"]), float(terms["rms_tgt"]),
-            *(float(heard[k].mean()) for k in ("lsd_in_db", "lsd_tgt_db", "input_share")),
-            float(temporal_variation(m_in).mean()), metrics["complementarity"], metrics["coverage"],
-            metrics["balance"], float(terms.get("mask_reg_loss", math.nan))]
+def batch_values(scored: Scored) -> list[float]:
+    """One validation batch's means (objective.figures, as evaluate.py reports them, and the agent's
+    regularisation), in the order of VALIDATION_KEYS."""
+    values = {**figures(scored), "mask_reg_loss": float(scored.terms.get("mask_reg_loss", math.nan))}
+    return [values[k] for k in VALIDATION_KEYS]
 
 
 def mask_variability_across_ranks(moments: list[torch.Tensor], count: float) -> float:

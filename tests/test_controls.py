@@ -47,7 +47,7 @@ def test_balance_and_share_terms_vanish_at_the_wanted_share():
     gen = AttentionMaskGenerator(4, hidden_dim=8)
     quarter = torch.zeros(1, 4, 64)
     quarter[..., :16] = 1.0
-    _, terms = gen.regularization(quarter, 1 - quarter, Evidence(share=torch.full((1, 1, 1), 0.25)))
+    _, terms = gen.regularization(quarter, 1 - quarter, Evidence(balance=torch.full((1, 1, 1), 0.25)))
     assert terms["area"].item() == pytest.approx(0.0, abs=1e-12)
     assert terms["share"].item() == pytest.approx(0.0, abs=1e-12)
     _, terms = gen.regularization(quarter, 1 - quarter)  # the default aims at one half

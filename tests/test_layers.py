@@ -146,7 +146,7 @@ def test_the_guide_lays_agreeing_notes_together_and_clashing_ones_apart():
     x, y = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
     sections, lean = (torch.arange(64) // 16).expand(2, -1), torch.where(torch.arange(64) < 32, 1.0, -1.0).expand(2, -1)
     for weight in (0.0, 100.0):
-        agent = CreativeAgent(16, hidden_dim=16, agent="layered", guide=weight).mask_generator
+        agent = CreativeAgent(16, hidden_dim=16, agent="layered", guide_weight=weight).mask_generator
         gates = agent(x, y, sections=sections, guide=lean).input
         if weight == 0:  # no guide: the lean is not looked at
             assert torch.equal(gates, agent(x, y, sections=sections).input)
@@ -158,7 +158,7 @@ def test_the_guide_lays_agreeing_notes_together_and_clashing_ones_apart():
 
 def test_a_songs_guide_is_taken_in_stretches_over_every_frame():
     class Model:  # gives each stretch its number as its guide
-        def guide(self, inp, tgt, sample_rate, frames):
+        def guide_from_audio(self, inp, tgt, sample_rate, frames):
             stretches.append(inp.shape[-1])
             return torch.full((1, frames), float(len(stretches)))
 
