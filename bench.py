@@ -32,13 +32,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from audio_codec import LatentNorm, MDCTCodec
-from config import COMPILE_CHOICES, head_counts, str2bool
+from beats import switch_fade_frames
+from checkpoints import build_model
+from config import Config, add_training_flags, head_counts, str2bool
 from fast_path import compile_mode, compiled, keep_freed_memory
 from listening import layer_guide
-from losses import reconstruction_loss
-from model_simple_transformer import SimpleTransformer
-from objective import step_if_finite
+from objective import Objective, optimizer_step
 
+# the training flags bench.py takes as train_simple_ddp.py declares them (its batch size, workers and agent
+# switch have defaults of their own, and its --codec encodec has random weights)
+TRAINING_FLAGS = ("device", "agent", "nhead", "compile", "cuda_graphs", "amp", "sdpa")
 # dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (without sparsity)
 GPU_PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
                  "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}
@@ -68,7 +71,7 @@ def gpu_peak(name: str) -> tuple[float, str]:
     return float("nan"), f"unknown GPU {name!r}: no datasheet peak"
 
 
-def matmul_shapes(model: SimpleTransformer, rows: int) -> list[tuple[int, int, int]]:
+def matmul_shapes(model: torch.nn.Module, rows: int) -> list[tuple[int, int, int]]:
     """(m, k, n) of the model's own matrix products at `rows` = batch x frames (each stage's attention input,
     MLP up and down), and a 2048 cube, which a CPU's BLAS runs near its best."""
     widths = sorted({stage.proj_in.out_features for stage in model.stages})
@@ -135,29 +138,39 @@ def build_codec_for_bench(name: str, device: torch.device):
     return EncodecCodec(EncodecModel(EncodecConfig())).to(device)
 
 
+def bench_config(args, codec, seconds: float) -> Config:
+    """The training run whose step bench.py times: the trainer's flags as given, segments of `seconds`, sections of
+    2 beats (the default), switches faded as the trainer fades them."""
+    samples = int(seconds * codec.sample_rate)
+    return Config(codec=args.codec, codec_dim=codec.dim, sample_rate=codec.sample_rate, device=args.device,
+                  use_creative_agent=args.use_creative_agent, agent=args.agent, nhead=args.nhead, sdpa=args.sdpa,
+                  compile=args.compile, amp=args.amp, batch_size=args.batch_size, segment_seconds=seconds,
+                  segment_samples=samples, fade_frames=switch_fade_frames(codec.sample_rate / codec.hop_length))
+
+
 class Bench:
-    """One configuration: model, optimiser, codec and inputs on a device."""
+    """One configuration: the trainer's model, objective and optimiser step, a codec and inputs on a device."""
 
     def __init__(self, args, seconds: float):
         self.device = torch.device(args.device)
         self.codec = build_codec_for_bench(args.codec, self.device)
-        self.samples = int(seconds * self.codec.sample_rate)
-        self.frames = self.codec.num_frames(self.samples)
+        config = bench_config(args, self.codec, seconds)
+        self.samples, self.frames = config.segment_samples, self.codec.num_frames(config.segment_samples)
         torch.manual_seed(0)
-        self.model = SimpleTransformer(encoding_dim=self.codec.dim, use_creative_agent=args.use_creative_agent,
-                                       agent=args.agent, guide_weight=1.0,
-                                       nhead=args.nhead, use_sdpa=args.sdpa).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
-        self.cuda_graphs = args.compile == "graphs"
-        # as in training: the model, and the decoder with the loss
+        self.model = build_model(config, self.codec.dim).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=True)
+        self.cuda_graphs, self.grad_clip = args.compile == "graphs", config.grad_clip
         say = lambda line: print(line, file=sys.stderr)  # noqa: E731  stdout is the report
-        self.forward, self.decode_loss = (compiled(fn, args, say) for fn in (self.model, self.eager_decode_loss))
+        self.forward = compiled(self.model, args, say)
         self.amp = args.amp == "bf16" and self.device.type == "cuda"
         self.norm = LatentNorm(self.codec.dim).to(self.device)
+        # the trainer's objective: encode, the model, decode and every loss term, the decoder and loss compiled
+        self.objective = Objective(config, self.codec, self.norm, self.model, self.forward,
+                                   compile_fn=lambda fn: compiled(fn, args, say))
         b = args.batch_size
         self.z = [torch.randn(b, self.codec.dim, self.frames, device=self.device) for _ in range(2)]
         # as in training: sections of 2 beats on a beat grid (120 BPM here), computed outside the compiled model
-        self.model.section_beats = 2
         beats = torch.arange(0.0, seconds, 0.5).expand(b, -1)
         sections = self.model.sections(beats, self.frames, self.codec.sample_rate / self.codec.hop_length)
         self.sections = sections.to(self.device) if sections is not None else None
@@ -165,6 +178,9 @@ class Bench:
         # the layering agent's guide (from the data, as in training): any values in [-1, 1] cost the model the same
         layered = args.use_creative_agent and args.agent == "layered"
         self.guide = 2 * torch.rand(b, self.frames, device=self.device) - 1 if layered else None
+        self.batch = dict(input=self.waves[0], target=self.waves[1], beats=beats, bars=None, guide=self.guide)
+        if self.guide is None:
+            del self.batch["guide"]
 
     def model_loss(self, model=None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -173,34 +189,21 @@ class Bench:
         return loss + 0.1 * reg if reg is not None else loss
 
     def e2e_loss(self) -> torch.Tensor:
-        inp, tgt = self.waves
-        with torch.no_grad():
-            z_in, z_tgt = (self.norm.normalize(self.codec.encode(w)) for w in (inp, tgt))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            z_out, reg = self.forward(z_in, z_tgt, sections=self.sections, guide=self.guide)
-        loss = self.decode_loss(z_out, inp, tgt)
-        return loss + 0.1 * reg if reg is not None else loss
-
-    def eager_decode_loss(self, z_out: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        out = self.codec.decode(self.norm.denormalize(z_out.float()))[..., : self.samples]
-        return reconstruction_loss(out, inp, tgt, self.codec.sample_rate)[0]
+        """The trainer's loss of a batch of waveforms (objective.Objective, as training runs it)."""
+        return self.objective(self.batch, 0, training=True).loss
 
     def decoder_and_loss(self) -> None:
         """Forward and backward of the decoder with the reconstruction loss alone: most of what end-to-end adds."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         z_out = self.z[0].detach().requires_grad_(True)
-        self.decode_loss(z_out, *self.waves).backward()
+        self.objective.compiled_decode_loss(z_out, *self.waves)[1].backward()
 
     def step(self, loss_fn) -> None:
-        """The trainer's step: backward, gradient clipping, and an AdamW step skipped on the device if non-finite."""
+        """The trainer's step (objective.optimizer_step) on the loss `loss_fn` gives."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        step_if_finite(self.optimizer, torch.isfinite(loss) & torch.isfinite(grad_norm))
+        optimizer_step(self.optimizer, loss_fn(), self.grad_clip)
 
     def model_flops(self) -> float:
         register_cpu_attention_flops()
@@ -435,24 +438,13 @@ def arrange_parts(songs: list[str], checkpoint: str | None, folder: str) -> dict
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    add_training_flags(p, TRAINING_FLAGS)  # as train_simple_ddp.py declares them
     p.add_argument("--batch_size", type=int, default=None, help="default: 8 on GPU, 4 on CPU")
     p.add_argument("--seconds", type=float, default=None, help="segment length in seconds (default 16 GPU, 2 CPU)")
     p.add_argument("--codec", default="mdct", choices=("mdct", "encodec"),
                    help="mdct, or encodec with random weights (same speed as the real ones)")
-    p.add_argument("--use_creative_agent", type=str2bool, default=True, help="include the agent (default true)")
-    p.add_argument("--agent", default="attention", choices=("attention", "layered", "compositional"),
-                   help="which agent (default attention; layered splits the latent into rhythm and harmony)")
-    p.add_argument("--nhead", type=int, nargs="+", default=[0], metavar="N",
-                   help="attention heads, for every stage or one count per stage (default 0, as in training: heads "
-                        "of dimension 128)")
-    p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES, nargs="?", const="default",
-                   help="as in training: auto (default) = graphs on a GPU, none on a CPU; graphs = torch.compile with "
-                        "CUDA graphs; default = torch.compile (a bare --compile); none = eager. FLOPs are counted "
-                        "eagerly")
-    p.add_argument("--cuda_graphs", action="store_true", help="the same as --compile graphs")
-    p.add_argument("--amp", default="bf16", choices=("bf16", "none"), help="bf16 autocast on CUDA (default)")
-    p.add_argument("--sdpa", type=str2bool, default=True, help="fused attention kernels (default true)")
+    p.add_argument("--use_creative_agent", type=str2bool, default=True,
+                   help="include the agent (default true, unlike training: the agent's cost is what is measured)")
     p.add_argument("--num_workers", type=int, default=None, help="loader workers (default 4 GPU, 0 CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
@@ -469,6 +461,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.arrange is not None and len(args.arrange) not in (0, 2):
         p.error(f"--arrange takes no songs or two (input and target), got {len(args.arrange)}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")

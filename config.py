@@ -270,17 +270,28 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {}
     for f in fields(Config):
-        options = dict(f.metadata)
-        group = options.pop("group")
-        del options["shapes_model"]
+        group = f.metadata["group"]
         if group is None:
             continue
         if group not in groups:
             groups[group] = parser.add_argument_group(GROUP_TITLES.get(group, group))
-        names = (f"--{f.name}", *options.pop("aliases", ()))
-        default = [f.default] if options.get("nargs") == "+" else f.default
-        groups[group].add_argument(*names, dest=f.name, default=default, **options)
+        add_flag(groups[group], f)
     return parser
+
+
+def add_flag(parser, f) -> None:
+    """The flag of Config field `f` (its help, type, choices and other spellings) on a parser or argument group."""
+    options = {k: v for k, v in f.metadata.items() if k not in ("group", "shapes_model")}
+    names = (f"--{f.name}", *options.pop("aliases", ()))
+    default = [f.default] if options.get("nargs") == "+" else f.default
+    parser.add_argument(*names, dest=f.name, default=default, **options)
+
+
+def add_training_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """The training flags `names`, declared as train_simple_ddp.py declares them, on another tool's parser."""
+    by_name = {f.name: f for f in fields(Config)}
+    for name in names:
+        add_flag(parser, by_name[name])
 
 
 def parse_args(argv=None, description: str = "") -> Config:

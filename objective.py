@@ -61,6 +61,18 @@ def figures(scored: Scored) -> dict[str, float]:
                 temporal_variation=float(temporal_variation(m_in).mean()), **mask_metrics(m_in, m_tgt))
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
+    """The trainer's step after the loss: backward, the gradients clipped to norm `clip`, and an AdamW step that
+    leaves everything as it was where the loss or the gradients are not finite. Returns that verdict (a device
+    tensor: no host sync). bench.py times this same step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # a non-finite loss on any rank makes the all-reduced gradients non-finite on all ranks
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    step_if_finite(optimizer, finite)
+    return finite
+
+
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
     """`optimizer.step()` that leaves weights and moments as they are where `finite` is False, decided on the device
     with no host sync: the fused AdamW kernels take the flag as `found_inf`, the way torch.amp.GradScaler passes it."""

@@ -43,7 +43,7 @@ from distributed import (
 from fast_path import compile_mode, compiled, first_step, keep_freed_memory
 from inference import Arranger, write_example
 from listening import IN_TIME_KEYS, LAYER_KEYS, heard_in_time_and_layers
-from objective import Objective, Scored, figures, step_if_finite
+from objective import Objective, Scored, figures, optimizer_step
 from pairs_dataset import BadDataError, TrainingData
 from run_log import RunLog
 
@@ -115,11 +115,7 @@ class Trainer:
             self.objective.anneal_gumbel(self.step, self.total_steps)
         scored = self.objective(batch, self.step, training=True)
         loss, terms = scored.loss, scored.terms
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # a non-finite loss on any rank makes the all-reduced gradients non-finite on all ranks
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        step_if_finite(self.optimizer, finite)
+        finite = optimizer_step(self.optimizer, loss, c.grad_clip)
         self.scheduler.step()
         self.objective.discriminator_step(terms)
         self.step += 1
