@@ -33,10 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from audio_codec import LatentNorm, MDCTCodec
 from beats import switch_fade_frames
-from checkpoints import build_model
 from config import Config, add_training_flags, head_counts, str2bool
 from fast_path import compile_mode, compiled, keep_freed_memory
 from listening import layer_guide
+from model_simple_transformer import build_model
 from objective import Objective, optimizer_step
 
 # the training flags bench.py takes as train_simple_ddp.py declares them (its batch size, workers and agent

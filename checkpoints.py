@@ -11,41 +11,15 @@ import torch
 
 from audio_codec import LatentNorm, build_codec
 from config import MODEL_KEYS, Config, upgrade
-from creative_agent import AgentOptions
-from fixed_masks import Rule
-from layers import bass_rows
-from model_simple_transformer import ModelOptions, SimpleTransformer
-from objective import agent_term_weights
+from model_simple_transformer import build_model
 from pairs_dataset import path_problem
 from run_log import atomic_write
 
 PROJECT = "creative_agent"
-STYLE_DIM = 64  # the style vector of models trained with --style_weight > 0
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, truncated, from another project or another configuration."""
-
-
-def model_options(config: Config, codec_dim: int) -> ModelOptions:
-    """The model that a run's configuration describes, over a codec of `codec_dim` channels (the flags that shape
-    it are declared so in config.py: MODEL_KEYS)."""
-    c = config
-    bass = bass_rows(c.sample_rate / 2 / codec_dim, c.bass_hz)
-    agent = AgentOptions(c.agent_gates, scales=tuple(c.agent_scales), hard_masks=c.hard_masks,
-                         block_frames=c.agent_block_frames, fade_frames=c.fade_frames, bass=bass,
-                         guide_weight=c.layer_guide, weights=agent_term_weights(c))
-    return ModelOptions(codec_dim, c.nhead if isinstance(c.nhead, int) else tuple(c.nhead), c.num_layers,
-                        c.num_stages, dropout=c.dropout, anti_cheating=c.anti_cheating, use_sdpa=c.sdpa,
-                        style_dim=STYLE_DIM if c.style_weight > 0 else 0,
-                        rule=Rule(c.mask_type, c.temporal_segment_frames, c.frequency_split, c.fade_frames, bass),
-                        agent=c.agent if c.use_creative_agent else None, agent_options=agent,
-                        section_beats=c.section_beats, section_bars=c.section_bars)
-
-
-def build_model(config: Config, codec_dim: int) -> SimpleTransformer:
-    """The SimpleTransformer that a run's configuration describes."""
-    return SimpleTransformer(options=model_options(config, codec_dim))
 
 
 def balance_problem(config: Config, balance: float) -> str | None:

@@ -66,7 +66,7 @@ def head_counts(counts: list[int]) -> int | list[int]:
 
 def flag(default, group: str, help: str = "", shapes_model: bool = False, **argparse_options):
     """A field that is also a command-line flag of the same name, in `group` of --help; `shapes_model`: it shapes
-    the model (checkpoints.model_options), so a resumed run may not change it (MODEL_KEYS)."""
+    the model (model_simple_transformer.model_options), so a resumed run may not change it (MODEL_KEYS)."""
     return field(default=default, metadata=dict(group=group, help=help, shapes_model=shapes_model,
                                                 **argparse_options))
 

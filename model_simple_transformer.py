@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -25,10 +26,13 @@ from creative_agent import (
     unknown_options,
 )
 from fixed_masks import Rule, make_fixed_masks
-from layers import STEMS_ONLY_LAYERED
+from layers import STEMS_ONLY_LAYERED, bass_rows
 from listening import layer_guide, on_frames
-from objective import style_statistics
+from objective import agent_term_weights, style_statistics
 from records import Conditions, Masks, Mix
+
+if TYPE_CHECKING:
+    from config import Config
 
 
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -107,7 +111,7 @@ class ModelOptions:
     a style vector of `style_dim` (0: none), and the masks: the creative `agent` (creative_agent.AGENTS; None: the
     `rule`'s masks) with its attention's width and heads and its AgentOptions. The rule's fade and bass rows are the
     agent's too. `section_beats` / `section_bars`: where the input's grid is known, the masks are decided once per
-    section of that many beats or bars (0 and 0: fixed blocks of frames). checkpoints.build_model derives it from a
+    section of that many beats or bars (0 and 0: fixed blocks of frames). build_model derives it from a
     run's Config; the seed's keyword constructor builds it from its keywords."""
     encoding_dim: int = 128
     nhead: int | tuple[int, ...] = 0
@@ -316,3 +320,27 @@ class SimpleTransformer(nn.Module):
         if style is not None and conditions.style_strength > 0:
             out = restyle(out, style_reference, conditions.style_strength)
         return Mix(out, masks.reg, (masks.input, masks.target), masks.terms, masks.attention)
+
+
+STYLE_DIM = 64  # the style vector of models trained with --style_weight > 0
+
+
+def model_options(config: Config, codec_dim: int) -> ModelOptions:
+    """The model that a run's configuration describes, over a codec of `codec_dim` channels (the flags that shape
+    it are declared so in config.py: MODEL_KEYS)."""
+    c = config
+    bass = bass_rows(c.sample_rate / 2 / codec_dim, c.bass_hz)
+    agent = AgentOptions(c.agent_gates, scales=tuple(c.agent_scales), hard_masks=c.hard_masks,
+                         block_frames=c.agent_block_frames, fade_frames=c.fade_frames, bass=bass,
+                         guide_weight=c.layer_guide, weights=agent_term_weights(c))
+    return ModelOptions(codec_dim, c.nhead if isinstance(c.nhead, int) else tuple(c.nhead), c.num_layers,
+                        c.num_stages, dropout=c.dropout, anti_cheating=c.anti_cheating, use_sdpa=c.sdpa,
+                        style_dim=STYLE_DIM if c.style_weight > 0 else 0,
+                        rule=Rule(c.mask_type, c.temporal_segment_frames, c.frequency_split, c.fade_frames, bass),
+                        agent=c.agent if c.use_creative_agent else None, agent_options=agent,
+                        section_beats=c.section_beats, section_bars=c.section_bars)
+
+
+def build_model(config: Config, codec_dim: int) -> SimpleTransformer:
+    """The SimpleTransformer that a run's configuration describes."""
+    return SimpleTransformer(options=model_options(config, codec_dim))

@@ -22,7 +22,6 @@ from beats import bar_of, known_pulse, switch_fade_frames
 from checkpoints import (
     PROJECT,
     CheckpointError,
-    build_model,
     check_same_model,
     find_resume_checkpoint,
     load_checkpoint,
@@ -43,6 +42,7 @@ from distributed import (
 from fast_path import compile_mode, compiled, first_step, keep_freed_memory
 from inference import Arranger, write_example
 from listening import IN_TIME_KEYS, LAYER_KEYS, heard_in_time_and_layers
+from model_simple_transformer import build_model
 from objective import Objective, Scored, figures, optimizer_step
 from pairs_dataset import BadDataError, TrainingData
 from run_log import RunLog

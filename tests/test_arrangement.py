@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import SR, tiny_args
 
-from checkpoints import build_model
 from config import upgrade
 from creative_agent import AttentionMaskGenerator, Evidence, novelty
 from fixed_masks import Rule, make_fixed_masks
 from listening import distances_and_share, input_share
 from losses import DB_PER_NEPER, farther_song_loss, lsd_per_example, mask_variability, temporal_variation
+from model_simple_transformer import build_model
 from pairs_folder import synth_song
 from train_simple_ddp import parse_args
 from train_simple_worker import run

@@ -12,12 +12,12 @@ from conftest import SR, tiny_args
 
 import arrange
 import evaluate
-from checkpoints import build_model, load_checkpoint, load_model_state
+from checkpoints import load_checkpoint, load_model_state
 from config import upgrade
 from creative_agent import AttentionMaskGenerator, CreativeAgent, Evidence, split_at
 from listening import tone_distance_db
 from losses import lsd_per_example, reconstruction_loss
-from model_simple_transformer import SimpleTransformer, restyle
+from model_simple_transformer import SimpleTransformer, build_model, restyle
 from objective import style_distance
 from pairs_folder import synth_song
 from records import Conditions

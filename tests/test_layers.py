@@ -11,14 +11,13 @@ from conftest import SR, tiny_args
 import arrange
 import make_pairs
 from audio_codec import LatentNorm, MDCTCodec
-from checkpoints import build_model
 from config import Config, parse_args, upgrade
 from creative_agent import CreativeAgent
 from fixed_masks import make_fixed_masks
 from inference import GUIDE_SECONDS, Arrangement, Arranger, AudioInputError, Request, song_guide, stem_layers
 from layers import bass_rows, harmony_mask, split_layers
 from listening import layer_guide, layering
-from model_simple_transformer import SimpleTransformer
+from model_simple_transformer import SimpleTransformer, build_model
 from pairs_dataset import BadDataError, WavPairsDataset, rhythm_path
 from train_simple_worker import run
 

@@ -10,10 +10,10 @@ import torch
 from conftest import ROOT, SR, tiny_args
 
 from audio_codec import MDCTCodec
-from checkpoints import build_model, load_checkpoint
+from checkpoints import load_checkpoint
 from config import upgrade
 from fast_path import EagerOnFailure, compile_mode, first_step
-from model_simple_transformer import SimpleTransformer
+from model_simple_transformer import SimpleTransformer, build_model
 from pairs_dataset import CachedLatents, WavPairsDataset
 from records import Conditions
 from train_simple_ddp import parse_args
@@ -284,3 +284,11 @@ def test_a_cpu_step_reuses_freed_memory_instead_of_faulting_it_in_again():
     assert kept == "True"
     assert float(default) > 1000  # glibc's defaults: over 4 MB faulted in again every step
     assert float(after[-1]) < 0.25 * float(default)
+
+
+def test_bench_imports_torch_alone_as_on_a_bare_gpu_image():
+    """bench_gpu.sh runs where torch is the only package: bench.py imports none of the data or music packages."""
+    blocked = ("soundfile", "soxr", "tqdm", "librosa", "pedalboard", "pyloudnorm", "madmom", "matplotlib")
+    code = f"import sys\nsys.modules.update(dict.fromkeys({blocked!r}))\nimport bench"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-1000:]
