@@ -465,8 +465,8 @@ class LayeredMaskGenerator(ComponentMaskGenerator):
     def frame_scores(self, score: torch.Tensor) -> torch.Tensor:
         """The harmony's score is its own minus the rhythm's: a section whose rhythm the input gives leans to the
         target's harmony, so the layers come from different songs unless the music says otherwise. With two
-        independent scores both followed the same ranking, and both layers came from one song in 95 % of the
-        frames even with the layering term (3 epochs on real music: both songs heard 5-7 % of the time)."""
+        independent scores both layers came from one song nearly always (docs/results.md, "Layered
+        arrangements")."""
         return torch.stack([score[:, 0], score[:, 1] - score[:, 0]], dim=1)
 
     def components(self, latent: torch.Tensor) -> torch.Tensor:

@@ -63,8 +63,8 @@ def compiled(fn, config, log=print):
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep the memory of freed tensors for the next ones. Its adaptive defaults hand big freed
     blocks back to the kernel until the largest ones have been seen, so a step can fault the same few hundred MB in
-    again: the trainer's first steps do, and bench.py's model step did every time (60,000 to 100,000 page faults,
-    about 8 % of its time). Blocks over 32 MiB are still handed back. False without glibc."""
+    again: the trainer's first steps do, and bench.py's model step did every time (docs/performance.md). Blocks
+    over 32 MiB are still handed back. False without glibc."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, TypeError, AttributeError):  # no C library found, or one without mallopt (macOS, musl)

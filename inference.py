@@ -42,7 +42,7 @@ from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
 from pairs_folder import read_rhythm
-from records import Conditions, Mix
+from records import Conditions, Mix, Mixer
 from run_log import replaced
 
 
@@ -458,8 +458,9 @@ class Arrangement:
 
 @dataclass
 class Arranger:
-    """A trained model ready to arrange: model, codec and latent statistics, on CPU, with the run's configuration."""
-    model: torch.nn.Module
+    """A trained model (or a rule) ready to arrange: model, codec and latent statistics, on CPU, with the run's
+    configuration."""
+    model: Mixer
     codec: torch.nn.Module
     norm: torch.nn.Module
     config: Config

@@ -296,3 +296,16 @@ def test_mask_metrics_definitions():
     assert mask_metrics(half, half) == {"complementarity": 75.0, "coverage": 100.0, "balance": 0.5}
     m = torch.tensor([[[1.0, 0.0]]])
     assert mask_metrics(m, 1 - m) == {"complementarity": 100.0, "coverage": 100.0, "balance": 0.5}
+
+
+def test_the_model_and_a_rule_share_one_interface():
+    """Arranging uses a model and a rule alike (records.Mixer): both give a Mix under the same Conditions."""
+    from fixed_masks import RuleMix
+    from records import Conditions, Mix, Mixer
+
+    x, y = latents()
+    sections = (torch.arange(T) // 10).expand(2, -1)
+    for mixer in (tiny_model(use_creative_agent=True), RuleMix("temporal")):
+        assert isinstance(mixer, Mixer)
+        mix = mixer(x, y, Conditions(sections=sections))
+        assert isinstance(mix, Mix) and mix.output.shape == x.shape and mix.masks[0].shape == x.shape
