@@ -12,6 +12,7 @@ learned: the web page's approach for a user without a trained checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -121,3 +122,25 @@ class RuleMix(nn.Module):
     def guide_from_audio(self, *songs) -> None:
         """A rule takes no guide (SimpleTransformer.guide_from_audio)."""
         return None
+
+
+@runtime_checkable
+class Mixer(Protocol):
+    """What the model (SimpleTransformer) and a rule (fixed_masks.RuleMix) share, all that arranging uses of
+    either: the forward, the rule whose masks it applies without an agent, the sections it decides per (of
+    `section_bars` bars, or `section_beats` beats), its agent and style encoder (None for a rule), and the layering
+    agent's guide from the songs' audio (None where it takes none)."""
+    rule: Rule
+    section_beats: int
+    section_bars: int
+    creative_agent: torch.nn.Module | None
+    style_encoder: torch.nn.Module | None
+
+    @property
+    def use_creative_agent(self) -> bool: ...
+
+    def __call__(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor,
+                 conditions: Conditions | None = None) -> Mix: ...
+
+    def guide_from_audio(self, input_wave: torch.Tensor, target_wave: torch.Tensor, sample_rate: int,
+                         frames: int) -> torch.Tensor | None: ...

@@ -36,13 +36,13 @@ from beats import (
 from checkpoints import CheckpointError, balance_problem, load_checkpoint, model_from_checkpoint
 from config import Config, upgrade
 from creative_agent import component_names, takes_stems
-from fixed_masks import Rule, RuleMix
+from fixed_masks import Mixer, Rule, RuleMix
 from layers import bass_rows
 from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
 from pairs_folder import read_rhythm
-from records import Conditions, Mix, Mixer
+from records import Conditions, Mix
 from run_log import replaced
 
 

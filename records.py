@@ -1,17 +1,13 @@
 """The records of one forward: what the model (or a rule) is asked besides the two latents (`Conditions`), what an
-agent decides (`Masks`) and what the forward gives back (`Mix`), and what a model and a rule share (`Mixer`). A
-forward keeps nothing on its modules: whatever a metric, a picture or the loss needs comes back in these, so a
+agent decides (`Masks`) and what the forward gives back (`Mix`; fixed_masks.Mixer: what a model and a rule share).
+A forward keeps nothing on its modules: whatever a metric, a picture or the loss needs comes back in these, so a
 compiled forward (CUDA graphs) leaves no output behind and one call's results never leak into the next.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
-
-if TYPE_CHECKING:
-    from fixed_masks import Rule
 
 
 @dataclass
@@ -70,24 +66,3 @@ class Mix:
     def __getitem__(self, index):
         return tuple(self)[index]
 
-
-@runtime_checkable
-class Mixer(Protocol):
-    """What the model (SimpleTransformer) and a rule (fixed_masks.RuleMix) share, all that arranging uses of
-    either: the forward, the rule whose masks it applies without an agent, the sections it decides per (of
-    `section_bars` bars, or `section_beats` beats), its agent and style encoder (None for a rule), and the layering
-    agent's guide from the songs' audio (None where it takes none)."""
-    rule: Rule
-    section_beats: int
-    section_bars: int
-    creative_agent: torch.nn.Module | None
-    style_encoder: torch.nn.Module | None
-
-    @property
-    def use_creative_agent(self) -> bool: ...
-
-    def __call__(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor,
-                 conditions: Conditions | None = None) -> Mix: ...
-
-    def guide_from_audio(self, input_wave: torch.Tensor, target_wave: torch.Tensor, sample_rate: int,
-                         frames: int) -> torch.Tensor | None: ...

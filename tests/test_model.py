@@ -299,9 +299,9 @@ def test_mask_metrics_definitions():
 
 
 def test_the_model_and_a_rule_share_one_interface():
-    """Arranging uses a model and a rule alike (records.Mixer): both give a Mix under the same Conditions."""
-    from fixed_masks import RuleMix
-    from records import Conditions, Mix, Mixer
+    """Arranging uses a model and a rule alike (fixed_masks.Mixer): both give a Mix under the same Conditions."""
+    from fixed_masks import Mixer, RuleMix
+    from records import Conditions, Mix
 
     x, y = latents()
     sections = (torch.arange(T) // 10).expand(2, -1)
