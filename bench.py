@@ -179,8 +179,6 @@ class Bench:
         layered = args.use_creative_agent and args.agent == "layered"
         self.guide = 2 * torch.rand(b, self.frames, device=self.device) - 1 if layered else None
         self.batch = dict(input=self.waves[0], target=self.waves[1], beats=beats, bars=None, guide=self.guide)
-        if self.guide is None:
-            del self.batch["guide"]
 
     def model_loss(self, model=None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):

@@ -544,7 +544,6 @@ class CreativeAgent(nn.Module):
         if agent not in AGENTS:
             raise ValueError(f"unknown agent {agent!r}: expected one of {', '.join(AGENTS)}")
         self.discriminator = StyleDiscriminator(encoding_dim, hidden_dim) if discriminator else None
-        # `options` (AgentOptions) or the seed's keywords, which each agent reads as far as it has use for them
         self.mask_generator = AGENTS[agent](encoding_dim, hidden_dim, num_heads, **generator_options)
         # a style reference's vector shifts the features that both songs are judged by (bias-free: none, no shift)
         self.style = nn.Linear(style_dim, hidden_dim, bias=False) if style_dim else None

@@ -114,10 +114,10 @@ class ModelOptions:
     section of that many beats or bars (0 and 0: fixed blocks of frames). build_model derives it from a
     run's Config; the seed's keyword constructor builds it from its keywords."""
     encoding_dim: int = 128
-    nhead: int | tuple[int, ...] = 0
+    nhead: int | list[int] = 0
     num_layers: int = 6
     num_stages: int = 2
-    stage_widths: tuple[int, ...] | None = None
+    stage_widths: list[int] | None = None
     dropout: float = 0.1
     anti_cheating: float = 0.0
     use_sdpa: bool = True
@@ -201,8 +201,7 @@ class SimpleTransformer(nn.Module):
                                  f"and NAME_weight for NAME in {', '.join(TERM_WEIGHTS)}")
             agent = agent_options.pop("agent", "attention") if use_creative_agent else None
             options = ModelOptions(
-                encoding_dim, nhead if isinstance(nhead, int) else tuple(nhead), num_layers,
-                stage_count(num_stages, num_transformer_layers), stage_widths and tuple(stage_widths), dropout,
+                encoding_dim, nhead, num_layers, stage_count(num_stages, num_transformer_layers), stage_widths, dropout,
                 anti_cheating, use_sdpa, style_dim, Rule(mask_type, temporal_segment_frames, frequency_split,
                                                          fade_frames, bass),
                 agent, agent_hidden_dim, agent_heads, AgentOptions.of(fade_frames=fade_frames, bass=bass,
@@ -222,7 +221,7 @@ class SimpleTransformer(nn.Module):
         if len(heads) != num_stages:
             raise ValueError(f"nhead needs 1 or {num_stages} entries, got {len(heads)}")
         heads = [h or heads_of_dim(w, HEAD_DIM) for h, w in zip(heads, widths, strict=True)]
-        self.options, self.encoding_dim, self.anti_cheating = options, d, options.anti_cheating
+        self.encoding_dim, self.anti_cheating = d, options.anti_cheating
         self.rule = options.rule  # the masks without an agent
         self.section_beats = options.section_beats  # decisions per section of this many beats of the input
         self.section_bars = options.section_bars  # ... or of this many bars, where the input's bars are known
@@ -333,8 +332,8 @@ def model_options(config: Config, codec_dim: int) -> ModelOptions:
     agent = AgentOptions(c.agent_gates, scales=tuple(c.agent_scales), hard_masks=c.hard_masks,
                          block_frames=c.agent_block_frames, fade_frames=c.fade_frames, bass=bass,
                          guide_weight=c.layer_guide, weights=agent_term_weights(c))
-    return ModelOptions(codec_dim, c.nhead if isinstance(c.nhead, int) else tuple(c.nhead), c.num_layers,
-                        c.num_stages, dropout=c.dropout, anti_cheating=c.anti_cheating, use_sdpa=c.sdpa,
+    return ModelOptions(codec_dim, c.nhead, c.num_layers, c.num_stages, dropout=c.dropout,
+                        anti_cheating=c.anti_cheating, use_sdpa=c.sdpa,
                         style_dim=STYLE_DIM if c.style_weight > 0 else 0,
                         rule=Rule(c.mask_type, c.temporal_segment_frames, c.frequency_split, c.fade_frames, bass),
                         agent=c.agent if c.use_creative_agent else None, agent_options=agent,
