@@ -18,11 +18,13 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from audio_codec import CodecUnavailable
 from beats import AlignmentError
 from checkpoints import CheckpointError
 from config import SILENCE_DB, str2bool
-from fixed_masks import MASK_TYPES
+from fixed_masks import RULES
 from inference import (
     Arrangement,
     Arranger,
@@ -34,16 +36,18 @@ from inference import (
     stem_layers,
     summary_line,
 )
-from listening import bars_heard, tone_distance_db
+from listening import bars_heard, phrase_figures, tone_distance_db
+from phrases import phrase_starts, song_phrases
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint of train_simple_ddp.py")
-    source.add_argument("--rule", choices=MASK_TYPES, help="arrange by a rule, nothing learned (the MDCT codec): "
+    source.add_argument("--rule", choices=RULES, help="arrange by a rule, nothing learned (the MDCT codec): "
                         "temporal switches songs every --section_bars bars, layers lays the input's rhythm under "
-                        "the target's harmony, ...")
+                        "the target's harmony, mashability plans the whole song in phrases (the best-fitting piece "
+                        "of the target for every other phrase, bar-long cross-fades), ...")
     p.add_argument("--section_bars", type=int, default=None, metavar="N",
                    help="sections of N bars of the input where its bars are known (0: of --section_beats beats); "
                         "default 1 with --rule, and with --checkpoint what it was trained with (its agent then "
@@ -55,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target", required=True, help="the target song")
     p.add_argument("--output", required=True, help="the arrangement WAV to write")
     p.add_argument("--mask_plot", default=None, help="also write a PNG of the masks and waveforms")
+    p.add_argument("--plan_json", default=None, metavar="FILE",
+                   help="with --rule mashability: also write the plan (phrases, which song leads, which piece of the "
+                        "target, its shift and fit) as JSON")
     p.add_argument("--hard", action="store_true", help="hard 0/1 complementary masks (creative agent only)")
     p.add_argument("--balance", type=float, default=0.5,
                    help="the input's wanted share of the arrangement, 0..1 (default 0.5; creative agent trained "
@@ -104,6 +111,14 @@ def report(args: argparse.Namespace, arranger: Arranger, result: Arrangement, re
               f"(chance {heard['on_bar_afresh_chance']:.0%}), the aligned target's bar lines on the input's "
               f"F={heard['target_bars_f']:.2f}, the input's bars heard in the arrangement "
               f"F={heard['output_bars_f']:.2f}")
+    plan = result.plan
+    bars, phrases = (plan.bars, plan.phrases) if plan else song_phrases(song.numpy(), result.grid, sr)
+    p = phrase_figures((out.numpy(), song.numpy(), result.target.numpy()), phrase_starts(bars, phrases), bars.lines,
+                       sr)
+    print(f"phrases: the input's {len(phrases.starts)} phrases of {np.median(phrases.lengths):g} bars (median"
+          f"{'' if phrases.found else ', fixed: no phrase structure heard'}); heard: {p['changes_per_min']:.1f} "
+          f"changes a minute, {p['change_bars']:.1f} bars apart (median), {p['on_phrase']:.0%} on a phrase start, "
+          f"seam {p['seam']:.2f} (1: as smooth as a beat inside the input)")
     if reference is not None:
         tone = [tone_distance_db(w[None, None], reference[None, None], sr).item() for w in (out, song, result.target)]
         print(f"tone distance to the style reference: arrangement {tone[0]:.1f} dB (input {tone[1]:.1f} dB, "
@@ -140,6 +155,11 @@ def main(argv=None) -> int:
         return 2
     for note in result.notes():
         print(f"note: {note}")
+    if result.plan is not None:
+        print(result.plan.table())
+        if args.plan_json:
+            with open(args.plan_json, "w") as f:
+                f.write(result.plan.to_json())
     if not result.grid.has_pulse:
         print("note: without the input's beat grid, the songs switch in fixed blocks of frames")
     out = result.output

@@ -6,6 +6,8 @@
 - frequency: channels below `split` * D from the input, the rest from the target
 - energy:    each cell goes to the source with more energy there, softly: m_in = e_in / (e_in + e_tgt)
 - layers:    the input's rhythm under the target's harmony (layers.py): both songs at once, in layers
+- mashability (RULES, arranging only): a plan's lead (phrases.py) phrase by phrase, the target's gain the
+             equal-power partner of the input's (sqrt(1 - g^2)), the bass rows swapped on their own
 The complementary ones (all but none and layers) sum to 1 everywhere. `RuleMix` arranges with a rule alone, nothing
 learned: the web page's approach for a user without a trained checkpoint.
 """
@@ -21,7 +23,8 @@ from torch import nn
 from layers import STEMS_ONLY_LAYERED, harmony_mask
 from records import Conditions, Mix
 
-MASK_TYPES = ("none", "temporal", "frequency", "energy", "layers")
+MASK_TYPES = ("none", "temporal", "frequency", "energy", "layers")  # what a model can be trained with
+RULES = MASK_TYPES + ("mashability",)  # what arranges: the mashability rule renders a plan of whole songs
 
 
 def fade_switches(mask: torch.Tensor, frames: int) -> torch.Tensor:
@@ -42,6 +45,15 @@ def temporal_masks(x: torch.Tensor, segment_frames: int = 32, sections: torch.Te
     input_mask = fade_switches((segment % 2 == 0).to(x.dtype).view(-1, 1, t).expand(b, 1, t), fade_frames)
     input_mask = input_mask.expand(b, d, t)
     return input_mask, 1.0 - input_mask
+
+
+def plan_masks(x: torch.Tensor, lead: torch.Tensor, bass: int = 0):
+    """The masks of a plan's lead [B, 2, T] (the input's gain above the bass and in the `bass` lowest rows): the
+    target's gain sqrt(1 - g^2), so that a cross-fade keeps the power of two unrelated songs."""
+    in_bass = (torch.arange(x.shape[1], device=x.device) < bass)[None, :, None]
+    lead = lead.to(device=x.device, dtype=x.dtype)
+    input_mask = torch.where(in_bass, lead[:, 1:2], lead[:, 0:1]).expand_as(x)
+    return input_mask, (1 - input_mask.square()).clamp_min(0).sqrt()
 
 
 def frequency_masks(x: torch.Tensor, split: float = 0.5):
@@ -68,15 +80,15 @@ class Rule:
     bass: int = 0
 
     def __post_init__(self):
-        if self.mask_type not in MASK_TYPES:
-            raise ValueError(f"unknown mask type {self.mask_type!r}: expected one of {', '.join(MASK_TYPES)}")
+        if self.mask_type not in RULES:
+            raise ValueError(f"unknown mask type {self.mask_type!r}: expected one of {', '.join(RULES)}")
 
 
 def make_fixed_masks(rule: Rule | str, encoded_input: torch.Tensor, encoded_target: torch.Tensor,
-                     sections: torch.Tensor | None = None):
+                     sections: torch.Tensor | None = None, lead: torch.Tensor | None = None):
     """The (input_mask, target_mask) of a rule (or a rule's name, with its default settings) for latents
     [B, D, T]; `sections` [B, T]: each frame's section of the beat grid (the temporal rule alternates per
-    section)."""
+    section); `lead` [B, 2, T]: a plan's (the mashability rule's masks)."""
     rule = Rule(rule) if isinstance(rule, str) else rule
     mask_type = rule.mask_type
     if encoded_input.shape != encoded_target.shape or encoded_input.dim() != 3:
@@ -85,6 +97,11 @@ def make_fixed_masks(rule: Rule | str, encoded_input: torch.Tensor, encoded_targ
     if mask_type == "none":
         ones = torch.ones_like(encoded_input)
         return ones, ones
+    if mask_type == "mashability":
+        if lead is None:
+            raise ValueError("the mashability rule renders a plan of whole songs (phrases.py): arrange with it "
+                             "(arrange.py --rule mashability), it has no masks of its own")
+        return plan_masks(encoded_input, lead, rule.bass)
     if mask_type == "temporal":
         return temporal_masks(encoded_input, rule.segment_frames, sections, rule.fade_frames)
     if mask_type == "frequency":
@@ -112,11 +129,12 @@ class RuleMix(nn.Module):
     def forward(self, encoded_input: torch.Tensor, encoded_target: torch.Tensor, conditions: Conditions | None = None,
                 **asked) -> Mix:
         """The masked mix under `conditions` (records.Conditions, or the same as keywords): the rule reads its
-        `sections` only (and refuses stems: they are the layering agent's)."""
+        `sections` and a plan's `lead` only (and refuses stems: they are the layering agent's)."""
         conditions = conditions or Conditions(**asked)
         if conditions.rhythm is not None:
             raise ValueError(STEMS_ONLY_LAYERED)
-        m_in, m_tgt = make_fixed_masks(self.rule, encoded_input, encoded_target, conditions.sections)
+        m_in, m_tgt = make_fixed_masks(self.rule, encoded_input, encoded_target, conditions.sections,
+                                       conditions.lead)
         return Mix(encoded_input * m_in + encoded_target * m_tgt, None, (m_in, m_tgt))
 
     def guide_from_audio(self, *songs) -> None:

@@ -42,6 +42,7 @@ from listening import in_time, input_share, layering
 from losses import mask_metrics, temporal_variation
 from pairs_dataset import SILENCE_DB, path_problem, silence_problem
 from pairs_folder import read_rhythm
+from phrases import Plan, lead_gains, make_plan, render_target
 from records import Conditions, Mix
 from run_log import replaced
 
@@ -228,16 +229,19 @@ def arrange_song(arranger: Arranger, request: Request, song_grid: Grid | None = 
     """
     model, codec, window, song, rhythm = (arranger.model, arranger.codec, arranger.config.segment_samples,
                                           request.song, request.rhythm)
-    length, hop = song.shape[0], codec.hop_length
+    length, hop, frames = song.shape[0], codec.hop_length, codec.num_frames(window)
     other = loop_to(request.other, length)
-    sections = song_sections(model, song_grid, length, codec)
+    sections = (song_sections(model, song_grid, length, codec) if request.plan is None else
+                request.plan.section_ids(codec.num_frames(length), codec.sample_rate / hop))
+    lead = (None if request.plan is None else torch.nn.functional.pad(  # past the end: the input
+        lead_gains(request.plan, sections.shape[0], codec.sample_rate / hop, model.rule.fade_frames), (0, frames),
+        value=1.0))
     fade = max(hop, int(SWITCH_FADE_SECONDS * codec.sample_rate))
     plan = plan_windows(sections, hop, length, window, margin=max(2 * fade, window // 8) // hop * hop)
     pad = lambda x: torch.nn.functional.pad(x, (0, window + 2 * fade))  # noqa: E731  windows past the end: silence
     song_p, other_p = pad(song), pad(other)
     rhythm_p = [None if r is None else pad(loop_to(r, length)) for r in rhythm or (None, None)]
     out, weight = torch.zeros(length + window + 2 * fade), torch.zeros(length + window + 2 * fade)
-    frames = codec.num_frames(window)
     guide = song_guide(model, song, other, codec, sections.shape[0]) if guide is None else guide
     guide = None if guide is None else torch.nn.functional.pad(guide, (0, frames))  # past the end: no lean
     masks = [torch.zeros(codec.dim, sections.shape[0]), torch.zeros(codec.dim, sections.shape[0])]
@@ -253,7 +257,9 @@ def arrange_song(arranger: Arranger, request: Request, song_grid: Grid | None = 
         leans = None if guide is None else torch.stack([guide[b // hop : b // hop + frames] for b, _, _ in batch])
         asked = Conditions(request.hard, request.balance, request.style, request.style_strength,
                            parts if has_sections(model) else None, guide=leans,
-                           attention=request.attention and i == 0)
+                           attention=request.attention and i == 0,
+                           lead=None if lead is None else torch.stack([lead[:, b // hop : b // hop + frames]
+                                                                       for b, _, _ in batch]))
         y, mix = arrange_latents(arranger, inp, tgt, asked, layers)
         (m_in, m_tgt), attention = mix.masks, mix.attention[0].cpu() if mix.attention is not None else attention
         for j, (begin, kept, end) in enumerate(batch):
@@ -417,7 +423,8 @@ class Request:
     takes `style_strength` of; `rhythm` (the layering agent): the songs' rhythm stems [S] from a separator, either
     one None (stem_layers); `attention`: the first window's attention map in the result, for its picture;
     `song_pulse`: the input's beats and bars where they are known already (a pair's, tracked on its whole song);
-    `batch_size`: windows arranged at once."""
+    `batch_size`: windows arranged at once; `plan`: phrase by phrase, which song leads and which piece of the
+    target plays (phrases.Plan; the mashability rule makes one where none is given)."""
     song: torch.Tensor
     other: torch.Tensor
     balance: float = 0.5
@@ -430,6 +437,7 @@ class Request:
     attention: bool = False
     song_pulse: Pulse | None = None
     batch_size: int = 4
+    plan: Plan | None = None
 
 
 @dataclass
@@ -446,6 +454,7 @@ class Arrangement:
     grid: Grid
     alignment: Alignment | None
     guide: torch.Tensor | None = None  # the layering agent's guide [frames] (song_guide), None for other models
+    plan: Plan | None = None  # the plan it rendered (the mashability rule), None for the others
 
     def notes(self) -> list[str]:
         """What the alignment could not do (no pulse, a key left as it was)."""
@@ -526,11 +535,15 @@ class Arranger:
         if rhythm is not None and rhythm[1] is not None and alignment is not None:  # laid like the target
             laid = lay_on_grid(rhythm[1].numpy(), alignment, len(song), self.sample_rate)
             rhythm = (rhythm[0], torch.from_numpy(laid))
-        guide = song_guide(self.model, song, loop_to(other, len(song)), self.codec,
-                           self.codec.num_frames(len(song)))
-        out, masks, attention, sections = arrange_song(self, replace(request, other=other, rhythm=rhythm), grid,
-                                                       guide)
-        return Arrangement(out, song, other, masks, attention, sections, grid, alignment, guide)
+        other, plan = loop_to(other, len(song)), request.plan
+        if plan is None and self.model.rule.mask_type == "mashability" and not self.model.use_creative_agent:
+            plan = make_plan(song.numpy(), other.numpy(), grid, self.sample_rate)
+        if plan is not None:  # the target as the plan plays it: its chosen pieces on the input's phrases
+            other = torch.from_numpy(render_target(other.numpy(), plan, self.sample_rate))
+        guide = song_guide(self.model, song, other, self.codec, self.codec.num_frames(len(song)))
+        out, masks, attention, sections = arrange_song(self, replace(request, other=other, rhythm=rhythm, plan=plan),
+                                                       grid, guide)
+        return Arrangement(out, song, other, masks, attention, sections, grid, alignment, guide, plan)
 
     def picture(self, path: str, result: Arrangement, title: str = "") -> None:
         """The mask picture of an arrangement: masks, attention, the three waves with the beat grid."""

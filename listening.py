@@ -13,6 +13,11 @@ not loudness), in one vocabulary for training's validation, evaluate.py, arrange
 - bars (`bars_heard`, every file tracked afresh by the downbeat tracker): on_bar_afresh (and its chance),
   target_bars_f (the aligned target's bar lines on the input's, F within 70 ms), output_bars_f (the input's bars
   still heard in the arrangement)
+- phrases (`phrase_figures`, from the audio against the input's phrases): changes_per_min (the song heard changes,
+  flips within a beat of each other counted once: a cross-fade is one change), change_bars (median time between
+  changes, in the input's bars), on_phrase (share of changes heard within the bar before a phrase start, where a
+  DJ's cross-fade lies, up to ON_BEAT_SECONDS after it) and seam (the log-mel change across a change over the
+  input's own change across its beats, SEAM_SECONDS either side: 1 is as smooth as a beat inside the song)
 """
 from __future__ import annotations
 
@@ -28,7 +33,9 @@ from losses import DB_PER_NEPER, lsd_of_magnitudes, magnitude, mel_filterbank
 
 ON_BEAT_SECONDS = 0.07  # a switch this close to a beat is on the beat
 JUMP_SECONDS = 0.2  # the level before and after a switch is measured over this long
+SEAM_SECONDS = 0.25  # the sound either side of a change (or a beat) is compared over this long
 LABEL_SMOOTH_SECONDS = 0.09  # which song is heard is smoothed over this long (a majority of frames) before counting
+PHRASE_KEYS = ("changes_per_min", "change_bars", "on_phrase", "seam")
 IN_TIME_KEYS = ("switches_per_s", "section_s", "section_in_beats", "on_beat", "on_beat_chance", "on_bar",
                 "on_bar_chance", "loudness_jump_db", "input_jump_db", "tempo_ratio")
 
@@ -302,3 +309,58 @@ def heard_in_time_and_layers(output: np.ndarray, input_wave: np.ndarray, target_
     """in_time and layering of one arrangement, in one record (training's validation, evaluate.py)."""
     return {**in_time((output, input_wave, target_wave), beats, sample_rate, bar),
             **layering(output, input_wave, target_wave, sample_rate)}
+
+
+def log_mel(wave: np.ndarray, sample_rate: int, hop_seconds: float = 0.01) -> tuple[torch.Tensor, float]:
+    """(log-mel [40, frames] of a mono wave, the frame hop in seconds)."""
+    hop = max(1, int(round(hop_seconds * sample_rate)))
+    n_fft = 1 << int(math.ceil(math.log2(4 * hop)))
+    mags = magnitude(torch.from_numpy(np.asarray(wave, dtype=np.float32))[None], n_fft, hop)[0]
+    return torch.log(mel_filterbank(sample_rate, n_fft, 40) @ mags + 1e-5), hop / sample_rate
+
+
+def change_at(mel: torch.Tensor, times: np.ndarray, hop_seconds: float) -> np.ndarray:
+    """How much the sound changes at each of `times` (s): the mean absolute difference (nepers) of the mean log-mel
+    over SEAM_SECONDS before and after it; times too near either end are left out."""
+    w, frames = int(round(SEAM_SECONDS / hop_seconds)), mel.shape[1]
+    at = np.round(np.asarray(times) / hop_seconds).astype(int)
+    at = at[(at >= w) & (at + w <= frames)]
+    return np.asarray([(mel[:, k - w : k].mean(1) - mel[:, k : k + w].mean(1)).abs().mean().item() for k in at])
+
+
+def merge_flips(switches: np.ndarray, gap: float) -> list[tuple[float, float]]:
+    """Label flips closer than `gap` (s) to each other as one change: [(first, last)] (a cross-fade's flips)."""
+    changes: list[tuple[float, float]] = []
+    for t in switches:
+        if changes and t - changes[-1][1] < gap:
+            changes[-1] = (changes[-1][0], float(t))
+        else:
+            changes.append((float(t), float(t)))
+    return changes
+
+
+@torch.no_grad()
+def phrase_figures(waves: tuple[np.ndarray, np.ndarray, np.ndarray], starts: np.ndarray, bar_lines: np.ndarray,
+                   sample_rate: int) -> dict[str, float]:
+    """The phrase figures (see the module's docstring) of one arrangement, from its audio (`waves`: the output, the
+    input and the target as it entered, mono, one length), against the input's phrase `starts` (s; 0 left out) and
+    its bar lines `bar_lines` (s). NaN where there is no change (on_phrase, seam) or no bars."""
+    output, input_wave, target_wave = waves
+    seconds = len(output) / sample_rate
+    bar = float(np.median(np.diff(bar_lines))) if len(bar_lines) > 1 else math.nan
+    beat = bar / 4 if math.isfinite(bar) else 0.5
+    changes = merge_flips(switch_times(output, input_wave, target_wave, sample_rate), min(beat, 0.75))
+    starts = np.asarray([s for s in starts if s > 0])
+    on = [bool(np.any((first >= starts - bar - ON_BEAT_SECONDS) & (last <= starts + ON_BEAT_SECONDS)))
+          for first, last in changes]
+    middles = np.asarray([(first + last) / 2 for first, last in changes])
+    out_mel, hop_s = log_mel(output, sample_rate)
+    in_mel, _ = log_mel(input_wave, sample_rate)
+    beats = np.arange(bar_lines[0], bar_lines[-1], beat) if math.isfinite(bar) else np.arange(0.5, seconds, 0.5)
+    at_changes, at_beats = change_at(out_mel, middles, hop_s), change_at(in_mel, beats, hop_s)
+    gaps = np.diff(np.concatenate([[0.0], middles, [seconds]]))
+    return dict(changes_per_min=60 * len(changes) / seconds,
+                change_bars=float(np.median(gaps[1:-1] if len(gaps) > 2 else gaps)) / bar,
+                on_phrase=float(np.mean(on)) if on else math.nan,
+                seam=float(np.median(at_changes) / np.median(at_beats)) if len(at_changes) and len(at_beats)
+                else math.nan)

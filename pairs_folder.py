@@ -57,9 +57,12 @@ def beat_starts(n: int, beat: int, drift: float) -> list[int]:
     return starts
 
 
-def make_song(seed: int, seconds: float = 16.0, sr: int = 24000, meter: int = 4, drift: float = 0.0) -> SynthSong:
+def make_song(seed: int, seconds: float = 16.0, sr: int = 24000, meter: int = 4, drift: float = 0.0,
+              phrase_bars: int = 0) -> SynthSong:
     """A deterministic little song with its truth: drums (kick on the bar line), bass, a chord a bar and a melody;
-    tempo, key and timbre depend on `seed`, the bars have `meter` beats, the tempo sways by +-`drift`."""
+    tempo, key and timbre depend on `seed`, the bars have `meter` beats, the tempo sways by +-`drift`. With
+    `phrase_bars`, phrases of that many bars from the first bar line: every other one without the melody, its
+    chords an octave up (the phrases' truth is downbeats[::phrase_bars])."""
     rng = np.random.default_rng(seed)
     n = int(seconds * sr)
     bpm, root = rng.uniform(84, 140), 40 + int(rng.integers(0, 12))  # root: MIDI note of the bass
@@ -79,20 +82,22 @@ def make_song(seed: int, seconds: float = 16.0, sr: int = 24000, meter: int = 4,
             _place(drums, 0.5 * noise * _envelope(beat, sr, 0.001, 0.06), start)
         hat = np.diff(noise, prepend=0) * _envelope(beat, sr, 0.001, 0.015)
         _place(drums, 0.15 * hat, start + beat // 2)
+        verse = phrase_bars > 0 and b // meter // phrase_bars % 2 == 1  # a phrase of the other kind
         chord = progression[(b // meter) % 4]
         bass_hz = hz(root + chord[0])
         saw = 2 * ((t * bass_hz) % 1.0) - 1
         _place(bass, 0.4 * saw * _envelope(beat, sr, 0.005, 0.3), start)
         if b % meter == 0:
             bar = np.arange(meter * beat) / sr
-            tone = sum(np.sin(2 * np.pi * hz(root + 24 + c) * bar) for c in chord) / 3
+            tone = sum(np.sin(2 * np.pi * hz(root + 24 + 12 * verse + c) * bar) for c in chord) / 3
             _place(chords, 0.3 * tone * _envelope(meter * beat, sr, 0.05, 1.5), start)
         for half in range(2):
             if rng.random() < 0.7:
                 note = hz(root + 36 + scale[int(rng.integers(0, len(scale)))])
                 m = np.arange(beat // 2) / sr
                 tone = np.sin(2 * np.pi * note * m + 0.3 * np.sin(2 * np.pi * 5 * m))
-                _place(melody, 0.25 * tone * _envelope(beat // 2, sr, 0.01, 0.2), start + half * beat // 2)
+                _place(melody, 0.25 * (not verse) * tone * _envelope(beat // 2, sr, 0.01, 0.2),
+                       start + half * beat // 2)
     gains = rng.uniform(0.6, 1.0, size=4)
     song = gains[0] * drums + gains[1] * bass + gains[2] * chords + gains[3] * melody
     beats = np.asarray(starts, dtype=np.float64) / sr

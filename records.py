@@ -19,7 +19,9 @@ class Conditions:
     (models built with style_dim > 0; all zeros means none); `sections` [B, T] (int64): each frame's section of the
     input's beat grid, decided once each; `rhythm`: the input's and the target's rhythm-stem latents for the layering
     agent (either one None); `guide` [B, T]: which way round the layering agent should layer the songs;
-    `attention`: return the agent's input -> target attention map (for pictures: it costs an explicit softmax)."""
+    `attention`: return the agent's input -> target attention map (for pictures: it costs an explicit softmax);
+    `lead` [B, 2, T]: the input's gain above the bass and in the bass as a plan leads (phrases.lead_gains), which
+    the mashability rule applies."""
     hard: bool = False
     balance: float | torch.Tensor | None = None
     style_reference: torch.Tensor | None = None
@@ -28,6 +30,7 @@ class Conditions:
     rhythm: tuple | None = None
     guide: torch.Tensor | None = None
     attention: bool = False
+    lead: torch.Tensor | None = None
 
 
 @dataclass
