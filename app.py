@@ -4,8 +4,10 @@
   python app.py --checkpoint checkpoints/RUN/checkpoint_best.pt
   python app.py --checkpoints_dir checkpoints                    # choose among the runs in the page
 
-then open http://127.0.0.1:7860. Without a trained checkpoint the page offers two rules that need no training: the
-songs switch every few bars of the input, or the input's rhythm plays under the target's harmony. Either way the
+then open http://127.0.0.1:7860. Without a trained checkpoint the page offers three rules that need no training: the
+songs switch every few bars of the input; or in phrases, the target's best-fitting part for every other phrase of
+the input, with a bar-long cross-fade into each (its plan is shown in the summary); or the input's rhythm plays
+under the target's harmony. Either way the
 target is first laid on the input's grid (tempo, bars, key, loudness; beats.py), as arrange.py does. One job runs
 at a time; the others wait in a queue. Everything the page writes stays in one temporary folder, removed at exit.
 """
@@ -31,6 +33,7 @@ from config import str2bool
 from inference import Arranger, AudioInputError, Request, load_audio, save_wave, summary_line
 
 RULES = {"Rule: switch songs every few bars (no training)": "temporal",
+         "Rule: phrases, the best-fitting part of the target for every other one (no training)": "mashability",
          "Rule: the input's rhythm under the target's harmony (no training)": "layers"}
 MIN_SECONDS = 1.0  # shorter excerpts hold too few beats to arrange
 EXPECTED = (AudioInputError, CheckpointError, CodecUnavailable, AlignmentError, ValueError)
@@ -193,6 +196,7 @@ class Studio:
                          os.path.basename(os.path.dirname(job.approach)))
         lines = [f"note: {note}" for note in result.notes()]
         lines += [f"aligned target: {result.alignment.line()}"] if result.alignment is not None else []
+        lines += [result.plan.table()] if result.plan is not None else []
         lines.append(summary_line("arrangement", result, sr, job.balance))
         return wav["arrangement"], picture, "\n".join(lines), wav["input"], wav["target_aligned"]
 

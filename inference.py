@@ -281,8 +281,8 @@ def arrange_song(arranger: Arranger, request: Request, song_grid: Grid | None = 
 @dataclass
 class MaskPicture:
     """What a mask picture shows: the (input, target) masks [D, frames] each, the three waveforms [S], and where
-    known the attention map [frames, frames], the beat grid `beats` (s), each frame's section and the layering
-    agent's guide [frames]."""
+    known the attention map [frames, frames], the beat grid `beats` (s), each frame's section, the layering
+    agent's guide [frames] and the plan it rendered."""
     masks: tuple
     input: torch.Tensor
     target: torch.Tensor
@@ -291,6 +291,7 @@ class MaskPicture:
     beats: np.ndarray | None = None
     sections: torch.Tensor | None = None
     guide: torch.Tensor | None = None
+    plan: Plan | None = None
 
 
 def plot_masks(path: str, shown: MaskPicture, sample_rate: int, hop_length: int, title: str = "",
@@ -298,7 +299,8 @@ def plot_masks(path: str, shown: MaskPicture, sample_rate: int, hop_length: int,
     """PNG: input and target masks (channels x time, or one band per component), the attention map if given, and
     the three waveforms; with beats the beat grid is drawn on the waveforms (thin red lines), with sections their
     starts on the masks (white dashes), with a guide the layering agent's guide over the input mask, its mean per
-    section (cyan; up: the input's rhythm under the target's harmony)."""
+    section (cyan; up: the input's rhythm under the target's harmony), with a plan each phrase's piece of the target
+    (its first bar in the aligned target, its shift and fit) on the target mask."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,6 +325,11 @@ def plot_masks(path: str, shown: MaskPicture, sample_rate: int, hop_length: int,
                 ax.axvline((f + 1) * hop_length / sample_rate, color="white", linewidth=0.6, linestyle="--")
     if guide is not None:
         plot_guide(axes[0], guide[: m_in.shape[-1]], sections, m_in.shape[0], hop_length / sample_rate)
+    for step in [] if shown.plan is None else shown.plan.steps:
+        if step.lead == "target":
+            label = f"bar {step.source}" + (f" {step.shift:+d}" if step.shift else "") + (
+                f"\nfit {step.fit.total:.2f}" if step.fit else "")
+            axes[1].text(step.start + 0.2, 0.5 * m_tgt.shape[0], label, fontsize=7, color="black", va="center")
     row = 2
     if attention is not None:
         t = attention.shape[-1] * hop_length / sample_rate
@@ -462,7 +469,7 @@ class Arrangement:
 
     def picture(self) -> MaskPicture:
         return MaskPicture(self.masks, self.input, self.target, self.output, self.attention, self.grid.beats,
-                           self.sections, self.guide)
+                           self.sections, self.guide, self.plan)
 
 
 @dataclass

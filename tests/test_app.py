@@ -19,7 +19,7 @@ from app import EXPECTED, RULES, Job, Song, Studio, find_checkpoints
 from inference import Arranger, Request
 from pairs_folder import synth_song
 
-TEMPORAL, LAYERS = list(RULES)
+TEMPORAL, MASHABILITY, LAYERS = list(RULES)
 
 
 def write_song(path: str, seed: int, seconds: float = 6.0, sr: int = SR) -> str:
