@@ -233,9 +233,8 @@ def arrange_song(arranger: Arranger, request: Request, song_grid: Grid | None = 
     other = loop_to(request.other, length)
     sections = (song_sections(model, song_grid, length, codec) if request.plan is None else
                 request.plan.section_ids(codec.num_frames(length), codec.sample_rate / hop))
-    lead = (None if request.plan is None else torch.nn.functional.pad(  # past the end: the input
-        lead_gains(request.plan, sections.shape[0], codec.sample_rate / hop, model.rule.fade_frames), (0, frames),
-        value=1.0))
+    lead = request.plan and torch.nn.functional.pad(lead_gains(  # past the end: the input
+        request.plan, sections.shape[0], codec.sample_rate / hop, model.rule.fade_frames), (0, frames), value=1.0)
     fade = max(hop, int(SWITCH_FADE_SECONDS * codec.sample_rate))
     plan = plan_windows(sections, hop, length, window, margin=max(2 * fade, window // 8) // hop * hop)
     pad = lambda x: torch.nn.functional.pad(x, (0, window + 2 * fade))  # noqa: E731  windows past the end: silence

@@ -56,7 +56,7 @@ class Bars:
 def bars_of(grid: Grid, seconds: float) -> Bars:
     """The input's bars from its grid, or blocks of FIXED_BAR_SECONDS where it has none (with a note)."""
     if not grid.has_bars or len(grid.downbeats) < 2:
-        lines = np.arange(0.0, seconds - 0.5 * FIXED_BAR_SECONDS, FIXED_BAR_SECONDS)
+        lines = np.arange(0.0, max(seconds - 0.5 * FIXED_BAR_SECONDS, 1e-3), FIXED_BAR_SECONDS)  # at least one
         return Bars(np.append(lines, seconds), 4, f"no bars heard: phrases of blocks of {FIXED_BAR_SECONDS:g} s")
     lines = np.asarray(grid.downbeats, dtype=np.float64)
     lines = lines[(lines >= 0) & (lines < seconds)]
