@@ -19,6 +19,7 @@ import os
 import sys
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from beats import AlignmentError
@@ -44,12 +45,10 @@ def arranger_of(spec: str, sample_rate: int) -> Arranger:
     return Arranger.load(spec)
 
 
-def judge(arranger: Arranger, song: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    """The figures of one arrangement of `song` with `other`, from its audio."""
-    import torch
-
+def judge(arranger: Arranger, song: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """The figures of one arrangement of `song` with `other` [S], from its audio."""
     sr = arranger.sample_rate
-    result = arranger.arrange(Request(torch.from_numpy(song), torch.from_numpy(other)))
+    result = arranger.arrange(Request(song, other))
     out, inp, tgt = result.output.numpy(), result.input.numpy(), result.target.numpy()
     bars, phrases = ((result.plan.bars, result.plan.phrases) if result.plan
                      else song_phrases(inp, result.grid, sr))
@@ -98,13 +97,15 @@ def main(argv=None) -> int:
     if len(songs) < 2:
         print(f"error: {args.songs}: needs at least 2 songs, found {len(songs)}", file=sys.stderr)
         return 2
-    rows = []
+    rows, audio = [], {}  # each song read once per sample rate
     pairs = list(itertools.permutations(songs, 2))
     for (a, b), (name, arranger) in tqdm(list(itertools.product(pairs, approaches)), desc="arranging"):
         sr = arranger.sample_rate
+        for path in (a, b):
+            audio.setdefault((path, sr), load_audio(path, sr))
         pair = f"{os.path.basename(a)} x {os.path.basename(b)}"
         try:
-            row = judge(arranger, load_audio(a, sr).numpy(), load_audio(b, sr).numpy())
+            row = judge(arranger, audio[a, sr], audio[b, sr])
         except AlignmentError as err:
             tqdm.write(f"{pair}: skipped ({err})")
             continue

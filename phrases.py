@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -73,8 +74,10 @@ class BarFeatures:
     bands: np.ndarray
     rhythm: np.ndarray
 
+    @cached_property
     def summary(self) -> np.ndarray:
-        """[bars, 25]: mean chroma and timbre of each bar, each dimension standardised over the bars."""
+        """[bars, 25]: mean chroma and timbre of each bar, each dimension standardised over the bars (computed once:
+        every candidate piece of a plan reads it)."""
         x = np.concatenate([self.chroma.mean(axis=1), self.timbre], axis=1)
         return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
 
@@ -169,7 +172,7 @@ def tile(z: np.ndarray) -> list[int]:
 def find_phrases(features: BarFeatures) -> Phrases:
     """The phrases of a song from its bar features (tile of novelty), or fixed FIXED_BARS where the starts it finds
     stand out no more than STRUCTURE_Z above the average bar line."""
-    z = novelty(features.summary())
+    z = novelty(features.summary)
     n = len(z)
     starts = tile(z) if n else [0]
     known = [z[s] for s in starts if s > 0 and math.isfinite(z[s])]
@@ -224,7 +227,7 @@ def mashability(mine: BarFeatures, theirs: BarFeatures, span: tuple[int, int, in
     harmonic = cosine(mine.chroma[a:end], chroma)
     rhythmic = correlation(mine.rhythm[a:end], theirs.rhythm[m : m + n])
     balance = spectral_balance(mine.bands[a:end], theirs.bands[m : m + n])
-    s_in, s_tgt = mine.summary(), theirs.summary()
+    s_in, s_tgt = mine.summary, theirs.summary
     seams = [cosine(s_in[end - 1], s_tgt[m + n - 1])]
     if a > 0 and m > 0:
         seams.append(cosine(s_in[a - 1], s_tgt[m - 1]))
